@@ -1,0 +1,65 @@
+"""Eviction applied as a real attention mask, registered with transformers' `AttentionInterface`.
+
+kvpress hides evicted keys by overwriting them with a "fake key" that must give exp(q.k) = 0 for
+every query of the forward pass; with more than a few queries per pass no such key exists and it
+raises. Here the evicted positions become a boolean mask for
+`torch.nn.functional.scaled_dot_product_attention`, which works for any chunk size.
+
+Grouped-query attention is handled by folding the query heads of a KV group into the query axis:
+(batch, kv_heads * groups, q, d) -> (batch, kv_heads, groups * q, d), so the kernel sees plain
+multi-head attention over the KV heads and the mask stays per KV head.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION_NAME = "kvsweep_masked_sdpa"
+
+# The attribute under which a press hangs a layer's `LayerEviction` on the attention module while
+# its context is active (kvpress does the same with `masked_key_indices`).
+STATE_ATTRIBUTE = "kvsweep_eviction"
+
+
+def masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention over the keys that are neither evicted nor in the future.
+
+    If the layer's state accumulates attention (H2O), the probabilities are computed explicitly for
+    this pass only (chunk x cache, never n x n) and their column sums are added to the state.
+    """
+    state = getattr(module, STATE_ATTRIBUTE, None)
+    if state is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scaling = head_dim**-0.5 if scaling is None else scaling
+
+    grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
+    visible = state.visible_keys(q_len, k_len)  # (batch, kv_heads, q, k)
+    visible = (
+        visible[:, :, None]
+        .expand(batch, kv_heads, groups, q_len, k_len)
+        .reshape(batch, kv_heads, groups * q_len, k_len)
+    )
+
+    if state.attention_received is None:
+        out = F.scaled_dot_product_attention(grouped_query, key, value, attn_mask=visible, scale=scaling)
+    else:
+        logits = torch.matmul(grouped_query, key.transpose(-1, -2)).float() * scaling
+        probs = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
+        out = torch.matmul(probs.to(value.dtype), value)
+        # Sum over the real queries of the pass, mean over the query heads of each KV group.
+        weights = state.valid_queries(q_len, k_len) / groups  # (batch, q)
+        received = torch.einsum("bhgqk,bq->bhk", probs.view(batch, kv_heads, groups, q_len, k_len), weights)
+        state.attention_received[:, :, :k_len] += received
+
+    out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+    return out, None
+
+
+AttentionInterface.register(ATTENTION_NAME, masked_attention)

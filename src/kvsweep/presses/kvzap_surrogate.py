@@ -1,0 +1,58 @@
+"""KVzap with an explicitly named surrogate."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from kvpress import KVzapPress
+from kvpress.presses.kvzap_press import KVzapModel
+
+from kvsweep.errors import KvsweepError
+
+
+def default_surrogate(model_name: str, model_type: str) -> str:
+    """The surrogate kvpress derives from the model's name: nvidia/KVzap-{type}-{basename}."""
+    return f"nvidia/KVzap-{model_type}-{str(model_name).rstrip('/').split('/')[-1]}"
+
+
+def load_surrogate(name: str) -> KVzapModel:
+    """Load a KVzap surrogate from a local folder (`KVzapModel.save_pretrained`) or a hub id."""
+    try:
+        return KVzapModel.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        where = "local folder" if Path(name).exists() else "hub id (not in the local cache, or offline)"
+        raise KvsweepError(
+            f"KVzap surrogate '{name}' could not be loaded as a {where}: {str(err).splitlines()[0]}. "
+            "Name it with --kvzap-surrogate (config: model.kvzap_surrogate)."
+        ) from None
+
+
+@dataclass
+class KVzapSurrogatePress(KVzapPress):
+    """KVzap (https://arxiv.org/abs/2601.07891): a small surrogate (linear or
+    2-layer MLP per layer) maps the layer's input hidden state of a token to one log-scale
+    importance score per KV head. Higher means more important.
+
+    kvpress's `KVzapPress` derives the surrogate's hub id from the model's name; this one takes it
+    explicitly (`surrogate`: hub id or a folder saved with `KVzapModel.save_pretrained`), so a
+    model loaded from a local folder or under another name can still name its surrogate. With
+    `surrogate=None` the kvpress default name is used.
+    """
+
+    surrogate: str | None = None
+    scores_on_entry: ClassVar[bool] = True
+    accumulates_attention: ClassVar[bool] = False
+
+    def post_init_from_model(self, model):
+        name = self.surrogate or default_surrogate(model.config.name_or_path, self.model_type)
+        if name != self.kvzap_model_name:
+            self.kvzap_model = load_surrogate(name)
+            self.kvzap_model_name = name
+        config = model.config.get_text_config()
+        surrogate_shape = (self.kvzap_model.config.n_modules, self.kvzap_model.config.output_dim)
+        model_shape = (config.num_hidden_layers, config.num_key_value_heads)
+        if surrogate_shape != model_shape:
+            raise KvsweepError(
+                f"KVzap surrogate '{name}' scores {surrogate_shape[0]} layers x {surrogate_shape[1]} KV heads, "
+                f"the model has {model_shape[0]} x {model_shape[1]}: it belongs to another model"
+            )

@@ -1,0 +1,159 @@
+"""Threshold eviction while a document streams through the model, in the style of DMS."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import DMSPress
+from torch import nn
+
+from kvsweep.attention import ATTENTION_NAME, STATE_ATTRIBUTE
+from kvsweep.eviction import LayerEviction
+
+
+@dataclass
+class StreamingThresholdPress(DMSPress):
+    """Evict a cached token whose score is below `threshold` once it leaves the protected window.
+
+    Semantics (the contract the tests hold). The document streams in chunks [s, e). Per layer and
+    KV head, each cached position j is undecided, kept or evicted. The chunk's queries see every
+    earlier key that is not evicted, and their own chunk causally. After a chunk's pass, every
+    undecided j < e - `sliding_window_size` is decided once, for good: evicted if its score is
+    below `threshold`, else kept. Positions j < `sinks` are never evicted. An evicted key is hidden
+    from every query head of its KV group by the attention mask of `kvsweep.attention`.
+
+    The score comes from the wrapped kvpress `ScorerPress` (`press`): either once, when the token
+    enters the cache (`scores_on_entry`, e.g. KVzap: the surrogate applied to the layer's input
+    hidden state), or at decision time from the attention accumulated so far (H2O).
+
+    Extends kvpress's `DMSPress` (Dynamic Memory Sparsification, https://arxiv.org/abs/2506.05345):
+    same fields and scorers, but eviction is a real mask rather than fake keys (which fail beyond a
+    handful of queries per pass), works for any chunk and batch size, and supports sinks and
+    scorers that accumulate attention. Call `begin(lengths, capacity)` before each batch.
+    """
+
+    sinks: int = 0
+    decoding: bool = True
+    layers: dict[int, LayerEviction] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.threshold is None or self.threshold != self.threshold:
+            raise ValueError(f"threshold must be a number, got {self.threshold!r}")
+        if self.sliding_window_size < 0 or self.sinks < 0:
+            raise ValueError("sliding_window_size and sinks must be >= 0")
+
+    @property
+    def scores_on_entry(self) -> bool:
+        return getattr(self.press, "scores_on_entry", True)
+
+    @property
+    def accumulates_attention(self) -> bool:
+        return getattr(self.press, "accumulates_attention", False)
+
+    def begin(self, model: nn.Module, lengths: torch.Tensor, capacity: int) -> None:
+        """Allocate fresh eviction state for a batch of documents of the given lengths."""
+        config = model.config.get_text_config()
+        for module in _attention_modules(model):
+            state = LayerEviction.allocate(
+                lengths,
+                config.num_key_value_heads,
+                capacity,
+                entry_scores=self.scores_on_entry,
+                accumulate_attention=self.accumulates_attention,
+            )
+            self.layers[module.layer_idx] = state
+            setattr(module, STATE_ATTRIBUTE, state)
+
+    @contextmanager
+    def __call__(self, model):
+        """Hooks (kvpress's `BasePress.__call__`) plus the masked attention for the duration."""
+        previous = model.config._attn_implementation
+        try:
+            with super().__call__(model):
+                model.set_attn_implementation(ATTENTION_NAME)
+                yield
+        finally:
+            model.set_attn_implementation(previous)
+            for module in _attention_modules(model):
+                if hasattr(module, STATE_ATTRIBUTE):
+                    delattr(module, STATE_ATTRIBUTE)
+            self.layers.clear()
+
+    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
+        state = self.layers[module.layer_idx]
+        hidden_states = kwargs["hidden_states"]
+        keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
+        chunk_end = keys.shape[2]  # python ints from shapes: no host sync
+        chunk_start = chunk_end - hidden_states.shape[1]
+
+        if self.scores_on_entry:
+            new_scores = self.press.score(
+                module, hidden_states, keys[:, :, chunk_start:], values[:, :, chunk_start:], None, kwargs
+            )
+            state.entry_scores[:, :, chunk_start:chunk_end] = new_scores.float()
+
+        # Positions that may become decided in this pass: [s - W, e - W), clipped per document.
+        window = self.sliding_window_size
+        lo, hi = max(chunk_start - window, self.sinks, 0), max(chunk_end - window, 0)
+        if hi <= lo:
+            return output
+        positions = torch.arange(lo, hi, device=state.lengths.device)
+        end_before = state.lengths.clamp(max=chunk_start)
+        end_after = state.lengths.clamp(max=chunk_end)
+        deciding = (positions[None, :] >= (end_before - window)[:, None]) & (
+            positions[None, :] < (end_after - window)[:, None]
+        )
+
+        if self.scores_on_entry:
+            scores = state.entry_scores[:, :, lo:hi]
+        else:
+            n_queries = end_after[:, None] - positions[None, :]
+            scores = self.press.score(
+                module,
+                hidden_states,
+                None,
+                None,
+                state.attention_received[:, :, lo:hi],
+                {**kwargs, "n_queries": n_queries},
+            )
+        state.evicted[:, :, lo:hi] |= deciding[:, None, :] & (scores < self.threshold)
+        return output
+
+    def kv_counts(self, sinks: int | None = None, window: int | None = None) -> dict[str, torch.Tensor]:
+        """Per document: KV entries kept and total (layers x KV heads x positions) at the end, and
+        the same over the compressible region [sinks, n - window)."""
+        sinks = self.sinks if sinks is None else sinks
+        window = self.sliding_window_size if window is None else window
+        return kv_counts(list(self.layers.values()), sinks, window)
+
+    @property
+    def compression_ratio(self):
+        counts = self.kv_counts()
+        return float(1 - counts["kv_kept"].sum() / counts["kv_total"].sum())
+
+
+def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str, torch.Tensor]:
+    lengths = states[0].lengths
+    capacity = states[0].evicted.shape[-1]
+    positions = torch.arange(capacity, device=lengths.device)
+    in_doc = positions[None, :] < lengths[:, None]
+    compressible = (positions[None, :] >= sinks) & (positions[None, :] < (lengths - window)[:, None])
+    kv_heads = states[0].evicted.shape[1]
+    evicted = torch.stack([state.evicted for state in states]).sum(dim=(0, 2))  # (batch, capacity)
+    n_entries = len(states) * kv_heads
+    return {
+        "kv_total": in_doc.sum(1) * n_entries,
+        "kv_kept": in_doc.sum(1) * n_entries - (evicted * in_doc).sum(1),
+        "kv_total_compressible": compressible.sum(1) * n_entries,
+        "kv_kept_compressible": compressible.sum(1) * n_entries - (evicted * compressible).sum(1),
+    }
+
+
+def _attention_modules(model):
+    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    return [layer.self_attn for layer in decoder.layers]
+
+
+def _layer_cache(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values

@@ -1,0 +1,76 @@
+"""Streaming (chunked) negative log-likelihood under KV-cache eviction.
+
+Each document x_0..x_{n-1} is fed through the model in chunks of `chunk_size` tokens; every token
+enters the cache and tokens 1..n-1 are predicted. Several documents may share a forward pass
+(right padding): a document's queries never see the padding (it lies in their future), and its
+eviction decisions stop at its own end, so the batch size does not change its result.
+"""
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
+
+
+@torch.inference_mode()
+def stream_nll(
+    model, documents: list[list[int]], chunk_size: int, press: StreamingThresholdPress | None = None
+) -> list[dict]:
+    """Stream one batch of tokenized documents; return per-document NLL sums and KV counts.
+
+    Each result holds `n_tokens`, `nll_sum` (natural log, summed over the n - 1 predicted tokens),
+    `n_predicted`, `kv_kept`, `kv_total`, `kv_kept_compressible`, `kv_total_compressible`.
+    """
+    device = model.device
+    lengths = torch.tensor([len(doc) for doc in documents], device=device)
+    width = int(max(len(doc) for doc in documents))
+    input_ids = torch.zeros((len(documents), width), dtype=torch.long, device=device)
+    for row, doc in enumerate(documents):
+        input_ids[row, : len(doc)] = torch.tensor(doc, device=device)
+
+    nll = torch.zeros(len(documents), dtype=torch.float64, device=device)
+    cache = DynamicCache(config=model.config)
+    with press(model) if press is not None else nullcontext():
+        if press is not None:
+            press.begin(model, lengths, width)
+        for start in range(0, width, chunk_size):
+            end = min(start + chunk_size, width)
+            positions = torch.arange(start, end, device=device)
+            logits = model(
+                input_ids=input_ids[:, start:end],
+                position_ids=positions.expand(len(documents), -1),
+                cache_position=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+            # Position p predicts token p + 1, for p + 1 < n.
+            targets = input_ids[:, start + 1 : end + 1]
+            targets = F.pad(targets, (0, end - start - targets.shape[1]))
+            predicts = (positions[None, :] + 1) < lengths[:, None]
+            token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+            nll += (token_nll * predicts).sum(1, dtype=torch.float64)
+
+        if press is not None:
+            counts = press.kv_counts()
+        else:
+            counts = _full_cache_counts(model, lengths)
+
+    counts = {key: value.tolist() for key, value in counts.items()}
+    return [
+        {
+            "n_tokens": len(doc),
+            "nll_sum": float(nll[row]),
+            "n_predicted": len(doc) - 1,
+            **{key: int(value[row]) for key, value in counts.items()},
+        }
+        for row, doc in enumerate(documents)
+    ]
+
+
+def _full_cache_counts(model, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    config = model.config.get_text_config()
+    total = lengths * config.num_hidden_layers * config.num_key_value_heads
+    return {"kv_total": total, "kv_kept": total, "kv_total_compressible": total, "kv_kept_compressible": total}
