@@ -1,0 +1,27 @@
+# Two commands for a newcomer: `make demo` (set up, run the whole workflow on the CPU demo) and
+# `make test` (set up, run the tests). Both create .venv with the pinned CPU stack.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Override on a GPU machine to get its CUDA build, e.g. `make test TORCH=torch==2.14.1`.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint clean-demo
+
+$(BIN)/activate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/activate
+
+setup: $(BIN)/activate
+
+demo: setup
+	$(BIN)/snakemake --configfile demo/config.yaml --cores 2
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests && $(BIN)/snakemake --lint

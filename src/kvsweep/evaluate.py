@@ -1,0 +1,149 @@
+"""Streaming-perplexity evaluation of one shard under one method and threshold.
+
+    python -m kvsweep.evaluate --model M --data SHARD.jsonl --method NAME [--threshold T]
+        [--sliding-window W | --local-window W] [--sinks S] [--kvzap-surrogate P] [--kvzap-type mlp]
+        --chunk-size C --max-length N --batch-size B --device cpu|cuda --dtype float32|bfloat16
+        --output OUT.jsonl
+
+Input lines: {"id": str, "input_ids": [int, ...]}. Output: one line per document, in input order,
+with id, n_tokens, nll_sum, n_predicted, kv_kept, kv_total, kv_kept_compressible,
+kv_total_compressible. Finished documents are appended to OUT.jsonl.partial as they complete, so
+a killed or requeued job resumes where it stopped; OUT.jsonl appears (atomically) only at the end.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.io import read_jsonl, write_jsonl_atomic
+from kvsweep.methods import get_method
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="kvsweep.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
+    parser.add_argument("--data", required=True, help="shard: JSONL of {id, input_ids}")
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--threshold", type=float, help="eviction threshold (not for baseline); -inf evicts nothing")
+    parser.add_argument("--sliding-window", type=int, help="kvzap: protected recent tokens")
+    parser.add_argument("--local-window", type=int, help="h2o: protected recent tokens")
+    parser.add_argument("--sinks", type=int, help="first tokens never evicted")
+    parser.add_argument("--kvzap-surrogate", help="KVzap surrogate: hub id or folder (default: derived from --model)")
+    parser.add_argument("--kvzap-type", help="KVzap surrogate type: mlp or linear")
+    parser.add_argument("--chunk-size", type=int, required=True)
+    parser.add_argument("--max-length", type=int, required=True, help="documents are truncated to this many tokens")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--output", required=True)
+    return parser.parse_args(argv)
+
+
+def load_shard(path: str, max_length: int) -> list[dict]:
+    documents = read_jsonl(path, required=("id", "input_ids"))
+    seen = set()
+    for doc in documents:
+        doc_id, ids = str(doc["id"]), doc["input_ids"]
+        if doc_id in seen:
+            raise KvsweepError(f"{path}: document id '{doc_id}' appears twice")
+        seen.add(doc_id)
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise KvsweepError(f"{path}: document '{doc_id}': input_ids must be a list of token ids (integers >= 0)")
+        if len(ids) < 2:
+            raise KvsweepError(f"{path}: document '{doc_id}' has {len(ids)} token(s); at least 2 are needed")
+        doc["id"], doc["input_ids"] = doc_id, ids[:max_length]
+    return documents
+
+
+def _fingerprint(args, settings) -> str:
+    """What determines a document's result: a checkpoint from other settings is not reused."""
+    key = {k: getattr(args, k) for k in ("model", "method", "threshold", "chunk_size", "max_length", "dtype")}
+    return hashlib.sha256(json.dumps([key, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            break
+        done[record["id"]] = record
+    return done
+
+
+def _check_args(args):
+    for name in ("chunk_size", "max_length", "batch_size"):
+        if getattr(args, name) < 1:
+            raise KvsweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_length < 2:
+        raise KvsweepError("--max-length must be at least 2")
+
+
+def run(args) -> None:
+    _check_args(args)
+    method = get_method(args.method)
+    given = {
+        "sliding_window": args.sliding_window,
+        "local_window": args.local_window,
+        "sinks": args.sinks,
+        "kvzap_surrogate": args.kvzap_surrogate,
+        "kvzap_type": args.kvzap_type,
+    }
+    settings = method.resolve(args.threshold, {k: v for k, v in given.items() if v is not None})
+    documents = load_shard(args.data, args.max_length)
+
+    # Heavy imports only once the input is known to be good.
+    from kvsweep.modeling import load_model
+    from kvsweep.stream_nll import stream_nll
+
+    output = Path(args.output)
+    checkpoint = output.with_name(output.name + ".partial")
+    fingerprint = _fingerprint(args, settings)
+    done = _load_checkpoint(checkpoint, fingerprint)
+    todo = sorted((d for d in documents if d["id"] not in done), key=lambda d: -len(d["input_ids"]))
+    if done:
+        print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
+
+    model = load_model(args.model, args.dtype, args.device)
+    press = method.build(args.threshold, **settings) if method.takes_threshold else None
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not done:
+        checkpoint.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    with (
+        open(checkpoint, "a") as log,
+        tqdm(total=sum(len(d["input_ids"]) for d in todo), unit="tok", file=sys.stderr) as bar,
+    ):
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            results = stream_nll(model, [d["input_ids"] for d in batch], args.chunk_size, press)
+            for doc, result in zip(batch, results):
+                done[doc["id"]] = {"id": doc["id"], **result}
+                log.write(json.dumps(done[doc["id"]]) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            bar.update(sum(len(d["input_ids"]) for d in batch))
+
+    write_jsonl_atomic(output, (done[d["id"]] for d in documents))
+    checkpoint.unlink()
+
+
+def main(argv=None):
+    with readable_errors("kvsweep.evaluate"):
+        run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Tiny models, surrogates and documents built locally: the tests download nothing."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest
+import torch
+from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 97
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, head_dim: int = 16) -> LlamaForCausalLM:
+    """A 2-layer grouped-query Llama (4 query heads, 2 KV heads) with peaked attention."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        initializer_range=0.15,  # larger than usual so attention is far from uniform
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_surrogate(model, seed: int = 1, mlp: bool = True) -> KVzapModel:
+    torch.manual_seed(seed)
+    config = model.config
+    return KVzapModel(
+        KVzapConfig(
+            input_dim=config.hidden_size,
+            output_dim=config.num_key_value_heads,
+            n_modules=config.num_hidden_layers,
+            hidden_dim=16 if mlp else None,
+        )
+    ).eval()
+
+
+def random_documents(lengths, seed: int = 2) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def surrogate_dir(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("surrogate")
+    tiny_surrogate(model).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_dir(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    return str(path)

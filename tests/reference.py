@@ -1,0 +1,154 @@
+"""An independent, slow reference of the method semantics (design brief, section 4).
+
+Everything is float64 and explicit: a Llama decoder written out from the weights, attention as a
+softmax per query and per head over an explicit list of visible keys, an explicit undecided /
+kept / evicted state per (layer, KV head, position), and decisions made after each chunk's full
+forward pass. It shares no code with the engine.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+UNDECIDED, KEPT, EVICTED = 0, 1, 2
+
+
+class Weights:
+    """The float64 numpy weights of a `LlamaForCausalLM`, and a KVzap surrogate if given."""
+
+    def __init__(self, model, surrogate=None):
+        cfg = model.config
+        sd = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+        self.n_layers = cfg.num_hidden_layers
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.theta = cfg.rope_parameters["rope_theta"]
+        self.sd = sd
+        self.lm_head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+        self.surrogate = None
+        if surrogate is not None:
+            self.surrogate = []
+            for layer in surrogate.layers:
+                linears = (
+                    [layer]
+                    if isinstance(layer, torch.nn.Linear)
+                    else [m for m in layer if isinstance(m, torch.nn.Linear)]
+                )
+                self.surrogate.append(
+                    [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in linears]
+                )
+
+    def layer(self, l, name):
+        return self.sd[f"model.layers.{l}.{name}.weight"]
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rope(x, pos, theta):
+    """x: (d,) at position pos; rotate_half convention of Llama."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    angles = np.concatenate([pos * inv_freq, pos * inv_freq])
+    half = d // 2
+    rotated = np.concatenate([-x[half:], x[:half]])
+    return x * np.cos(angles) + rotated * np.sin(angles)
+
+
+def surrogate_scores(layer_mlp, h):
+    """KVzap surrogate: Linear, GELU (erf), Linear; or a single Linear. h: (hidden,) -> (kv_heads,)."""
+    out = h
+    for i, (w, b) in enumerate(layer_mlp):
+        out = w @ out + b
+        if i < len(layer_mlp) - 1:
+            out = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in out])
+    return out
+
+
+def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks):
+    """Return (nll_sum, kept counts dict, decision margins) for one document."""
+    n = len(tokens)
+    G = W.heads // W.kv_heads
+    scale = W.head_dim**-0.5
+    keys = [np.zeros((n, W.kv_heads, W.head_dim)) for _ in range(W.n_layers)]
+    values = [np.zeros((n, W.kv_heads, W.head_dim)) for _ in range(W.n_layers)]
+    state = [np.full((W.kv_heads, n), UNDECIDED) for _ in range(W.n_layers)]
+    entry_score = [np.zeros((W.kv_heads, n)) for _ in range(W.n_layers)]
+    received = [np.zeros((W.kv_heads, n)) for _ in range(W.n_layers)]
+    nll = 0.0
+    margins = []
+    embed = W.sd["model.embed_tokens.weight"]
+
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        x = np.stack([embed[t] for t in tokens[s:e]])
+        for l in range(W.n_layers):
+            h = np.stack([rms_norm(row, W.sd[f"model.layers.{l}.input_layernorm.weight"], W.eps) for row in x])
+            q = (h @ W.layer(l, "self_attn.q_proj").T).reshape(len(x), W.heads, W.head_dim)
+            k = (h @ W.layer(l, "self_attn.k_proj").T).reshape(len(x), W.kv_heads, W.head_dim)
+            v = (h @ W.layer(l, "self_attn.v_proj").T).reshape(len(x), W.kv_heads, W.head_dim)
+            for i in range(len(x)):
+                p = s + i
+                for head in range(W.heads):
+                    q[i, head] = rope(q[i, head], p, W.theta)
+                for g in range(W.kv_heads):
+                    keys[l][p, g] = rope(k[i, g], p, W.theta)
+                    values[l][p, g] = v[i, g]
+                    if method.startswith("kvzap"):
+                        entry_score[l][g, p] = surrogate_scores(W.surrogate[l], h[i])[g]
+            attn = np.zeros((len(x), W.heads, W.head_dim))
+            for i in range(len(x)):
+                p = s + i
+                for head in range(W.heads):
+                    g = head // G
+                    visible = [j for j in range(p + 1) if state[l][g, j] != EVICTED]
+                    logits = np.array([q[i, head] @ keys[l][j, g] * scale for j in visible])
+                    probs = np.exp(logits - logits.max())
+                    probs /= probs.sum()
+                    attn[i, head] = sum(pr * values[l][j, g] for pr, j in zip(probs, visible))
+                    for pr, j in zip(probs, visible):
+                        received[l][g, j] += pr / G
+            x = x + attn.reshape(len(x), -1) @ W.layer(l, "self_attn.o_proj").T
+            h = np.stack([rms_norm(row, W.sd[f"model.layers.{l}.post_attention_layernorm.weight"], W.eps) for row in x])
+            gate = h @ W.layer(l, "mlp.gate_proj").T
+            up = h @ W.layer(l, "mlp.up_proj").T
+            x = x + (gate / (1 + np.exp(-gate)) * up) @ W.layer(l, "mlp.down_proj").T
+
+        # Next-token NLL of the chunk's positions.
+        for i in range(len(x)):
+            p = s + i
+            if p + 1 < n:
+                logits = W.lm_head @ rms_norm(x[i], W.sd["model.norm.weight"], W.eps)
+                logz = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+                nll += logz - logits[tokens[p + 1]]
+
+        # After the chunk's forward pass: decide every undecided j < e - window, once.
+        if method == "baseline":
+            continue
+        for l in range(W.n_layers):
+            for g in range(W.kv_heads):
+                for j in range(e - window):
+                    if state[l][g, j] != UNDECIDED:
+                        continue
+                    if j < sinks:
+                        state[l][g, j] = KEPT
+                        continue
+                    score = entry_score[l][g, j] if method.startswith("kvzap") else received[l][g, j] / (e - j)
+                    margins.append(abs(score - threshold))
+                    state[l][g, j] = EVICTED if score < threshold else KEPT
+
+    evicted = sum((st == EVICTED).sum() for st in state)
+    evicted_compressible = sum((st[:, sinks : max(sinks, n - window)] == EVICTED).sum() for st in state)
+    total = W.n_layers * W.kv_heads * n
+    total_compressible = W.n_layers * W.kv_heads * max(0, n - window - sinks)
+    counts = {
+        "kv_total": total,
+        "kv_kept": total - evicted,
+        "kv_total_compressible": total_compressible,
+        "kv_kept_compressible": total_compressible - evicted_compressible,
+    }
+    return nll, counts, margins
