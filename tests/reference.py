@@ -41,8 +41,8 @@ class Weights:
                     [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy()) for m in linears]
                 )
 
-    def layer(self, l, name):
-        return self.sd[f"model.layers.{l}.{name}.weight"]
+    def layer(self, index, name):
+        return self.sd[f"model.layers.{index}.{name}.weight"]
 
 
 def rms_norm(x, w, eps):
@@ -86,37 +86,39 @@ def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         x = np.stack([embed[t] for t in tokens[s:e]])
-        for l in range(W.n_layers):
-            h = np.stack([rms_norm(row, W.sd[f"model.layers.{l}.input_layernorm.weight"], W.eps) for row in x])
-            q = (h @ W.layer(l, "self_attn.q_proj").T).reshape(len(x), W.heads, W.head_dim)
-            k = (h @ W.layer(l, "self_attn.k_proj").T).reshape(len(x), W.kv_heads, W.head_dim)
-            v = (h @ W.layer(l, "self_attn.v_proj").T).reshape(len(x), W.kv_heads, W.head_dim)
+        for layer in range(W.n_layers):
+            h = np.stack([rms_norm(row, W.sd[f"model.layers.{layer}.input_layernorm.weight"], W.eps) for row in x])
+            q = (h @ W.layer(layer, "self_attn.q_proj").T).reshape(len(x), W.heads, W.head_dim)
+            k = (h @ W.layer(layer, "self_attn.k_proj").T).reshape(len(x), W.kv_heads, W.head_dim)
+            v = (h @ W.layer(layer, "self_attn.v_proj").T).reshape(len(x), W.kv_heads, W.head_dim)
             for i in range(len(x)):
                 p = s + i
                 for head in range(W.heads):
                     q[i, head] = rope(q[i, head], p, W.theta)
                 for g in range(W.kv_heads):
-                    keys[l][p, g] = rope(k[i, g], p, W.theta)
-                    values[l][p, g] = v[i, g]
+                    keys[layer][p, g] = rope(k[i, g], p, W.theta)
+                    values[layer][p, g] = v[i, g]
                     if method.startswith("kvzap"):
-                        entry_score[l][g, p] = surrogate_scores(W.surrogate[l], h[i])[g]
+                        entry_score[layer][g, p] = surrogate_scores(W.surrogate[layer], h[i])[g]
             attn = np.zeros((len(x), W.heads, W.head_dim))
             for i in range(len(x)):
                 p = s + i
                 for head in range(W.heads):
                     g = head // G
-                    visible = [j for j in range(p + 1) if state[l][g, j] != EVICTED]
-                    logits = np.array([q[i, head] @ keys[l][j, g] * scale for j in visible])
+                    visible = [j for j in range(p + 1) if state[layer][g, j] != EVICTED]
+                    logits = np.array([q[i, head] @ keys[layer][j, g] * scale for j in visible])
                     probs = np.exp(logits - logits.max())
                     probs /= probs.sum()
-                    attn[i, head] = sum(pr * values[l][j, g] for pr, j in zip(probs, visible))
-                    for pr, j in zip(probs, visible):
-                        received[l][g, j] += pr / G
-            x = x + attn.reshape(len(x), -1) @ W.layer(l, "self_attn.o_proj").T
-            h = np.stack([rms_norm(row, W.sd[f"model.layers.{l}.post_attention_layernorm.weight"], W.eps) for row in x])
-            gate = h @ W.layer(l, "mlp.gate_proj").T
-            up = h @ W.layer(l, "mlp.up_proj").T
-            x = x + (gate / (1 + np.exp(-gate)) * up) @ W.layer(l, "mlp.down_proj").T
+                    attn[i, head] = sum(pr * values[layer][j, g] for pr, j in zip(probs, visible, strict=True))
+                    for pr, j in zip(probs, visible, strict=True):
+                        received[layer][g, j] += pr / G
+            x = x + attn.reshape(len(x), -1) @ W.layer(layer, "self_attn.o_proj").T
+            h = np.stack(
+                [rms_norm(row, W.sd[f"model.layers.{layer}.post_attention_layernorm.weight"], W.eps) for row in x]
+            )
+            gate = h @ W.layer(layer, "mlp.gate_proj").T
+            up = h @ W.layer(layer, "mlp.up_proj").T
+            x = x + (gate / (1 + np.exp(-gate)) * up) @ W.layer(layer, "mlp.down_proj").T
 
         # Next-token NLL of the chunk's positions.
         for i in range(len(x)):
@@ -129,17 +131,17 @@ def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks
         # After the chunk's forward pass: decide every undecided j < e - window, once.
         if method == "baseline":
             continue
-        for l in range(W.n_layers):
+        for layer in range(W.n_layers):
             for g in range(W.kv_heads):
                 for j in range(e - window):
-                    if state[l][g, j] != UNDECIDED:
+                    if state[layer][g, j] != UNDECIDED:
                         continue
                     if j < sinks:
-                        state[l][g, j] = KEPT
+                        state[layer][g, j] = KEPT
                         continue
-                    score = entry_score[l][g, j] if method.startswith("kvzap") else received[l][g, j] / (e - j)
+                    score = entry_score[layer][g, j] if method.startswith("kvzap") else received[layer][g, j] / (e - j)
                     margins.append(abs(score - threshold))
-                    state[l][g, j] = EVICTED if score < threshold else KEPT
+                    state[layer][g, j] = EVICTED if score < threshold else KEPT
 
     evicted = sum((st == EVICTED).sum() for st in state)
     evicted_compressible = sum((st[:, sinks : max(sinks, n - window)] == EVICTED).sum() for st in state)

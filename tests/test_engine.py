@@ -1,14 +1,15 @@
 """The engine against the independent reference (tests/reference.py) and its invariants."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
-from conftest import random_documents, tiny_llama, tiny_surrogate
-from reference import Weights, reference_stream
 
+from conftest import random_documents, tiny_llama, tiny_surrogate
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
+from reference import Weights, reference_stream
 
 WINDOW = 6
 # (method, threshold, settings): thresholds chosen to evict between 20% and 80% of the compressible
@@ -41,7 +42,7 @@ def test_matches_reference(model, weights, surrogate_dir, method, threshold, set
     press, resolved = build(method, threshold, settings, surrogate_dir)
     results = stream_nll(model, documents, chunk, press)
     sinks = resolved["sinks"]
-    for doc, result in zip(documents, results):
+    for doc, result in zip(documents, results, strict=True):
         nll, counts, margins = reference_stream(weights, doc, chunk, method, threshold, WINDOW, sinks)
         assert min(margins) > 1e-5, "threshold too close to a score: the comparison would be fragile"
         assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
@@ -52,7 +53,7 @@ def test_matches_reference(model, weights, surrogate_dir, method, threshold, set
 
 def test_baseline_matches_reference(model, weights):
     documents = random_documents([40, 29])
-    for doc, result in zip(documents, stream_nll(model, documents, 5)):
+    for doc, result in zip(documents, stream_nll(model, documents, 5), strict=True):
         nll, counts, _ = reference_stream(weights, doc, 5, "baseline", None, 0, 0)
         assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
         assert result["kv_kept"] == result["kv_total"] == counts["kv_total"]
@@ -66,7 +67,7 @@ def test_threshold_minus_inf_is_baseline(model, surrogate_dir, method, chunk):
     baseline = stream_nll(model, documents, chunk)
     settings = {"sliding_window": 4} if method.startswith("kvzap") else {"local_window": 4}
     press, _ = build(method, -math.inf, settings, surrogate_dir)
-    for base, result in zip(baseline, stream_nll(model, documents, chunk, press)):
+    for base, result in zip(baseline, stream_nll(model, documents, chunk, press), strict=True):
         assert result["nll_sum"] == pytest.approx(base["nll_sum"], rel=1e-5)
         assert result["kv_kept"] == result["kv_total"]
 
@@ -81,17 +82,19 @@ def test_density_falls_as_threshold_rises(model, surrogate_dir, method):
         press, _ = build(method, threshold, settings, surrogate_dir)
         results = stream_nll(model, documents, 8, press)
         densities.append(sum(r["kv_kept"] for r in results) / sum(r["kv_total"] for r in results))
-    assert all(a >= b for a, b in zip(densities, densities[1:])), densities
+    assert all(a >= b for a, b in pairwise(densities)), densities
     assert densities[0] > densities[-1], f"the sweep should change the density: {densities}"
 
 
-@pytest.mark.parametrize("method,settings", [("kvzap", {"sliding_window": 5}), ("h2o", {"local_window": 7, "sinks": 2})])
+@pytest.mark.parametrize(
+    "method,settings", [("kvzap", {"sliding_window": 5}), ("h2o", {"local_window": 7, "sinks": 2})]
+)
 def test_sinks_and_window_are_never_evicted(model, surrogate_dir, method, settings):
     """At threshold +inf every decided position is evicted; all that stays is sinks and the window."""
     documents = random_documents([40, 12])
     press, resolved = build(method, math.inf, settings, surrogate_dir)
     window = resolved.get("sliding_window", resolved.get("local_window"))
-    for doc, result in zip(documents, stream_nll(model, documents, 3, press)):
+    for doc, result in zip(documents, stream_nll(model, documents, 3, press), strict=True):
         kv_per_position = result["kv_total"] // len(doc)
         assert result["kv_kept_compressible"] == 0
         assert result["kv_kept"] == kv_per_position * (resolved["sinks"] + window)
@@ -104,7 +107,7 @@ def test_batch_size_does_not_change_results(model, surrogate_dir, method, thresh
     press, _ = build(method, threshold, settings, surrogate_dir)
     one_by_one = [stream_nll(model, [doc], 8, press)[0] for doc in documents]
     batched = stream_nll(model, documents, 8, press)
-    for single, together in zip(one_by_one, batched):
+    for single, together in zip(one_by_one, batched, strict=True):
         assert together["nll_sum"] == pytest.approx(single["nll_sum"], rel=1e-5)
         assert {k: v for k, v in together.items() if k != "nll_sum"} == {
             k: v for k, v in single.items() if k != "nll_sum"
@@ -121,7 +124,7 @@ def test_chunk_128_with_head_dim_32_runs(surrogate_dir, tmp_path):
         settings = {"sliding_window": 128} if method == "kvzap" else {"local_window": 128}
         press, _ = build(method, threshold, settings, str(tmp_path))
         results = stream_nll(model, documents, 128, press)
-        for base, result in zip(baseline, results):
+        for base, result in zip(baseline, results, strict=True):
             assert math.isfinite(result["nll_sum"])
             assert result["kv_kept"] < result["kv_total"], f"{method} evicted nothing"
             assert result["nll_sum"] != base["nll_sum"]
@@ -147,7 +150,29 @@ def test_other_architectures(family):
     documents = random_documents([30, 19])
     baseline = stream_nll(model, documents, 4)
     press, _ = build("h2o", -math.inf, {"local_window": 4}, None)
-    for base, result in zip(baseline, stream_nll(model, documents, 4, press)):
+    for base, result in zip(baseline, stream_nll(model, documents, 4, press), strict=True):
         assert result["nll_sum"] == pytest.approx(base["nll_sum"], rel=1e-5)
     press, _ = build("h2o", 0.06, {"local_window": 4}, None)
     assert sum(r["kv_kept"] for r in stream_nll(model, documents, 4, press)) < sum(r["kv_total"] for r in baseline)
+
+
+def test_a_stock_kvpress_scorer_works_as_a_method(model):
+    """The README's recipe: any kvpress ScorerPress scored on entry (here KnormPress) becomes a method."""
+    from kvpress import KnormPress
+
+    from kvsweep.presses import StreamingThresholdPress
+
+    documents = random_documents([40, 22])
+    baseline = stream_nll(model, documents, 4)
+    keep_all = StreamingThresholdPress(KnormPress(), threshold=-math.inf, sliding_window_size=4)
+    for base, result in zip(baseline, stream_nll(model, documents, 4, keep_all), strict=True):
+        assert result["nll_sum"] == pytest.approx(base["nll_sum"], rel=1e-5)
+    # KnormPress scores -||k||: a threshold at the median key norm evicts the keys with larger norms.
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([documents[0]]), past_key_values=cache)
+    median = -float(torch.cat([layer.keys.norm(dim=-1).flatten() for layer in cache.layers]).median())
+    results = stream_nll(model, documents, 4, StreamingThresholdPress(KnormPress(), threshold=median, sliding_window_size=4))
+    assert all(0 < r["kv_kept"] < r["kv_total"] for r in results)

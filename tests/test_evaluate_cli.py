@@ -9,13 +9,22 @@ import sys
 import time
 
 import pytest
-from conftest import random_documents
 
+from conftest import random_documents
 from kvsweep import evaluate
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
-FIELDS = {"id", "n_tokens", "nll_sum", "n_predicted", "kv_kept", "kv_total", "kv_kept_compressible", "kv_total_compressible"}
+FIELDS = {
+    "id",
+    "n_tokens",
+    "nll_sum",
+    "n_predicted",
+    "kv_kept",
+    "kv_total",
+    "kv_kept_compressible",
+    "kv_total_compressible",
+}
 
 
 def write_shard(path, lengths, seed=2):
@@ -41,7 +50,7 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     method = get_method("kvzap")
     settings = method.resolve(0.0, {"sliding_window": 6, "kvzap_surrogate": surrogate_dir})
     expected = stream_nll(model, [d["input_ids"][:64] for d in docs], 4, method.build(0.0, **settings))
-    for line, exp in zip(lines, expected):
+    for line, exp in zip(lines, expected, strict=True):
         assert line["nll_sum"] == pytest.approx(exp["nll_sum"], rel=1e-5)
         assert line["kv_kept"] == exp["kv_kept"] < line["kv_total"]
     assert not (tmp_path / "out.jsonl.partial").exists()
@@ -94,7 +103,11 @@ def test_bad_shards_give_one_clear_message(model_dir, tmp_path, capsys, content,
 def test_missing_model_gives_one_clear_message(tmp_path, capsys):
     write_shard(tmp_path / "shard.jsonl", [20])
     with pytest.raises(SystemExit):
-        evaluate.main(cli_args("no-such-org/no-such-model", tmp_path / "shard.jsonl", tmp_path / "o.jsonl", "--method", "baseline"))
+        evaluate.main(
+            cli_args(
+                "no-such-org/no-such-model", tmp_path / "shard.jsonl", tmp_path / "o.jsonl", "--method", "baseline"
+            )
+        )
     err = capsys.readouterr().err
     assert "model 'no-such-org/no-such-model' could not be loaded" in err and "Traceback" not in err
 
@@ -160,10 +173,14 @@ def test_resume_after_sigkill(model_dir, tmp_path):
 
 def test_changed_settings_do_not_reuse_a_checkpoint(model_dir, tmp_path):
     write_shard(tmp_path / "shard.jsonl", [20, 20])
-    args = cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", "--method", "h2o", "--threshold", "0.05")
+    args = cli_args(
+        model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", "--method", "h2o", "--threshold", "0.05"
+    )
     evaluate.main(args)
     stale = tmp_path / "out.jsonl.partial"
-    stale.write_text(json.dumps({"fingerprint": "other-settings"}) + "\n" + json.dumps({"id": "doc0", "nll_sum": -1}) + "\n")
+    stale.write_text(
+        json.dumps({"fingerprint": "other-settings"}) + "\n" + json.dumps({"id": "doc0", "nll_sum": -1}) + "\n"
+    )
     evaluate.main(args)
     assert all(json.loads(line)["nll_sum"] > 0 for line in (tmp_path / "out.jsonl").read_text().splitlines())
     assert math.isfinite(json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["nll_sum"])

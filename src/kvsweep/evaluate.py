@@ -25,8 +25,8 @@ from kvsweep.io import read_jsonl, write_jsonl_atomic
 from kvsweep.methods import get_method
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="kvsweep.evaluate", description=__doc__.split("\n\n")[0])
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that choose the model, the data and the method: shared with eviction_map."""
     parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
     parser.add_argument("--data", required=True, help="shard: JSONL of {id, input_ids}")
     parser.add_argument("--method", required=True)
@@ -41,8 +41,31 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="kvsweep.evaluate", description=__doc__.split("\n\n")[0])
+    add_engine_arguments(parser)
     parser.add_argument("--output", required=True)
     return parser.parse_args(argv)
+
+
+def resolve_method(args):
+    """Check the numeric arguments and the method's settings; return (method, settings)."""
+    for name in ("chunk_size", "max_length", "batch_size"):
+        if getattr(args, name) < 1:
+            raise KvsweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_length < 2:
+        raise KvsweepError("--max-length must be at least 2")
+    method = get_method(args.method)
+    given = {
+        "sliding_window": args.sliding_window,
+        "local_window": args.local_window,
+        "sinks": args.sinks,
+        "kvzap_surrogate": args.kvzap_surrogate,
+        "kvzap_type": args.kvzap_type,
+    }
+    return method, method.resolve(args.threshold, {k: v for k, v in given.items() if v is not None})
 
 
 def load_shard(path: str, max_length: int) -> list[dict]:
@@ -83,26 +106,13 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, dict]:
     return done
 
 
-def _check_args(args):
-    for name in ("chunk_size", "max_length", "batch_size"):
-        if getattr(args, name) < 1:
-            raise KvsweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_length < 2:
-        raise KvsweepError("--max-length must be at least 2")
-
-
 def run(args) -> None:
-    _check_args(args)
-    method = get_method(args.method)
-    given = {
-        "sliding_window": args.sliding_window,
-        "local_window": args.local_window,
-        "sinks": args.sinks,
-        "kvzap_surrogate": args.kvzap_surrogate,
-        "kvzap_type": args.kvzap_type,
-    }
-    settings = method.resolve(args.threshold, {k: v for k, v in given.items() if v is not None})
+    method, settings = resolve_method(args)
     documents = load_shard(args.data, args.max_length)
+    if not documents:
+        print(f"{args.data}: empty shard, nothing to evaluate", file=sys.stderr)
+        write_jsonl_atomic(args.output, [])
+        return
 
     # Heavy imports only once the input is known to be good.
     from kvsweep.modeling import load_model
@@ -129,7 +139,7 @@ def run(args) -> None:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
             results = stream_nll(model, [d["input_ids"] for d in batch], args.chunk_size, press)
-            for doc, result in zip(batch, results):
+            for doc, result in zip(batch, results, strict=True):
                 done[doc["id"]] = {"id": doc["id"], **result}
                 log.write(json.dumps(done[doc["id"]]) + "\n")
             log.flush()

@@ -8,6 +8,7 @@ eviction decisions stop at its own end, so the batch size does not change its re
 
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -17,12 +18,17 @@ from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
 
 @torch.inference_mode()
 def stream_nll(
-    model, documents: list[list[int]], chunk_size: int, press: StreamingThresholdPress | None = None
+    model,
+    documents: list[list[int]],
+    chunk_size: int,
+    press: StreamingThresholdPress | None = None,
+    return_evicted: bool = False,
 ) -> list[dict]:
     """Stream one batch of tokenized documents; return per-document NLL sums and KV counts.
 
     Each result holds `n_tokens`, `nll_sum` (natural log, summed over the n - 1 predicted tokens),
-    `n_predicted`, `kv_kept`, `kv_total`, `kv_kept_compressible`, `kv_total_compressible`.
+    `n_predicted`, `kv_kept`, `kv_total`, `kv_kept_compressible`, `kv_total_compressible`, and with
+    `return_evicted` the final eviction mask `evicted`, a bool array (layers, KV heads, n).
     """
     device = model.device
     lengths = torch.tensor([len(doc) for doc in documents], device=device)
@@ -55,11 +61,14 @@ def stream_nll(
 
         if press is not None:
             counts = press.kv_counts()
+            evicted = torch.stack([press.layers[i].evicted for i in sorted(press.layers)]).cpu().numpy()
         else:
             counts = _full_cache_counts(model, lengths)
+            config = model.config.get_text_config()
+            evicted = np.zeros((config.num_hidden_layers, len(documents), config.num_key_value_heads, width), bool)
 
     counts = {key: value.tolist() for key, value in counts.items()}
-    return [
+    results = [
         {
             "n_tokens": len(doc),
             "nll_sum": float(nll[row]),
@@ -68,6 +77,10 @@ def stream_nll(
         }
         for row, doc in enumerate(documents)
     ]
+    if return_evicted:
+        for row, (doc, result) in enumerate(zip(documents, results, strict=True)):
+            result["evicted"] = evicted[:, row, :, : len(doc)]
+    return results
 
 
 def _full_cache_counts(model, lengths: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,29 @@
+# kvsweep: at the same KV budget, which eviction method (H2O, KVzap, ...) hurts quality less?
+#
+#   snakemake -n                                   plan the study in config.yaml
+#   snakemake --profile slurm                      run it on a SLURM cluster
+#   snakemake --configfile demo/config.yaml -c2    the CPU demo
+#
+# A study given with --configfile replaces config.yaml entirely (it is not merged into it).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/compare.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,129 @@
+"""Prepare evaluation shards: load documents, tokenize, truncate, skip short ones, shard.
+
+    python -m kvsweep.prepare --source ccdv/govreport-summarization --split validation
+        --text-field report [--id-field ID] --tokenizer MODEL --max-documents 100
+        --max-length 8192 --min-length 2 --shard-size 10 --output-dir DIR
+
+Writes DIR/shard000.jsonl ... (lines {"id", "input_ids"}, the engine's input) and DIR/documents.jsonl
+(id, source index, tokens, whether truncated). The order is the source's and ids are stable: the
+id field if given, else "<split>-<index in the source>". Exactly ceil(max_documents / shard_size)
+shards are written, so the workflow knows its jobs before the data exists; if fewer documents
+qualify, the last shards hold fewer (or none) and the log says so.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.io import read_jsonl, write_jsonl_atomic
+
+
+def n_shards(max_documents: int, shard_size: int) -> int:
+    return math.ceil(max_documents / shard_size)
+
+
+def load_records(source: str, split: str):
+    """Yield the raw records of a local .jsonl file or a hub dataset split."""
+    if source.endswith(".jsonl"):
+        yield from read_jsonl(source)
+        return
+    if Path(source).exists():
+        raise KvsweepError(f"dataset source '{source}' is a local path but not a .jsonl file")
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source, split=split, streaming=False)
+    except Exception as err:  # noqa: BLE001 (datasets raises many types for a missing dataset, split or network)
+        raise KvsweepError(
+            f"dataset '{source}' (split '{split}') could not be loaded: {str(err).splitlines()[0]}"
+        ) from None
+    yield from dataset
+
+
+def prepare(args) -> dict:
+    from kvsweep.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0}
+    progress = tqdm(total=args.max_documents, unit="doc", file=sys.stderr, desc="prepare")
+    for index, record in enumerate(load_records(args.source, args.split)):
+        if len(kept) == args.max_documents:
+            break
+        stats["read"] += 1
+        if args.text_field not in record:
+            raise KvsweepError(
+                f"{args.source}, record {index}: no field '{args.text_field}' (fields: {', '.join(record)})"
+            )
+        if args.id_field and args.id_field not in record:
+            raise KvsweepError(f"{args.source}, record {index}: no id field '{args.id_field}'")
+        text = record[args.text_field]
+        if not isinstance(text, str):
+            raise KvsweepError(f"{args.source}, record {index}: field '{args.text_field}' is not text")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) < args.min_length:
+            stats["skipped_short"] += 1
+            continue
+        truncated = len(ids) > args.max_length
+        stats["truncated"] += truncated
+        doc_id = str(record[args.id_field]) if args.id_field else f"{args.split}-{index:05d}"
+        kept.append({"id": doc_id, "index": index, "input_ids": ids[: args.max_length], "truncated": truncated})
+        progress.update()
+    progress.close()
+    if not kept:
+        raise KvsweepError(
+            f"no document of '{args.source}' has at least {args.min_length} tokens ({stats['read']} read)"
+        )
+    if len({doc["id"] for doc in kept}) != len(kept):
+        raise KvsweepError(f"field '{args.id_field}' does not hold unique ids")
+
+    out = Path(args.output_dir)
+    count = n_shards(args.max_documents, args.shard_size)
+    for shard in range(count):
+        docs = kept[shard * args.shard_size : (shard + 1) * args.shard_size]
+        write_jsonl_atomic(
+            out / f"shard{shard:03d}.jsonl", ({"id": d["id"], "input_ids": d["input_ids"]} for d in docs)
+        )
+    write_jsonl_atomic(
+        out / "documents.jsonl",
+        (
+            {"id": d["id"], "index": d["index"], "n_tokens": len(d["input_ids"]), "truncated": d["truncated"]}
+            for d in kept
+        ),
+    )
+    stats["kept"] = len(kept)
+    print(
+        f"prepare: read {stats['read']} documents, kept {stats['kept']}, skipped {stats['skipped_short']} shorter than "
+        f"{args.min_length} tokens, truncated {stats['truncated']} to {args.max_length} tokens; {count} shard(s)",
+        file=sys.stderr,
+    )
+    if stats["kept"] < args.max_documents:
+        print(f"prepare: only {stats['kept']} of the {args.max_documents} documents asked for qualify", file=sys.stderr)
+    return stats
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="kvsweep.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--text-field", default="report")
+    parser.add_argument("--id-field")
+    parser.add_argument("--tokenizer", required=True, help="hub id or folder of the model whose tokenizer to use")
+    parser.add_argument("--max-documents", type=int, required=True)
+    parser.add_argument("--max-length", type=int, required=True)
+    parser.add_argument("--min-length", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, required=True)
+    parser.add_argument("--output-dir", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    with readable_errors("kvsweep.prepare"):
+        prepare(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

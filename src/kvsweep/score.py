@@ -1,0 +1,123 @@
+"""Score streaming-perplexity results: one row per (method, threshold).
+
+    python -m kvsweep.score --inputs results/RUN/perplexity/METHOD/THRESHOLD/shardNNN.jsonl ...
+        --output-csv summary.csv --output-md summary.md [--n-resamples 2000 --confidence 0.95 --seed 0]
+
+Each input's method and threshold are read from its path. Per configuration: perplexity
+exp(sum NLL / sum predicted tokens), mean NLL, token-weighted KV densities (overall and in the
+compressible region), and the paired NLL difference to `baseline` on the same documents, with a
+percentile bootstrap confidence interval over documents (scipy.stats.bootstrap, paired).
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.io import atomic_path
+
+COLUMNS = ["method", "threshold", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
+           "kv_density", "kv_density_compressible", "n_docs", "n_tokens"]  # fmt: skip
+
+
+def load_results(paths: list[str]) -> pd.DataFrame:
+    rows = []
+    for path in paths:
+        method, threshold = Path(path).parts[-3], Path(path).parts[-2]
+        for line in Path(path).read_text().splitlines():
+            rows.append({**json.loads(line), "method": method, "threshold": None if threshold == "none" else threshold})
+    if not rows:
+        raise KvsweepError("no evaluated documents in the inputs")
+    return pd.DataFrame(rows)
+
+
+def paired_delta(nll: np.ndarray, base: np.ndarray, count: np.ndarray, n_resamples: int, confidence: float, seed: int):
+    """Mean per-token NLL difference to the baseline over the same documents, with a bootstrap CI."""
+
+    def statistic(a, b, n, axis=-1):
+        return (a.sum(axis=axis) - b.sum(axis=axis)) / n.sum(axis=axis)
+
+    delta = float(statistic(nll, base, count))
+    if len(nll) < 2:
+        return delta, math.nan, math.nan
+    result = stats.bootstrap(
+        (nll, base, count),
+        statistic,
+        paired=True,
+        vectorized=True,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    return delta, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    baseline = results[results.method == "baseline"].set_index("id")
+    if baseline.empty:
+        raise KvsweepError("no baseline results: the paired differences need method 'baseline'")
+    rows = []
+    for (method, threshold), group in results.groupby(["method", results.threshold.fillna("")], sort=False):
+        missing = set(group.id) - set(baseline.index)
+        if missing:
+            raise KvsweepError(f"{method} at {threshold}: documents without a baseline result: {sorted(missing)[:5]}")
+        base = baseline.loc[group.id]
+        delta, low, high = paired_delta(
+            group.nll_sum.to_numpy(),
+            base.nll_sum.to_numpy(),
+            group.n_predicted.to_numpy(),
+            n_resamples,
+            confidence,
+            seed,
+        )
+        nll = group.nll_sum.sum() / group.n_predicted.sum()
+        compressible = group.kv_total_compressible.sum()
+        rows.append({
+            "method": method,
+            "threshold": threshold,
+            "ppl": math.exp(nll),
+            "nll": nll,
+            "delta_nll": delta,
+            "delta_nll_ci_low": low,
+            "delta_nll_ci_high": high,
+            "kv_density": group.kv_kept.sum() / group.kv_total.sum(),
+            "kv_density_compressible": group.kv_kept_compressible.sum() / compressible if compressible else math.nan,
+            "n_docs": len(group),
+            "n_tokens": int(group.n_predicted.sum()),
+        })  # fmt: skip
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    order = table.threshold.map(lambda t: float(t) if t else -math.inf)
+    table = table.assign(_base=table.method != "baseline", _t=order).sort_values(["_base", "method", "_t"])
+    return table.drop(columns=["_base", "_t"]).reset_index(drop=True)
+
+
+def write_tables(table: pd.DataFrame, csv_path: str, md_path: str) -> None:
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="kvsweep.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inputs", nargs="+", required=True)
+    parser.add_argument("--output-csv", required=True)
+    parser.add_argument("--output-md", required=True)
+    parser.add_argument("--n-resamples", type=int, default=2000)
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with readable_errors("kvsweep.score"):
+        table = summarize(load_results(args.inputs), args.n_resamples, args.confidence, args.seed)
+        write_tables(table, args.output_csv, args.output_md)
+        print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

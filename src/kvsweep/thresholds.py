@@ -1,0 +1,28 @@
+"""One canonical spelling per threshold, so that `-5`, `-5.0` and `-5.00`, or `5e-4`, `5.0e-4` and
+`0.0005`, name the same output path and an edit of the YAML reruns nothing that did not change."""
+
+import math
+
+from kvsweep.errors import KvsweepError
+
+
+def parse_threshold(value) -> float:
+    """A threshold from YAML or the command line: a number, a numeric string ('5e-4'), or +-inf."""
+    if isinstance(value, bool):
+        raise KvsweepError(f"threshold {value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise KvsweepError(f"threshold {value!r} is not a number (write e.g. -5, 0.0005, 5.0e-4 or -inf)") from None
+    if math.isnan(number):
+        raise KvsweepError("threshold NaN is not allowed: no score is below NaN, so nothing would be evicted")
+    return number + 0.0  # -0.0 -> 0.0
+
+
+def canonical_threshold(value) -> str:
+    """The shortest text that reads back as the same float: -5, 0.0005, 5e-05, -inf."""
+    number = parse_threshold(value)
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    text = repr(number)
+    return text.removesuffix(".0")

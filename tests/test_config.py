@@ -1,0 +1,110 @@
+"""Config validation: defaults, canonical thresholds, and one readable message per mistake."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvsweep.config import method_settings, validate_config
+from kvsweep.errors import KvsweepError
+from kvsweep.thresholds import canonical_threshold
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped(name="config.yaml"):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize(
+    "spellings,canonical",
+    [
+        ([-5, -5.0, "-5", "-5.00", "-5.0e0"], "-5"),
+        ([5e-4, 0.0005, "5e-4", "5.0e-4", "0.00050"], "0.0005"),
+        ([1e-5, "1.0e-5", 0.00001], "1e-05"),
+        ([float("-inf"), "-inf"], "-inf"),
+        ([0, 0.0, -0.0, "0"], "0"),
+        ([-6.5, "-6.50"], "-6.5"),
+    ],
+)
+def test_canonical_threshold_is_one_path_per_value(spellings, canonical):
+    assert {canonical_threshold(s) for s in spellings} == {canonical}
+    assert float(canonical) == float(spellings[0])
+
+
+def test_shipped_configs_are_valid_and_get_defaults():
+    for name in ("config.yaml", "demo/config.yaml"):
+        config = validate_config(shipped(name))
+        assert config["methods"]["baseline"] == {}
+        assert config["bootstrap"]["n_resamples"] >= 100
+    config = validate_config(shipped())
+    assert config["model"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert config["methods"]["h2o"]["canonical_thresholds"][:2] == ["1e-05", "3e-05"]
+    minimal = validate_config(
+        {"run": "x", "model": {"name": "m"}, "dataset": {"source": "d.jsonl"}, "methods": {"baseline": None}}
+    )
+    assert (
+        minimal["chunk_size"] == 128
+        and minimal["dataset"]["max_length"] == 8192
+        and minimal["resources"]["runtime"] == 240
+    )
+
+
+def test_each_method_gets_only_its_own_settings():
+    config = validate_config(shipped())
+    assert method_settings(config, "h2o") == {"local_window": 512, "sinks": 0}
+    assert method_settings(config, "kvzap") == {
+        "sliding_window": 128,
+        "sinks": 4,
+        "kvzap_surrogate": "nvidia/KVzap-mlp-Llama-3.1-8B-Instruct",
+        "kvzap_type": "mlp",
+    }
+    assert method_settings(config, "baseline") == {}
+
+
+def edit(path: str, value):
+    config = shipped()
+    target = config
+    keys = path.split(".")
+    for key in keys[:-1]:
+        target = target[key]
+    if value is DELETE:
+        del target[keys[-1]]
+    else:
+        target[keys[-1]] = value
+    return config
+
+
+DELETE = object()
+
+BAD = [
+    ("model.dtype", "fp8", "model.dtype: 'fp8' is not allowed (allowed values: bfloat16, float32, float16)"),
+    ("device", "tpu", "device: 'tpu' is not allowed (allowed values: cuda, cpu)"),
+    ("chunk_size", 0, "chunk_size: 0 is less than the minimum of 1"),
+    ("methods.h2o.thresholds", [0.1, "abc"], "methods.h2o.thresholds[1]"),
+    ("methods.h2o.thresholds", [0.1, float("nan")], "methods.h2o.thresholds[1]: threshold NaN is not allowed"),
+    ("methods.h2o.thresholds", [-5, "-5.0"], "lists the threshold -5 twice"),
+    ("methods.h2o.thresholds", [], "methods.h2o.thresholds: [] should be non-empty"),
+    ("methods.snapkv", {"thresholds": [1]}, "unknown method 'snapkv'; known methods: baseline, kvzap, kvzap_no_sink, h2o"),
+    ("methods.baseline", {"thresholds": [1]}, "methods.baseline: 'baseline' takes no thresholds"),
+    ("methods.h2o.sliding_window", 64, "methods.h2o: method 'h2o' does not take sliding_window (its settings: local_window, sinks)"),
+    ("methods.h2o.window", 64, "methods.h2o: Additional properties are not allowed ('window' was unexpected) (allowed keys:"),
+    ("methods.kvzap.thresholds", DELETE, "methods.kvzap.thresholds: 'kvzap' needs a list of thresholds"),
+    ("dataset.source", DELETE, "dataset: 'source' is a required property"),
+    ("dataset.min_length", 10000, "dataset.min_length (10000) exceeds dataset.max_length (8192)"),
+    ("run", "my study", "run: 'my study' does not match"),
+    ("gpus", 1, "top level: Additional properties are not allowed ('gpus' was unexpected) (allowed keys: batch_size,"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path,value,message", BAD)
+def test_bad_config_names_the_key(path, value, message):
+    with pytest.raises(KvsweepError) as err:
+        validate_config(edit(path, value))
+    assert message in str(err.value)
+
+
+def test_validation_does_not_depend_on_input_order():
+    config = shipped()
+    assert validate_config(copy.deepcopy(config)) == validate_config(copy.deepcopy(config))

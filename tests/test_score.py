@@ -1,0 +1,72 @@
+"""Scoring: hand-computed aggregates, the paired bootstrap, and table order."""
+
+import json
+import math
+
+import pytest
+
+from kvsweep.errors import KvsweepError
+from kvsweep.score import COLUMNS, load_results, summarize
+
+
+def write(tmp_path, method, threshold, docs):
+    path = tmp_path / "perplexity" / method / threshold / "shard000.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return str(path)
+
+
+def doc(i, nll, n, kept, total=100, kept_c=None, total_c=80):
+    return {"id": f"d{i}", "n_tokens": n + 1, "nll_sum": nll, "n_predicted": n, "kv_kept": kept, "kv_total": total,
+            "kv_kept_compressible": kept - 20 if kept_c is None else kept_c, "kv_total_compressible": total_c}  # fmt: skip
+
+
+@pytest.fixture
+def results(tmp_path):
+    base = [doc(0, 10.0, 9, 100), doc(1, 20.0, 19, 100), doc(2, 30.0, 29, 100), doc(3, 12.0, 10, 100)]
+    h2o_a = [doc(0, 11.0, 9, 60), doc(1, 22.0, 19, 50), doc(2, 30.0, 29, 40), doc(3, 12.5, 10, 50)]
+    h2o_b = [doc(0, 10.5, 9, 90), doc(1, 20.5, 19, 90), doc(2, 30.5, 29, 90), doc(3, 12.0, 10, 90)]
+    paths = [write(tmp_path, "baseline", "none", base), write(tmp_path, "h2o", "0.0003", h2o_a),
+             write(tmp_path, "h2o", "1e-05", h2o_b)]  # fmt: skip
+    return load_results(paths)
+
+
+def test_aggregates_by_hand(results):
+    table = summarize(results, n_resamples=500)
+    assert list(table.columns) == COLUMNS
+    assert list(zip(table.method, table.threshold, strict=True)) == [
+        ("baseline", ""),
+        ("h2o", "1e-05"),
+        ("h2o", "0.0003"),
+    ]
+    base, small, large = (table.iloc[i] for i in range(3))
+    assert base.nll == pytest.approx(72 / 67) and base.ppl == pytest.approx(math.exp(72 / 67))
+    assert base.delta_nll == 0 and base.kv_density == 1
+    assert large.delta_nll == pytest.approx((75.5 - 72) / 67)
+    assert large.kv_density == pytest.approx(200 / 400)
+    assert large.kv_density_compressible == pytest.approx((40 + 30 + 20 + 30) / 320)
+    assert small.delta_nll == pytest.approx(1.5 / 67)
+    assert (large.n_docs, large.n_tokens) == (4, 67)
+
+
+def test_bootstrap_interval(results):
+    table = summarize(results, n_resamples=2000, seed=1).set_index("threshold")
+    row = table.loc["0.0003"]
+    assert row.delta_nll_ci_low < row.delta_nll < row.delta_nll_ci_high
+    assert row.delta_nll_ci_low >= 0  # every document got worse or stayed
+    # The same seed gives the same interval; the baseline's own difference is exactly 0.
+    again = summarize(results, n_resamples=2000, seed=1).set_index("threshold").loc["0.0003"]
+    assert (again.delta_nll_ci_low, again.delta_nll_ci_high) == (row.delta_nll_ci_low, row.delta_nll_ci_high)
+    assert table.loc[""].delta_nll_ci_low == table.loc[""].delta_nll_ci_high == 0
+
+
+def test_missing_baseline_documents_are_an_error(tmp_path):
+    paths = [write(tmp_path, "baseline", "none", [doc(0, 10.0, 9, 100)]),
+             write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50), doc(7, 1.0, 9, 50)])]  # fmt: skip
+    with pytest.raises(KvsweepError, match=r"h2o at 0.1: documents without a baseline result: \['d7'\]"):
+        summarize(load_results(paths))
+
+
+def test_no_baseline_is_an_error(tmp_path):
+    with pytest.raises(KvsweepError, match="no baseline results"):
+        summarize(load_results([write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50)])]))

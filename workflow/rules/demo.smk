@@ -1,0 +1,22 @@
+# The CPU demo's assets: a tiny model, its tokenizer, a KVzap surrogate and generated reports.
+# Runs only when the config names these paths (demo/config.yaml does).
+
+
+rule demo_assets:
+    output:
+        model=directory(f"{DEMO_ASSETS}/model"),
+        surrogate=directory(f"{DEMO_ASSETS}/surrogate"),
+        data=f"{DEMO_ASSETS}/govreport.jsonl",
+    params:
+        documents=20,
+        train_steps=150,
+        output_dir=lambda wildcards, output: os.path.dirname(output.data),
+    log:
+        f"{RESULTS}/logs/demo_assets.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/demo_assets.tsv"
+    conda:
+        "../../envs/kvsweep.yaml"
+    shell:
+        "python -m kvsweep.demo --output-dir {params.output_dir} --documents {params.documents} "
+        "--train-steps {params.train_steps} 2> {log}"
