@@ -153,6 +153,16 @@ def main():
     def save():
         Path(args.output).write_text(json.dumps(report, indent=1))
 
+    # Correctness on this card first: with threshold -inf every method must reproduce the baseline.
+    docs = torch.randint(0, vocab, (2, 1024), generator=torch.Generator().manual_seed(1)).tolist()
+    reference = stream_nll(model, docs, 128)
+    report["checks"] = {}
+    for method in ("kvzap", "h2o"):
+        results = stream_nll(model, docs, 128, kvsweep_press(method, surrogate, float("-inf")))
+        worst = max(abs(r["nll_sum"] - b["nll_sum"]) / b["nll_sum"] for r, b in zip(results, reference, strict=True))
+        report["checks"][f"{method}_minus_inf_vs_baseline_max_rel_nll_diff_bf16"] = worst
+    print(json.dumps(report["checks"]), flush=True)
+
     plans = []
     for workload in args.workloads.split(","):
         if workload == "chunk128":

@@ -50,13 +50,17 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if state.attention_received is None:
         out = F.scaled_dot_product_attention(grouped_query, key, value, attn_mask=visible, scale=scaling)
     else:
-        logits = torch.matmul(grouped_query, key.transpose(-1, -2)).float() * scaling
-        probs = torch.softmax(logits.masked_fill_(~visible, float("-inf")), dim=-1)
-        out = torch.matmul(probs.to(value.dtype), value)
-        # Sum over the real queries of the pass, mean over the query heads of each KV group.
-        weights = state.valid_queries(q_len, k_len) / groups  # (batch, q)
-        received = torch.einsum("bhgqk,bq->bhk", probs.view(batch, kv_heads, groups, q_len, k_len), weights)
-        state.attention_received[:, :, :k_len] += received
+        # In the model's dtype, in place where possible: each pass over this (batch, kv_heads,
+        # groups * q, k) matrix is the cost of H2O (softmax accumulates in float32 internally).
+        probs = torch.matmul(grouped_query * scaling, key.transpose(-1, -2))
+        probs.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(probs, dim=-1)
+        out = torch.matmul(probs, value)
+        # Sum over the real queries of the pass, mean over the query heads of each KV group: one
+        # (1 x groups*q) @ (groups*q x k) product per KV head.
+        row_weights = (state.valid_queries(q_len, k_len) / groups).repeat(1, groups).to(probs.dtype)
+        received = torch.matmul(row_weights[:, None, None, :], probs)  # (batch, kv_heads, 1, k)
+        state.attention_received[:, :, :k_len] += received[:, :, 0].float()
 
     out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     return out, None

@@ -56,8 +56,10 @@ def stream_nll(
             targets = input_ids[:, start + 1 : end + 1]
             targets = F.pad(targets, (0, end - start - targets.shape[1]))
             predicts = (positions[None, :] + 1) < lengths[:, None]
-            token_nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-            nll += (token_nll * predicts).sum(1, dtype=torch.float64)
+            # Classes on the last axis: cross_entropy over (batch, vocab, chunk) would put the softmax on
+            # a strided axis, which PyTorch's CUDA kernel walks serially (measured 80 ms a pass on H100).
+            token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+            nll += (token_nll.view(predicts.shape) * predicts).sum(1, dtype=torch.float64)
 
         if press is not None:
             counts = press.kv_counts()
