@@ -64,7 +64,12 @@ def build_model(arch: str):
     torch.set_default_dtype(torch.float32)
     text = model.config
     surrogate = KVzapModel(
-        KVzapConfig(input_dim=text.hidden_size, output_dim=text.num_key_value_heads, n_modules=text.num_hidden_layers, hidden_dim=512)
+        KVzapConfig(
+            input_dim=text.hidden_size,
+            output_dim=text.num_key_value_heads,
+            n_modules=text.num_hidden_layers,
+            hidden_dim=512,
+        )
     ).to("cuda", torch.bfloat16)
     return model, surrogate
 
@@ -109,7 +114,9 @@ def upstream_stream(model, ids, chunk, press):
                            past_key_values=cache, use_cache=True).logits  # fmt: skip
             if e < ids.shape[1]:
                 target = ids[:, s + 1 : e + 1]
-                total += F.cross_entropy(logits[:, : target.shape[1]].float().flatten(0, 1), target.flatten(), reduction="sum")
+                total += F.cross_entropy(
+                    logits[:, : target.shape[1]].float().flatten(0, 1), target.flatten(), reduction="sum"
+                )
     return float(total)
 
 
@@ -204,7 +211,12 @@ def main():
             scorer.kvzap_model = surrogate
             scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{str(model.config.name_or_path).split('/')[-1]}"
             press = DMSPress(scorer, threshold=thresholds["kvzap"], sliding_window_size=128, decoding=True)
-            entry = {"workload": f"upstream_kvpress_dms_kvzap_chunk{chunk}", "tokens": n_tokens, "chunk": chunk, "batch": 1}
+            entry = {
+                "workload": f"upstream_kvpress_dms_kvzap_chunk{chunk}",
+                "tokens": n_tokens,
+                "chunk": chunk,
+                "batch": 1,
+            }
             try:
                 upstream_stream(model, ids[:, : 2 * chunk + 3], chunk, press)
                 _, seconds, peak = timed(lambda: upstream_stream(model, ids, chunk, press))  # noqa: B023
