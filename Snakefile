@@ -23,6 +23,16 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/compare.smk"
 
 
+# Light steps run where Snakemake runs (on a cluster: the login node, which can reach the hub for
+# the dataset and tokenizer); the model work (evaluate, eviction_map) is submitted as jobs.
+localrules:
+    all,
+    demo_assets,
+    prepare,
+    score_perplexity,
+    compare_perplexity,
+
+
 rule all:
     input:
         final_outputs(),

@@ -7,10 +7,11 @@ import argparse
 import time
 
 import torch
-from gpu_throughput import build_model, kvsweep_press
 from torch.profiler import ProfilerActivity, profile
 
 from kvsweep.stream_nll import stream_nll
+
+from gpu_throughput import build_model, kvsweep_press
 
 
 def main():

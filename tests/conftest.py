@@ -67,3 +67,20 @@ def model_dir(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo, run once locally in a scratch directory as a user would (`--configfile demo/config.yaml`);
+    shared by the workflow tests and the SLURM test, which compares its table with this one."""
+    import time
+
+    from workflow_helpers import ROOT, load_yaml, snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("demo")
+    config = load_yaml(ROOT / "demo" / "config.yaml")
+    configfile = write_config(workdir, config)
+    start = time.time()
+    snakemake(workdir, configfile, "--cores", "2")
+    print(f"demo wall time: {time.time() - start:.0f} s")
+    return workdir, config

@@ -6,9 +6,10 @@ from itertools import pairwise
 import pytest
 import torch
 
-from conftest import random_documents, tiny_llama, tiny_surrogate
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
+
+from conftest import random_documents, tiny_llama, tiny_surrogate
 from reference import Weights, reference_stream
 
 WINDOW = 6
@@ -174,5 +175,7 @@ def test_a_stock_kvpress_scorer_works_as_a_method(model):
     with torch.no_grad():
         model(torch.tensor([documents[0]]), past_key_values=cache)
     median = -float(torch.cat([layer.keys.norm(dim=-1).flatten() for layer in cache.layers]).median())
-    results = stream_nll(model, documents, 4, StreamingThresholdPress(KnormPress(), threshold=median, sliding_window_size=4))
+    results = stream_nll(
+        model, documents, 4, StreamingThresholdPress(KnormPress(), threshold=median, sliding_window_size=4)
+    )
     assert all(0 < r["kv_kept"] < r["kv_total"] for r in results)

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from conftest import random_documents
 from kvsweep import evaluate
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
+
+from conftest import random_documents
 
 FIELDS = {
     "id",

@@ -2,7 +2,6 @@
 
 import copy
 import os
-import time
 
 import pandas as pd
 import pytest
@@ -10,18 +9,6 @@ import pytest
 from workflow_helpers import ROOT, load_yaml, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The demo, run once in a scratch directory as a user would: `--configfile demo/config.yaml`."""
-    workdir = tmp_path_factory.mktemp("demo")
-    config = load_yaml(ROOT / "demo" / "config.yaml")
-    configfile = write_config(workdir, config)
-    start = time.time()
-    snakemake(workdir, configfile, "--cores", "2")
-    print(f"demo wall time: {time.time() - start:.0f} s")
-    return workdir, config
 
 
 def test_demo_produces_tables_and_figures(demo_run):

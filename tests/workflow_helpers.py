@@ -21,9 +21,12 @@ def write_config(workdir: Path, config: dict, name: str = "study.yaml") -> Path:
     return path
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, configfile: Path, *args: str, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """Run Snakemake from the repository root (where `--profile slurm` is found) on `workdir`."""
     command = [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(configfile), *args]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -31,9 +34,12 @@ def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True) -
     return result
 
 
-def planned_jobs(workdir: Path, configfile: Path) -> list[tuple[str, dict]]:
-    """(rule, wildcards) of every job a dry run plans, `all` left out."""
-    out = snakemake(workdir, configfile, "--dry-run").stdout
+def planned_jobs(workdir: Path, configfile: Path, *args: str, resources: bool = False) -> list[tuple]:
+    """(rule, wildcards) of every job a dry run plans, `all` left out; with `resources`, (rule,
+    wildcards, resources) where resources maps each resource to its text."""
+    out = snakemake(workdir, configfile, "--dry-run", *args).stdout
+    if resources:
+        return _with_resources(out)
     jobs, rule = [], None
     for line in out.splitlines():
         match = re.match(r"^(?:local)?rule (\w+):$", line)
@@ -45,4 +51,20 @@ def planned_jobs(workdir: Path, configfile: Path) -> list[tuple[str, dict]]:
         match = re.match(r"^\s+wildcards: (.*)$", line)
         if match and rule != "all":
             jobs[-1] = (rule, dict(item.split("=", 1) for item in match.group(1).split(", ")))
+    return jobs
+
+
+def _with_resources(out: str) -> list[tuple[str, dict, dict]]:
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
+        match = re.match(r"(?:local)?rule (\w+):\n", block)
+        if not match or match.group(1) == "all":
+            continue
+        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        found = re.search(r"^\s+resources: (.*)$", block, re.M)
+        jobs.append((
+            match.group(1),
+            dict(item.split("=", 1) for item in wildcards.group(1).split(", ")) if wildcards else {},
+            dict(item.split("=", 1) for item in found.group(1).split(", ")) if found else {},
+        ))  # fmt: skip
     return jobs

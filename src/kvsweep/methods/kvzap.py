@@ -9,23 +9,17 @@ def build_kvzap(
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
 
 
-def _settings(sinks: int) -> dict:
-    return {"sliding_window": 128, "sinks": sinks, "kvzap_surrogate": None, "kvzap_type": "mlp"}
+def kvzap_method(name: str, sinks: int, description: str) -> Method:
+    """KVzap variants differ only in how many sink tokens they protect by default."""
+    return Method(
+        name=name,
+        description=description,
+        build=build_kvzap,
+        settings={"sliding_window": 128, "sinks": sinks, "kvzap_surrogate": None, "kvzap_type": "mlp"},
+        window_setting="sliding_window",
+        choices={"kvzap_type": ("mlp", "linear")},
+    )
 
 
-KVZAP = Method(
-    name="kvzap",
-    description="KVzap surrogate scores, 4 sink tokens protected",
-    build=build_kvzap,
-    settings=_settings(sinks=4),
-    window_setting="sliding_window",
-    choices={"kvzap_type": ("mlp", "linear")},
-)
-KVZAP_NO_SINK = Method(
-    name="kvzap_no_sink",
-    description="KVzap surrogate scores, no sink tokens",
-    build=build_kvzap,
-    settings=_settings(sinks=0),
-    window_setting="sliding_window",
-    choices={"kvzap_type": ("mlp", "linear")},
-)
+KVZAP = kvzap_method("kvzap", sinks=4, description="KVzap surrogate scores, 4 sink tokens protected")
+KVZAP_NO_SINK = kvzap_method("kvzap_no_sink", sinks=0, description="KVzap surrogate scores, no sink tokens")

@@ -1,0 +1,81 @@
+"""The workflow on a real SLURM: `snakemake --profile slurm` through sbatch, and the profile's plan.
+
+The cluster test needs a running single-node SLURM (`tests/slurm/start-slurm`, as root; .ci/run
+starts it and sets KVSWEEP_REQUIRE_SLURM=1 so that a missing cluster fails instead of skipping).
+"""
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+from workflow_helpers import ROOT, planned_jobs, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+# The test cluster has no accounting database (squeue for job status) and two CPUs.
+TEST_CLUSTER = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+                "--set-resources", "evaluate:cpus_per_task=1", "eviction_map:cpus_per_task=1"]  # fmt: skip
+
+
+def slurm_is_running() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
+    return result.returncode == 0 and any(state in result.stdout for state in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not slurm_is_running():
+        message = "no running SLURM: start one with tests/slurm/start-slurm (as root)"
+        if os.environ.get("KVSWEEP_REQUIRE_SLURM"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_profile_plans_gpu_jobs_for_the_real_study(tmp_path):
+    """`snakemake -n --profile slurm` on config.yaml: evaluation jobs carry the GPU, memory and time."""
+    jobs = planned_jobs(tmp_path, ROOT / "config.yaml", "--profile", "slurm", resources=True)
+    evaluations = [res for rule, _, res in jobs if rule == "evaluate"]
+    assert len(evaluations) == 250
+    for res in evaluations:
+        assert (res["gpu"], res["mem_mb"], res["runtime"], res["cpus_per_task"]) == ("1", "64000", "240", "4")
+    prepare = next(res for rule, _, res in jobs if rule == "prepare")
+    assert "gpu" not in prepare and prepare["cpus_per_task"] == "1"
+
+
+@pytest.mark.slurm
+def test_demo_through_slurm_matches_a_local_run(cluster, demo_run, tmp_path):
+    """The demo with one threshold per method through `--profile slurm`: the model jobs go through
+    sbatch, and their rows of the summary equal the same rows of a local run."""
+    local_dir, config = demo_run
+    config = copy.deepcopy(config)
+    for settings in config["methods"].values():
+        if settings and "thresholds" in settings:
+            settings["thresholds"] = settings["thresholds"][1:2]
+    start = time.time()
+    result = snakemake(tmp_path, write_config(tmp_path, config), "--profile", "slurm", *TEST_CLUSTER, timeout=1500)
+    print(f"SLURM demo wall time: {time.time() - start:.0f} s")
+
+    # Every evaluation job went through sbatch: one plugin log per SLURM job id, apart from the rules' logs.
+    evaluation_logs = sorted((tmp_path / "logs" / "slurm" / "rule_evaluate").rglob("*.log"))
+    job_ids = {int(log.stem) for log in evaluation_logs}
+    assert len(job_ids) == 8, evaluation_logs  # 2 shards x (baseline + 3 methods x 1 threshold)
+    submitted = {int(j) for j in re.findall(r"submitted with SLURM jobid (\d+)", result.stdout + result.stderr)}
+    assert job_ids <= submitted and len(submitted) == 8 + 3  # and one eviction map per method
+    assert all("Finished jobid" in log.read_text() for log in evaluation_logs)
+
+    summary = "results/demo/perplexity/summary.csv"
+    on_slurm = pd.read_csv(tmp_path / summary, keep_default_na=False, dtype={"threshold": str})
+    local = pd.read_csv(local_dir / summary, keep_default_na=False, dtype={"threshold": str})
+    local = local.merge(on_slurm[["method", "threshold"]], on=["method", "threshold"])
+    assert len(local) == len(on_slurm) == 4
+    # Same numbers up to float summation order (jobs may use other thread counts).
+    pd.testing.assert_frame_equal(on_slurm, local, rtol=1e-6)
+    assert (tmp_path / "results/demo/perplexity/figures/quality_vs_density.png").stat().st_size > 5000
