@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
 
 
@@ -39,11 +40,13 @@ def stream_nll(
 
     nll = torch.zeros(len(documents), dtype=torch.float64, device=device)
     cache = DynamicCache(config=model.config)
+    layout = BatchLayout.right_padded(lengths, width)
     with press(model) if press is not None else nullcontext():
         if press is not None:
-            press.begin(model, lengths, width)
+            press.begin(model, layout)
         for start in range(0, width, chunk_size):
             end = min(start + chunk_size, width)
+            layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
             positions = torch.arange(start, end, device=device)
             logits = model(
                 input_ids=input_ids[:, start:end],

@@ -8,7 +8,7 @@ from kvpress import DMSPress
 from torch import nn
 
 from kvsweep.attention import ATTENTION_NAME, STATE_ATTRIBUTE
-from kvsweep.eviction import LayerEviction
+from kvsweep.eviction import BatchLayout, LayerEviction
 
 
 @dataclass
@@ -50,16 +50,15 @@ class StreamingThresholdPress(DMSPress):
     def accumulates_attention(self) -> bool:
         return getattr(self.press, "accumulates_attention", False)
 
-    def begin(self, model: nn.Module, lengths: torch.Tensor, capacity: int) -> None:
-        """Allocate fresh eviction state for a batch of documents of the given lengths."""
+    def begin(self, model: nn.Module, layout: BatchLayout) -> None:
+        """Allocate fresh eviction state for a batch laid out in the cache as `layout`."""
         config = model.config.get_text_config()
         for module in _attention_modules(model):
             state = LayerEviction.allocate(
-                lengths,
+                layout,
                 config.num_key_value_heads,
-                capacity,
-                entry_scores=self.scores_on_entry,
-                accumulate_attention=self.accumulates_attention,
+                entry_scores=self.press is not None and self.scores_on_entry,
+                accumulate_attention=self.press is not None and self.accumulates_attention,
             )
             self.layers[module.layer_idx] = state
             setattr(module, STATE_ATTRIBUTE, state)
@@ -80,7 +79,10 @@ class StreamingThresholdPress(DMSPress):
             self.layers.clear()
 
     def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
+        if self.press is None:  # masking only (padding), nothing is evicted
+            return output
         state = self.layers[module.layer_idx]
+        layout = state.layout
         hidden_states = kwargs["hidden_states"]
         keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
         chunk_end = keys.shape[2]  # python ints from shapes: no host sync
@@ -92,29 +94,25 @@ class StreamingThresholdPress(DMSPress):
             )
             state.entry_scores[:, :, chunk_start:chunk_end] = new_scores.float()
 
-        # Positions that may become decided in this pass: [s - W, e - W), clipped per document.
+        # Positions p that become decided in this pass: tokens_before - W <= p < tokens_after - W.
+        # A slot holds a position no later than itself and at most `max_gap` earlier, so only slots
+        # in [s - W - max_gap, e - W) can hold one.
         window = self.sliding_window_size
-        lo, hi = max(chunk_start - window, self.sinks, 0), max(chunk_end - window, 0)
+        lo, hi = max(chunk_start - window - layout.max_gap, 0), max(chunk_end - window, 0)
         if hi <= lo:
             return output
-        positions = torch.arange(lo, hi, device=state.lengths.device)
-        end_before = state.lengths.clamp(max=chunk_start)
-        end_after = state.lengths.clamp(max=chunk_end)
-        deciding = (positions[None, :] >= (end_before - window)[:, None]) & (
-            positions[None, :] < (end_after - window)[:, None]
+        position = layout.position[:, lo:hi]
+        deciding = (
+            (position >= self.sinks)
+            & (position >= (layout.tokens_before - window)[:, None])
+            & (position < (layout.tokens_after - window)[:, None])
         )
-
         if self.scores_on_entry:
             scores = state.entry_scores[:, :, lo:hi]
         else:
-            n_queries = end_after[:, None] - positions[None, :]
+            n_queries = layout.tokens_after[:, None] - position
             scores = self.press.score(
-                module,
-                hidden_states,
-                None,
-                None,
-                state.attention_received[:, :, lo:hi],
-                {**kwargs, "n_queries": n_queries},
+                module, hidden_states, None, None, state.attention_received[:, :, lo:hi], {**kwargs, "n_queries": n_queries}
             )
         state.evicted[:, :, lo:hi] |= deciding[:, None, :] & (scores < self.threshold)
         return output
@@ -133,11 +131,10 @@ class StreamingThresholdPress(DMSPress):
 
 
 def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str, torch.Tensor]:
-    lengths = states[0].lengths
-    capacity = states[0].evicted.shape[-1]
-    positions = torch.arange(capacity, device=lengths.device)
-    in_doc = positions[None, :] < lengths[:, None]
-    compressible = (positions[None, :] >= sinks) & (positions[None, :] < (lengths - window)[:, None])
+    layout = states[0].layout
+    position = layout.position
+    in_doc = position >= 0
+    compressible = (position >= sinks) & (position < (layout.tokens_after - window)[:, None])
     kv_heads = states[0].evicted.shape[1]
     evicted = torch.stack([state.evicted for state in states]).sum(dim=(0, 2))  # (batch, capacity)
     n_entries = len(states) * kv_heads
