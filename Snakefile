@@ -29,8 +29,8 @@ localrules:
     all,
     demo_assets,
     prepare,
-    score_perplexity,
-    compare_perplexity,
+    score,
+    compare,
 
 
 rule all:

@@ -1,6 +1,7 @@
 """The Snakemake workflow: the CPU demo end to end, dry runs of the real study, reruns of edits."""
 
 import copy
+import json
 import os
 
 import pandas as pd
@@ -36,6 +37,19 @@ def test_demo_produces_tables_and_figures(demo_run):
     assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare.log").read_text()
 
 
+def test_demo_runs_the_summarization_task(demo_run):
+    workdir, _ = demo_run
+    results = workdir / "results" / "demo" / "summarization"
+    table = pd.read_csv(results / "summary.csv", dtype={"threshold": str}, keep_default_na=False)
+    assert len(table) == 10 and (table.n_docs == 10).all()
+    baseline = table[table.method == "baseline"].iloc[0]
+    assert baseline.delta_rougeL == 0 and 0 < baseline.rougeL <= 100
+    assert (table[table.method != "baseline"].kv_density < 1).all()
+    assert (results / "figures" / "quality_vs_density.png").stat().st_size > 5000
+    outputs = [json.loads(line) for line in (results / "baseline" / "none" / "shard000.jsonl").read_text().splitlines()]
+    assert len(outputs) == 5 and all(o["generated"] and o["references"] and o["n_generated"] > 0 for o in outputs)
+
+
 def test_nothing_to_do_after_a_finished_run(demo_run):
     workdir, config = demo_run
     assert planned_jobs(workdir, write_config(workdir, config, "same.yaml")) == []
@@ -47,8 +61,10 @@ def test_adding_a_threshold_plans_only_that_threshold(demo_run):
     edited["methods"]["h2o"]["thresholds"] = [0.001, *config["methods"]["h2o"]["thresholds"]]
     jobs = planned_jobs(workdir, write_config(workdir, edited, "added.yaml"))
     evaluations = sorted((w["method"], w["threshold"], w["shard"]) for rule, w in jobs if rule == "evaluate")
-    assert evaluations == [("h2o", "0.001", "000"), ("h2o", "0.001", "001")]
-    assert sorted(rule for rule, _ in jobs if rule != "evaluate") == ["compare_perplexity", "score_perplexity"]
+    assert evaluations == [("h2o", "0.001", s) for s in ("000", "000", "001", "001")]
+    assert sorted(w["task"] for rule, w in jobs if rule == "evaluate") == ["perplexity"] * 2 + ["summarization"] * 2
+    others = sorted((rule, w.get("task")) for rule, w in jobs if rule != "evaluate")
+    assert others == [(rule, task) for rule in ("compare", "score") for task in ("perplexity", "summarization")]
 
 
 def test_respelling_thresholds_plans_nothing(demo_run):
@@ -64,10 +80,16 @@ def test_changing_one_methods_window_reruns_only_that_method(demo_run):
     edited = copy.deepcopy(config)
     edited["methods"]["kvzap"]["sliding_window"] = 24
     jobs = planned_jobs(workdir, write_config(workdir, edited, "window.yaml"))
-    evaluations = sorted((w["method"], w["threshold"], w["shard"]) for rule, w in jobs if rule == "evaluate")
-    assert evaluations == [("kvzap", t, s) for t in ("-0.05", "0", "0.05") for s in ("000", "001")]
-    others = sorted((rule, w.get("method")) for rule, w in jobs if rule != "evaluate")
-    assert others == [("compare_perplexity", None), ("eviction_map", "kvzap"), ("score_perplexity", None)]
+    evaluations = sorted((w["task"], w["method"], w["threshold"], w["shard"]) for rule, w in jobs if rule == "evaluate")
+    assert evaluations == [
+        (task, "kvzap", t, s)
+        for task in ("perplexity", "summarization")
+        for t in ("-0.05", "0", "0.05")
+        for s in ("000", "001")
+    ]
+    others = sorted((rule, w.get("method") or w.get("task")) for rule, w in jobs if rule != "evaluate")
+    assert others == [("compare", "perplexity"), ("compare", "summarization"), ("eviction_map", "kvzap"),
+                      ("score", "perplexity"), ("score", "summarization")]  # fmt: skip
 
 
 def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path):
@@ -76,7 +98,7 @@ def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path):
     jobs = planned_jobs(tmp_path, ROOT / "config.yaml")
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
     # 10 shards x (baseline + 3 methods x 8 thresholds), one figure per compressed method.
-    assert counts == {"evaluate": 250, "eviction_map": 3, "prepare": 1, "score_perplexity": 1, "compare_perplexity": 1}
+    assert counts == {"evaluate": 250, "eviction_map": 3, "prepare": 1, "score": 1, "compare": 1}
     thresholds = {w["threshold"] for rule, w in jobs if rule == "evaluate" and w["method"] == "h2o"}
     assert thresholds == {"1e-05", "3e-05", "0.0001", "0.0003", "0.0005", "0.001", "0.003", "0.01"}
 

@@ -84,7 +84,8 @@ def build_model(vocab_size: int, seed: int = 0):
 
 def train(model, token_lists: list[list[int]], steps: int, seed: int = 0, window: int = 512, batch: int = 8) -> None:
     """Adam steps on windows as long as the demo's documents (so long context is in distribution),
-    enough for attention to matter."""
+    enough for attention to matter. Each sequence is a report in LongBench's prompt followed by
+    its summary, so the model learns to answer the prompt (copying agency and program)."""
     generator = torch.Generator().manual_seed(seed)
     stream = torch.tensor([t for ids in token_lists for t in ids])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -103,11 +104,19 @@ def train(model, token_lists: list[list[int]], steps: int, seed: int = 0, window
 def make_assets(output_dir: str, documents: int, train_steps: int, seed: int = 0) -> None:
     from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 
+    from kvsweep.prompts import GOV_REPORT_PROMPT, summarization_prompt_ids
+
     out = Path(output_dir)
     reports = generate_reports(documents, seed)
-    tokenizer = build_tokenizer([r["report"] + " " + r["summary"] for r in reports])
+    tokenizer = build_tokenizer([GOV_REPORT_PROMPT] + [r["report"] + " " + r["summary"] for r in reports])
     model = build_model(len(tokenizer), seed)
-    train(model, [tokenizer(r["report"])["input_ids"] for r in reports], train_steps, seed)
+    sequences = [
+        summarization_prompt_ids(tokenizer, r["report"], 4096)[0]
+        + tokenizer(r["summary"], add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+        for r in reports
+    ]
+    train(model, sequences, train_steps, seed)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     torch.manual_seed(seed + 1)

@@ -1,14 +1,17 @@
-"""Streaming-perplexity evaluation of one shard under one method and threshold.
+"""Evaluation of one shard under one method and threshold: streaming perplexity or summarization.
 
     python -m kvsweep.evaluate --model M --data SHARD.jsonl --method NAME [--threshold T]
         [--sliding-window W | --local-window W] [--sinks S] [--kvzap-surrogate P] [--kvzap-type mlp]
         --chunk-size C --max-length N --batch-size B --device cpu|cuda --dtype float32|bfloat16
-        --output OUT.jsonl
+        [--task perplexity | --task summarization --max-new-tokens 512] --output OUT.jsonl
 
-Input lines: {"id": str, "input_ids": [int, ...]}. Output: one line per document, in input order,
-with id, n_tokens, nll_sum, n_predicted, kv_kept, kv_total, kv_kept_compressible,
-kv_total_compressible. Finished documents are appended to OUT.jsonl.partial as they complete, so
-a killed or requeued job resumes where it stopped; OUT.jsonl appears (atomically) only at the end.
+Perplexity: input lines {"id": str, "input_ids": [int, ...]}; one output line per document, in
+input order, with id, n_tokens, nll_sum, n_predicted, kv_kept, kv_total, kv_kept_compressible,
+kv_total_compressible. Summarization: input lines also hold "references" (the prompt is in
+input_ids); output lines hold id, generated (text), references, n_generated, n_prompt_tokens and the
+KV counts at the end of generation. Finished documents are appended to OUT.jsonl.partial as they
+complete, so a killed or requeued job resumes where it stopped; OUT.jsonl appears (atomically)
+only at the end.
 """
 
 import argparse
@@ -46,6 +49,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.evaluate", description=__doc__.split("\n\n")[0])
     add_engine_arguments(parser)
+    parser.add_argument("--task", default="perplexity", choices=["perplexity", "summarization"])
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="summarization: tokens generated at most")
     parser.add_argument("--output", required=True)
     return parser.parse_args(argv)
 
@@ -68,8 +73,10 @@ def resolve_method(args):
     return method, method.resolve(args.threshold, {k: v for k, v in given.items() if v is not None})
 
 
-def load_shard(path: str, max_length: int) -> list[dict]:
-    documents = read_jsonl(path, required=("id", "input_ids"))
+def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dict]:
+    documents = read_jsonl(
+        path, required=("id", "input_ids", "references") if task == "summarization" else ("id", "input_ids")
+    )
     seen = set()
     for doc in documents:
         doc_id, ids = str(doc["id"]), doc["input_ids"]
@@ -86,7 +93,8 @@ def load_shard(path: str, max_length: int) -> list[dict]:
 
 def _fingerprint(args, settings) -> str:
     """What determines a document's result: a checkpoint from other settings is not reused."""
-    key = {k: getattr(args, k) for k in ("model", "method", "threshold", "chunk_size", "max_length", "dtype")}
+    names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "task", "max_new_tokens")
+    key = {k: getattr(args, k, None) for k in names}
     return hashlib.sha256(json.dumps([key, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -108,7 +116,9 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, dict]:
 
 def run(args) -> None:
     method, settings = resolve_method(args)
-    documents = load_shard(args.data, args.max_length)
+    if args.max_new_tokens < 1:
+        raise KvsweepError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    documents = load_shard(args.data, args.max_length, args.task)
     if not documents:
         print(f"{args.data}: empty shard, nothing to evaluate", file=sys.stderr)
         write_jsonl_atomic(args.output, [])
@@ -116,7 +126,6 @@ def run(args) -> None:
 
     # Heavy imports only once the input is known to be good.
     from kvsweep.modeling import load_model
-    from kvsweep.stream_nll import stream_nll
 
     output = Path(args.output)
     checkpoint = output.with_name(output.name + ".partial")
@@ -128,6 +137,7 @@ def run(args) -> None:
 
     model = load_model(args.model, args.dtype, args.device)
     press = method.build(args.threshold, **settings) if method.takes_threshold else None
+    evaluate_batch = _batch_evaluator(args, model, press)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if not done:
@@ -138,8 +148,7 @@ def run(args) -> None:
     ):
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
-            results = stream_nll(model, [d["input_ids"] for d in batch], args.chunk_size, press)
-            for doc, result in zip(batch, results, strict=True):
+            for doc, result in zip(batch, evaluate_batch(batch), strict=True):
                 done[doc["id"]] = {"id": doc["id"], **result}
                 log.write(json.dumps(done[doc["id"]]) + "\n")
             log.flush()
@@ -148,6 +157,39 @@ def run(args) -> None:
 
     write_jsonl_atomic(output, (done[d["id"]] for d in documents))
     checkpoint.unlink()
+
+
+def _batch_evaluator(args, model, press):
+    """documents -> per-document results, for the task."""
+    if args.task == "perplexity":
+        from kvsweep import stream_nll
+
+        return lambda batch: stream_nll.stream_nll(model, [d["input_ids"] for d in batch], args.chunk_size, press)
+
+    from kvsweep import generate
+    from kvsweep.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    )
+
+    def summarize(batch):
+        results = generate.stream_generate(
+            model, [d["input_ids"] for d in batch], args.chunk_size, args.max_new_tokens, press, eos
+        )
+        return [
+            {
+                "generated": tokenizer.decode(result.pop("generated_ids"), skip_special_tokens=True).strip(),
+                "references": doc["references"],
+                "n_prompt_tokens": len(doc["input_ids"]),
+                **result,
+            }
+            for doc, result in zip(batch, results, strict=True)
+        ]
+
+    return summarize
 
 
 def main(argv=None):

@@ -1,14 +1,18 @@
 """Prepare evaluation shards: load documents, tokenize, truncate, skip short ones, shard.
 
     python -m kvsweep.prepare --source ccdv/govreport-summarization --split validation
-        --text-field report [--id-field ID] --tokenizer MODEL --max-documents 100
-        --max-length 8192 --min-length 2 --shard-size 10 --output-dir DIR
+        --text-field report [--summary-field summary] [--id-field ID] --tokenizer MODEL
+        --max-documents 100 --max-length 8192 --min-length 2 --shard-size 10
+        --tasks perplexity summarization --output-dir DIR
 
-Writes DIR/shard000.jsonl ... (lines {"id", "input_ids"}, the engine's input) and DIR/documents.jsonl
-(id, source index, tokens, whether truncated). The order is the source's and ids are stable: the
-id field if given, else "<split>-<index in the source>". Exactly ceil(max_documents / shard_size)
-shards are written, so the workflow knows its jobs before the data exists; if fewer documents
-qualify, the last shards hold fewer (or none) and the log says so.
+For each task, DIR/<task>/shard000.jsonl ... in the engine's input format: perplexity lines are
+{"id", "input_ids"} (the report's tokens, truncated to max_length); summarization lines are
+{"id", "input_ids", "references"} (LongBench's prompt, truncated in the middle of the report to
+max_length, and the reference summaries). DIR/documents.jsonl lists id, source index, tokens and
+whether each was truncated. The order is the source's and ids are stable: the id field if given,
+else "<split>-<index in the source>". Exactly ceil(max_documents / shard_size) shards are written,
+so the workflow knows its jobs before the data exists; if fewer documents qualify, the last shards
+hold fewer (or none) and the log says so.
 """
 
 import argparse
@@ -44,11 +48,20 @@ def load_records(source: str, split: str):
     yield from dataset
 
 
+def _shard_line(task: str, doc: dict) -> dict:
+    """The engine's input for a task: the report's tokens, or the prompt and the references."""
+    if task == "perplexity":
+        return {"id": doc["id"], "input_ids": doc["input_ids"]}
+    return {"id": doc["id"], "input_ids": doc["prompt_ids"], "references": doc["references"]}
+
+
 def prepare(args) -> dict:
     from kvsweep.modeling import load_tokenizer
+    from kvsweep.prompts import summarization_prompt_ids
 
     tokenizer = load_tokenizer(args.tokenizer)
-    kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0}
+    summarize = "summarization" in args.tasks
+    kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0, "prompts_truncated": 0}
     progress = tqdm(total=args.max_documents, unit="doc", file=sys.stderr, desc="prepare")
     for index, record in enumerate(load_records(args.source, args.split)):
         if len(kept) == args.max_documents:
@@ -70,7 +83,19 @@ def prepare(args) -> dict:
         truncated = len(ids) > args.max_length
         stats["truncated"] += truncated
         doc_id = str(record[args.id_field]) if args.id_field else f"{args.split}-{index:05d}"
-        kept.append({"id": doc_id, "index": index, "input_ids": ids[: args.max_length], "truncated": truncated})
+        doc = {"id": doc_id, "index": index, "input_ids": ids[: args.max_length], "truncated": truncated}
+        if summarize:
+            references = record.get(args.summary_field)
+            if isinstance(references, str):
+                references = [references]
+            if not references or not all(isinstance(r, str) and r.strip() for r in references):
+                raise KvsweepError(
+                    f"{args.source}, record {index}: no reference summary in field '{args.summary_field}'"
+                )
+            doc["prompt_ids"], prompt_truncated = summarization_prompt_ids(tokenizer, text, args.max_length)
+            doc["references"] = references
+            stats["prompts_truncated"] += prompt_truncated
+        kept.append(doc)
         progress.update()
     progress.close()
     if not kept:
@@ -84,9 +109,8 @@ def prepare(args) -> dict:
     count = n_shards(args.max_documents, args.shard_size)
     for shard in range(count):
         docs = kept[shard * args.shard_size : (shard + 1) * args.shard_size]
-        write_jsonl_atomic(
-            out / f"shard{shard:03d}.jsonl", ({"id": d["id"], "input_ids": d["input_ids"]} for d in docs)
-        )
+        for task in args.tasks:
+            write_jsonl_atomic(out / task / f"shard{shard:03d}.jsonl", (_shard_line(task, d) for d in docs))
     write_jsonl_atomic(
         out / "documents.jsonl",
         (
@@ -100,6 +124,12 @@ def prepare(args) -> dict:
         f"{args.min_length} tokens, truncated {stats['truncated']} to {args.max_length} tokens; {count} shard(s)",
         file=sys.stderr,
     )
+    if summarize:
+        print(
+            f"prepare: {stats['prompts_truncated']} summarization prompt(s) longer than {args.max_length} tokens were "
+            "truncated in the middle of the report (LongBench's rule)",
+            file=sys.stderr,
+        )
     if stats["kept"] < args.max_documents:
         print(f"prepare: only {stats['kept']} of the {args.max_documents} documents asked for qualify", file=sys.stderr)
     return stats
@@ -110,12 +140,14 @@ def parse_args(argv=None):
     parser.add_argument("--source", required=True)
     parser.add_argument("--split", default="validation")
     parser.add_argument("--text-field", default="report")
+    parser.add_argument("--summary-field", default="summary", help="reference summary (text or list of texts)")
     parser.add_argument("--id-field")
     parser.add_argument("--tokenizer", required=True, help="hub id or folder of the model whose tokenizer to use")
     parser.add_argument("--max-documents", type=int, required=True)
     parser.add_argument("--max-length", type=int, required=True)
     parser.add_argument("--min-length", type=int, default=2)
     parser.add_argument("--shard-size", type=int, required=True)
+    parser.add_argument("--tasks", nargs="+", default=["perplexity"], choices=["perplexity", "summarization"])
     parser.add_argument("--output-dir", required=True)
     return parser.parse_args(argv)
 

@@ -1,12 +1,15 @@
-"""Score streaming-perplexity results: one row per (method, threshold).
+"""Score evaluation results: one row per (method, threshold).
 
-    python -m kvsweep.score --inputs results/RUN/perplexity/METHOD/THRESHOLD/shardNNN.jsonl ...
+    python -m kvsweep.score [--task perplexity|summarization]
+        --inputs results/RUN/TASK/METHOD/THRESHOLD/shardNNN.jsonl ...
         --output-csv summary.csv --output-md summary.md [--n-resamples 2000 --confidence 0.95 --seed 0]
 
-Each input's method and threshold are read from its path. Per configuration: perplexity
+Each input's method and threshold are read from its path. Perplexity, per configuration:
 exp(sum NLL / sum predicted tokens), mean NLL, token-weighted KV densities (overall and in the
-compressible region), and the paired NLL difference to `baseline` on the same documents, with a
-percentile bootstrap confidence interval over documents (scipy.stats.bootstrap, paired).
+compressible region), and the paired NLL difference to `baseline` on the same documents.
+Summarization: mean ROUGE-L as LongBench computes it, ROUGE-1/2/Lsum from rouge-score, the KV
+densities at the end of generation, and the paired ROUGE-L difference to `baseline`. Differences
+come with a percentile bootstrap confidence interval over documents (scipy.stats.bootstrap, paired).
 """
 
 import argparse
@@ -20,9 +23,13 @@ from scipy import stats
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import atomic_path
+from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
 
 COLUMNS = ["method", "threshold", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
            "kv_density", "kv_density_compressible", "n_docs", "n_tokens"]  # fmt: skip
+SUMMARIZATION_COLUMNS = ["method", "threshold", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
+                         "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density", "kv_density_compressible",
+                         "n_docs", "mean_generated_tokens"]  # fmt: skip
 
 
 def load_results(paths: list[str]) -> pd.DataFrame:
@@ -36,17 +43,13 @@ def load_results(paths: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_delta(nll: np.ndarray, base: np.ndarray, count: np.ndarray, n_resamples: int, confidence: float, seed: int):
-    """Mean per-token NLL difference to the baseline over the same documents, with a bootstrap CI."""
-
-    def statistic(a, b, n, axis=-1):
-        return (a.sum(axis=axis) - b.sum(axis=axis)) / n.sum(axis=axis)
-
-    delta = float(statistic(nll, base, count))
-    if len(nll) < 2:
-        return delta, math.nan, math.nan
+def _bootstrap(samples: tuple, statistic, n_resamples: int, confidence: float, seed: int) -> tuple[float, float, float]:
+    """The statistic over documents and its paired percentile bootstrap interval (NaN for < 2 documents)."""
+    value = float(statistic(*samples))
+    if len(samples[0]) < 2:
+        return value, math.nan, math.nan
     result = stats.bootstrap(
-        (nll, base, count),
+        samples,
         statistic,
         paired=True,
         vectorized=True,
@@ -55,19 +58,57 @@ def paired_delta(nll: np.ndarray, base: np.ndarray, count: np.ndarray, n_resampl
         method="percentile",
         random_state=np.random.default_rng(seed),
     )
-    return delta, float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return value, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def paired_delta(nll: np.ndarray, base: np.ndarray, count: np.ndarray, n_resamples: int, confidence: float, seed: int):
+    """Mean per-token NLL difference to the baseline over the same documents, with a bootstrap CI."""
+
+    def statistic(a, b, n, axis=-1):
+        return (a.sum(axis=axis) - b.sum(axis=axis)) / n.sum(axis=axis)
+
+    return _bootstrap((nll, base, count), statistic, n_resamples, confidence, seed)
+
+
+def paired_mean_difference(values: np.ndarray, base: np.ndarray, n_resamples: int, confidence: float, seed: int):
+    """Mean per-document difference to the baseline, with a bootstrap CI."""
+
+    def statistic(a, b, axis=-1):
+        return (a - b).mean(axis=axis)
+
+    return _bootstrap((values, base), statistic, n_resamples, confidence, seed)
+
+
+def _configurations(results: pd.DataFrame):
+    """(method, threshold, its documents, the baseline's rows for the same documents)."""
     baseline = results[results.method == "baseline"].set_index("id")
     if baseline.empty:
         raise KvsweepError("no baseline results: the paired differences need method 'baseline'")
-    rows = []
     for (method, threshold), group in results.groupby(["method", results.threshold.fillna("")], sort=False):
         missing = set(group.id) - set(baseline.index)
         if missing:
             raise KvsweepError(f"{method} at {threshold}: documents without a baseline result: {sorted(missing)[:5]}")
-        base = baseline.loc[group.id]
+        yield method, threshold, group, baseline.loc[group.id]
+
+
+def _densities(group: pd.DataFrame) -> dict:
+    compressible = group.kv_total_compressible.sum()
+    return {
+        "kv_density": group.kv_kept.sum() / group.kv_total.sum(),
+        "kv_density_compressible": group.kv_kept_compressible.sum() / compressible if compressible else math.nan,
+    }
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """Baseline first, then by method and numeric threshold."""
+    order = table.threshold.map(lambda t: float(t) if t else -math.inf)
+    table = table.assign(_base=table.method != "baseline", _t=order).sort_values(["_base", "method", "_t"])
+    return table.drop(columns=["_base", "_t"]).reset_index(drop=True)
+
+
+def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    rows = []
+    for method, threshold, group, base in _configurations(results):
         delta, low, high = paired_delta(
             group.nll_sum.to_numpy(),
             base.nll_sum.to_numpy(),
@@ -77,24 +118,39 @@ def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float 
             seed,
         )
         nll = group.nll_sum.sum() / group.n_predicted.sum()
-        compressible = group.kv_total_compressible.sum()
         rows.append({
-            "method": method,
-            "threshold": threshold,
-            "ppl": math.exp(nll),
-            "nll": nll,
-            "delta_nll": delta,
-            "delta_nll_ci_low": low,
-            "delta_nll_ci_high": high,
-            "kv_density": group.kv_kept.sum() / group.kv_total.sum(),
-            "kv_density_compressible": group.kv_kept_compressible.sum() / compressible if compressible else math.nan,
-            "n_docs": len(group),
-            "n_tokens": int(group.n_predicted.sum()),
+            "method": method, "threshold": threshold, "ppl": math.exp(nll), "nll": nll,
+            "delta_nll": delta, "delta_nll_ci_low": low, "delta_nll_ci_high": high,
+            **_densities(group), "n_docs": len(group), "n_tokens": int(group.n_predicted.sum()),
         })  # fmt: skip
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    order = table.threshold.map(lambda t: float(t) if t else -math.inf)
-    table = table.assign(_base=table.method != "baseline", _t=order).sort_values(["_base", "method", "_t"])
-    return table.drop(columns=["_base", "_t"]).reset_index(drop=True)
+    return _ordered(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def add_rouge(results: pd.DataFrame) -> pd.DataFrame:
+    """Per-document ROUGE of the generated summary against its references."""
+    scores = [
+        {"rougeL": longbench_rouge_l(g, refs), **rouge_score_f1(g, refs)}
+        for g, refs in zip(results.generated, results.references, strict=True)
+    ]
+    return pd.concat([results.reset_index(drop=True), pd.DataFrame(scores)], axis=1)
+
+
+def summarize_summarization(
+    results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    results = add_rouge(results)
+    rows = []
+    for method, threshold, group, base in _configurations(results):
+        delta, low, high = paired_mean_difference(
+            group.rougeL.to_numpy(), base.rougeL.to_numpy(), n_resamples, confidence, seed
+        )
+        rows.append({
+            "method": method, "threshold": threshold,
+            **{key: group[key].mean() for key in ("rougeL", "rouge1", "rouge2", "rougeLsum")},
+            "delta_rougeL": delta, "delta_rougeL_ci_low": low, "delta_rougeL_ci_high": high,
+            **_densities(group), "n_docs": len(group), "mean_generated_tokens": group.n_generated.mean(),
+        })  # fmt: skip
+    return _ordered(pd.DataFrame(rows, columns=SUMMARIZATION_COLUMNS))
 
 
 def write_tables(table: pd.DataFrame, csv_path: str, md_path: str) -> None:
@@ -106,6 +162,7 @@ def write_tables(table: pd.DataFrame, csv_path: str, md_path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="perplexity", choices=["perplexity", "summarization"])
     parser.add_argument("--inputs", nargs="+", required=True)
     parser.add_argument("--output-csv", required=True)
     parser.add_argument("--output-md", required=True)
@@ -114,7 +171,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.score"):
-        table = summarize(load_results(args.inputs), args.n_resamples, args.confidence, args.seed)
+        scorer = summarize if args.task == "perplexity" else summarize_summarization
+        table = scorer(load_results(args.inputs), args.n_resamples, args.confidence, args.seed)
         write_tables(table, args.output_csv, args.output_md)
         print(table.to_string(index=False))
 

@@ -33,6 +33,7 @@ COMPRESSED = [m for m in METHODS if get_method(m).takes_threshold]
 
 # A threshold in a path is always written in its canonical form; baseline's is "none".
 wildcard_constraints:
+    task="perplexity|summarization",
     method="|".join(METHODS),
     threshold=r"none|-?inf|-?[0-9][0-9.e+-]*",
     shard=r"\d{3}",
@@ -80,6 +81,12 @@ def method_arguments(method, threshold):
         if value is not None:
             args.append(f"--{key.replace('_', '-')}={value}")
     return " ".join(args)
+
+
+def task_arguments(task):
+    if task == "summarization":
+        return f"--task=summarization --max-new-tokens={config['summarization']['max_new_tokens']}"
+    return "--task=perplexity"
 
 
 def engine_arguments():

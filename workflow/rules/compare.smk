@@ -1,28 +1,28 @@
 # The H2O-versus-KVzap figures: quality against KV density, and where each method evicts.
 
 
-rule compare_perplexity:
+rule compare:
     input:
-        f"{RESULTS}/perplexity/summary.csv",
+        f"{RESULTS}/{{task}}/summary.csv",
     output:
-        png=f"{RESULTS}/perplexity/figures/quality_vs_density.png",
-        pdf=f"{RESULTS}/perplexity/figures/quality_vs_density.pdf",
+        png=f"{RESULTS}/{{task}}/figures/quality_vs_density.png",
+        pdf=f"{RESULTS}/{{task}}/figures/quality_vs_density.pdf",
     params:
-        title=f"{config['run']}: streaming perplexity under KV eviction",
+        title=lambda wildcards: f"{config['run']}: {wildcards.task} under KV eviction",
     log:
-        f"{RESULTS}/logs/compare_perplexity.log",
+        f"{RESULTS}/logs/compare_{{task}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/compare_perplexity.tsv"
+        f"{RESULTS}/benchmarks/compare_{{task}}.tsv"
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.compare --summary={input} --title='{params.title}' "
+        "python -m kvsweep.compare --summary={input} --task={wildcards.task} --title='{params.title}' "
         "--output-png={output.png} --output-pdf={output.pdf} 2> {log}"
 
 
 rule eviction_map:
     input:
-        shard=f"{RESULTS}/data/shard{SHARDS[0]}.jsonl",
+        shard=f"{RESULTS}/data/{config['tasks'][0]}/shard{SHARDS[0]}.jsonl",
         model=local_input(config["model"]["name"]),
         surrogate=local_input(config["model"]["kvzap_surrogate"]),
     output:

@@ -1,28 +1,30 @@
-# One job per (method, threshold, shard): streaming perplexity under eviction. The threshold is in
+# One job per (task, method, threshold, shard): streaming perplexity, or summarization (the report
+# streamed into the cache, then greedy generation), under eviction. The threshold is in
 # the path in canonical form, and each job's params hold only its own method's settings, so an
 # edit of config.yaml reruns exactly the jobs it changes.
 
 
 rule evaluate:
     input:
-        shard=f"{RESULTS}/data/shard{{shard}}.jsonl",
+        shard=f"{RESULTS}/data/{{task}}/shard{{shard}}.jsonl",
         model=local_input(config["model"]["name"]),
         surrogate=local_input(config["model"]["kvzap_surrogate"]),
     output:
-        f"{RESULTS}/perplexity/{{method}}/{{threshold}}/shard{{shard}}.jsonl",
+        f"{RESULTS}/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.jsonl",
     params:
         engine=engine_arguments(),
+        task=lambda wildcards: task_arguments(wildcards.task),
         method=lambda wildcards: method_arguments(wildcards.method, wildcards.threshold),
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         **gpu_resources(),
     log:
-        f"{RESULTS}/logs/perplexity/{{method}}/{{threshold}}/shard{{shard}}.log",
+        f"{RESULTS}/logs/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/perplexity/{{method}}/{{threshold}}/shard{{shard}}.tsv"
+        f"{RESULTS}/benchmarks/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.tsv"
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.evaluate {params.engine} --data={input.shard} --method={wildcards.method} "
-        "{params.method} --output={output} 2> {log}"
+        "python -m kvsweep.evaluate {params.engine} {params.task} --data={input.shard} "
+        "--method={wildcards.method} {params.method} --output={output} 2> {log}"

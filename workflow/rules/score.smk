@@ -1,23 +1,23 @@
-# Per (method, threshold): perplexity, KV densities, paired NLL difference to baseline with a
-# bootstrap CI, as CSV and Markdown.
+# Per task and (method, threshold): quality (perplexity, or ROUGE), KV densities, and the paired
+# difference to baseline with a bootstrap CI, as CSV and Markdown.
 
 
-rule score_perplexity:
+rule score:
     input:
-        evaluation_outputs("perplexity"),
+        lambda wildcards: evaluation_outputs(wildcards.task),
     output:
-        csv=f"{RESULTS}/perplexity/summary.csv",
-        md=f"{RESULTS}/perplexity/summary.md",
+        csv=f"{RESULTS}/{{task}}/summary.csv",
+        md=f"{RESULTS}/{{task}}/summary.md",
     params:
         n_resamples=config["bootstrap"]["n_resamples"],
         confidence=config["bootstrap"]["confidence"],
         seed=config["bootstrap"]["seed"],
     log:
-        f"{RESULTS}/logs/score_perplexity.log",
+        f"{RESULTS}/logs/score_{{task}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/score_perplexity.tsv"
+        f"{RESULTS}/benchmarks/score_{{task}}.tsv"
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.score --inputs {input} --output-csv={output.csv} --output-md={output.md} "
+        "python -m kvsweep.score --task={wildcards.task} --inputs {input} --output-csv={output.csv} --output-md={output.md} "
         "--n-resamples={params.n_resamples} --confidence={params.confidence} --seed={params.seed} > {log} 2>&1"

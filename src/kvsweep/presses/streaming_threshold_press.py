@@ -42,6 +42,10 @@ class StreamingThresholdPress(DMSPress):
         if self.sliding_window_size < 0 or self.sinks < 0:
             raise ValueError("sliding_window_size and sinks must be >= 0")
 
+    def post_init_from_model(self, model):
+        if self.press is not None:
+            self.press.post_init_from_model(model)
+
     @property
     def scores_on_entry(self) -> bool:
         return getattr(self.press, "scores_on_entry", True)
@@ -112,7 +116,12 @@ class StreamingThresholdPress(DMSPress):
         else:
             n_queries = layout.tokens_after[:, None] - position
             scores = self.press.score(
-                module, hidden_states, None, None, state.attention_received[:, :, lo:hi], {**kwargs, "n_queries": n_queries}
+                module,
+                hidden_states,
+                None,
+                None,
+                state.attention_received[:, :, lo:hi],
+                {**kwargs, "n_queries": n_queries},
             )
         state.evicted[:, :, lo:hi] |= deciding[:, None, :] & (scores < self.threshold)
         return output

@@ -1,0 +1,106 @@
+"""Greedy generation after a streamed prompt, with eviction continuing while decoding.
+
+The prompt (e.g. a GovReport report in LongBench's summarization prompt) streams into the cache in
+chunks exactly as in `stream_nll`; then each new token is one pass of one query per document,
+and the press keeps deciding (the decoding-time behaviour of `DMSPress(decoding=True)`). Documents
+share cache slots: all prompts start at slot 0 (padding on the right), so every document is
+chunked as it would be alone, and every document's new token goes to the same slot, with its own
+position id; a shorter prompt thus leaves padding slots, which the masked attention hides. A
+document that has produced an end-of-sequence token stops: its later slots are padding and its
+cache is no longer decided on, so the batch never changes a document's output.
+"""
+
+import torch
+from transformers import DynamicCache
+
+from kvsweep.eviction import BatchLayout
+from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
+
+
+@torch.inference_mode()
+def stream_generate(
+    model,
+    prompts: list[list[int]],
+    chunk_size: int,
+    max_new_tokens: int,
+    press: StreamingThresholdPress | None = None,
+    eos_token_ids: set[int] | None = None,
+) -> list[dict]:
+    """Return per prompt: `generated_ids` (without the end-of-sequence token), `n_generated`, and
+    the KV counts at the end of generation (`kv_kept`, `kv_total`, and the compressible ones)."""
+    device = model.device
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(max(len(p) for p in prompts))
+    capacity = width + max_new_tokens
+    input_ids = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+    eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
+
+    # The baseline needs the masked attention too, to hide the padding between prompt and answer.
+    press = (
+        press if press is not None else StreamingThresholdPress(None, threshold=float("-inf"), sliding_window_size=0)
+    )
+    layout = BatchLayout.right_padded(lengths, capacity)
+    layout.max_gap = width - int(min(len(p) for p in prompts))
+    cache = DynamicCache(config=model.config)
+    rows = torch.arange(batch, device=device)
+    next_logits = torch.zeros((batch, model.config.get_text_config().vocab_size), device=device)
+    generated = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    n_generated = torch.zeros(batch, dtype=torch.long, device=device)
+
+    with press(model):
+        press.begin(model, layout)
+        for start in range(0, width, chunk_size):
+            end = min(start + chunk_size, width)
+            layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
+            slots = torch.arange(start, end, device=device)
+            logits = _forward(model, input_ids[:, start:end], slots.expand(batch, -1), slots, cache)
+            # Keep the logits at each prompt's last token, wherever its chunk is.
+            last = lengths - 1
+            here = (last >= start) & (last < end)
+            picked = logits[rows, (last - start).clamp(0, end - start - 1)].float()
+            next_logits = torch.where(here[:, None], picked, next_logits)
+
+        for step in range(max_new_tokens):
+            token = next_logits.argmax(-1)
+            stops = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
+            writing = ~finished & ~stops
+            generated[:, step] = torch.where(writing, token, 0)
+            n_generated += writing
+            finished |= stops
+            if step == max_new_tokens - 1:
+                break
+            # The token goes into the cache at slot width + step, document position n + step.
+            slot = width + step
+            count = lengths + n_generated
+            layout.position[:, slot] = torch.where(writing, count - 1, -1)
+            layout.read(torch.where(writing, count - 1, count), count)
+            next_logits = _forward(
+                model, token[:, None], (count - 1)[:, None], torch.tensor([slot], device=device), cache
+            )[:, 0].float()
+
+        counts = press.kv_counts()
+
+    generated, n_generated = generated.tolist(), n_generated.tolist()
+    counts = {key: value.tolist() for key, value in counts.items()}
+    return [
+        {
+            "generated_ids": generated[row][: n_generated[row]],
+            "n_generated": n_generated[row],
+            **{key: int(value[row]) for key, value in counts.items()},
+        }
+        for row in range(batch)
+    ]
+
+
+def _forward(model, input_ids, position_ids, cache_position, cache):
+    return model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        past_key_values=cache,
+        use_cache=True,
+    ).logits

@@ -1,0 +1,187 @@
+"""Summarization: ROUGE, generation under eviction (against an independent greedy loop), batching,
+LongBench's prompt truncation, scoring and the command line."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from rouge import Rouge
+from rouge_score import rouge_scorer
+
+from kvsweep import evaluate, prepare
+from kvsweep.demo import build_tokenizer
+from kvsweep.generate import stream_generate
+from kvsweep.methods import get_method
+from kvsweep.prompts import summarization_prompt_ids
+from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
+from kvsweep.score import load_results, summarize_summarization
+
+from conftest import random_documents
+
+PAIRS = [
+    ("the cat sat on the mat", "the cat was on the mat"),
+    ("GAO found that the agency lacked reliable data on costs .",
+     "GAO reviewed the agency program and found that it lacked reliable data ."),
+    ("officials agreed with the recommendations", "the department did not agree with two recommendations"),
+]  # fmt: skip
+
+
+def test_rouge_of_a_text_with_itself_is_100():
+    text = "GAO recommends that the Department of Energy develop a plan for the pilot program ."
+    assert longbench_rouge_l(text, [text]) == pytest.approx(100, abs=1e-5)
+    assert rouge_score_f1(text, [text]) == pytest.approx({"rouge1": 100, "rouge2": 100, "rougeLsum": 100})
+
+
+@pytest.mark.parametrize("prediction,reference", PAIRS)
+def test_rouge_equals_the_packages_own_numbers(prediction, reference):
+    expected_l = Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    assert longbench_rouge_l(prediction, [reference]) == pytest.approx(100 * expected_l)
+    scores = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True).score(reference, prediction)
+    assert rouge_score_f1(prediction, [reference]) == pytest.approx({k: 100 * v.fmeasure for k, v in scores.items()})
+
+
+def test_rouge_by_hand_max_over_references_and_empty_prediction():
+    # rouge-score's ROUGE-1 by hand: 5 of 6 unigrams shared both ways -> F1 5/6.
+    assert rouge_score_f1("the cat sat on the mat", ["the cat was on the mat"])["rouge1"] == pytest.approx(500 / 6)
+    refs = ["completely different words here", "the cat sat on the mat"]
+    assert longbench_rouge_l("the cat sat on the mat", refs) == pytest.approx(100, abs=1e-5)
+    assert longbench_rouge_l("", refs) == 0.0  # LongBench scores an empty answer 0
+
+
+def greedy_reference(model, prompt, max_new_tokens):
+    """Independent greedy decoding: the whole sequence recomputed at every step, no cache, no chunks."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+def press_for(method, threshold, surrogate_dir, window=4):
+    spec = get_method(method)
+    given = (
+        {"local_window": window} if method == "h2o" else {"sliding_window": window, "kvzap_surrogate": surrogate_dir}
+    )
+    return spec.build(threshold, **spec.resolve(threshold, given))
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_baseline_generation_equals_plain_greedy_decoding(model, chunk):
+    for prompt in random_documents([30, 17], seed=5):
+        result = stream_generate(model, [prompt], chunk, 10)[0]
+        assert result["generated_ids"] == greedy_reference(model, prompt, 10)
+        assert result["kv_kept"] == result["kv_total"] == 2 * 2 * (len(prompt) + 10 - 1)
+
+
+@pytest.mark.parametrize("method", ["kvzap", "kvzap_no_sink", "h2o"])
+def test_threshold_minus_inf_generates_the_baseline_tokens(model, surrogate_dir, method):
+    prompts = random_documents([33, 20, 26], seed=6)
+    baseline = stream_generate(model, prompts, 8, 12)
+    result = stream_generate(model, prompts, 8, 12, press_for(method, -math.inf, surrogate_dir))
+    assert [r["generated_ids"] for r in result] == [b["generated_ids"] for b in baseline]
+
+
+@pytest.mark.parametrize("method,threshold", [("kvzap", 0.0), ("h2o", 0.06), (None, None)])
+def test_batch_of_three_generates_what_batch_one_does(model, surrogate_dir, method, threshold):
+    prompts = random_documents([41, 19, 30], seed=7)
+
+    def press():
+        return press_for(method, threshold, surrogate_dir) if method else None
+
+    alone = [stream_generate(model, [p], 8, 16, press())[0] for p in prompts]
+    together = stream_generate(model, prompts, 8, 16, press())
+    assert together == alone
+    if method:
+        assert all(r["kv_kept"] < r["kv_total"] for r in together), "eviction should happen"
+
+
+def test_eviction_continues_while_decoding(model, surrogate_dir):
+    """With a window of 4 and a threshold that evicts everything, the cache stays at the window."""
+    prompt = random_documents([20], seed=8)[0]
+    result = stream_generate(model, [prompt], 4, 30, press_for("kvzap_no_sink", math.inf, surrogate_dir))[0]
+    assert result["kv_total"] == 2 * 2 * (20 + 30 - 1)
+    assert result["kv_kept"] == 2 * 2 * 4
+
+
+def test_end_of_sequence_stops_one_document_only(model):
+    prompts = random_documents([25, 31], seed=9)
+    free = stream_generate(model, prompts, 8, 12)
+    stop = free[0]["generated_ids"][3]
+    first_stop = free[0]["generated_ids"].index(stop)
+    stopped = stream_generate(model, prompts, 8, 12, eos_token_ids={stop})
+    assert stopped[0]["generated_ids"] == free[0]["generated_ids"][:first_stop]
+    assert stopped[0]["n_generated"] == first_stop
+    alone = stream_generate(model, [prompts[1]], 8, 12, eos_token_ids={stop})[0]
+    assert stopped[1] == alone
+
+
+WORDS = "GAO reviewed the agency program and found that it lacked reliable data on costs officials agreed".split()
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    from kvsweep.prompts import GOV_REPORT_PROMPT
+
+    return build_tokenizer([GOV_REPORT_PROMPT, " ".join(WORDS)])
+
+
+def test_long_prompt_is_truncated_in_the_middle_of_the_report(word_tokenizer, tmp_path, capsys):
+    report = " ".join(WORDS * 20)
+    ids, truncated = summarization_prompt_ids(word_tokenizer, report, 60)
+    assert truncated and len(ids) <= 61  # BOS added after LongBench's cut
+    text = word_tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.startswith("You are given a report by a government agency.")
+    assert text.endswith("Now, write a one-page summary of the report. Summary:")
+    assert text.count("reviewed") < 20
+
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    source = tmp_path / "reports.jsonl"
+    source.write_text(json.dumps({"report": report, "summary": "GAO found gaps"}) + "\n"
+                      + json.dumps({"report": "GAO reviewed data", "summary": ["a", "b"]}) + "\n")  # fmt: skip
+    prepare.main(["--source", str(source), "--tokenizer", str(tmp_path / "tok"), "--max-documents", "2",
+                  "--max-length", "60", "--shard-size", "2", "--tasks", "perplexity", "summarization",
+                  "--output-dir", str(tmp_path / "data")])  # fmt: skip
+    assert "1 summarization prompt(s) longer than 60 tokens were truncated in the middle" in capsys.readouterr().err
+    lines = [json.loads(x) for x in (tmp_path / "data" / "summarization" / "shard000.jsonl").read_text().splitlines()]
+    assert [line["references"] for line in lines] == [["GAO found gaps"], ["a", "b"]]
+    assert lines[0]["input_ids"] == ids
+
+
+def test_missing_reference_is_a_clear_error(word_tokenizer, tmp_path, capsys):
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"report": "GAO reviewed data on costs"}) + "\n")
+    with pytest.raises(SystemExit):
+        prepare.main(["--source", str(tmp_path / "r.jsonl"), "--tokenizer", str(tmp_path / "tok"), "--max-documents",
+                      "1", "--max-length", "60", "--shard-size", "1", "--tasks", "summarization",
+                      "--output-dir", str(tmp_path / "data")])  # fmt: skip
+    assert "record 0: no reference summary in field 'summary'" in capsys.readouterr().err
+
+
+def test_summarization_command_line_and_scores(model, surrogate_dir, word_tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    word_tokenizer.save_pretrained(model_dir)
+    shard = tmp_path / "shard.jsonl"
+    docs = [{"id": f"d{i}", "input_ids": ids, "references": ["GAO found that it lacked reliable data"]}
+            for i, ids in enumerate(random_documents([30, 22, 26], seed=10))]  # fmt: skip
+    shard.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    common = ["--model", str(model_dir), "--data", str(shard), "--chunk-size", "8", "--max-length", "64",
+              "--batch-size", "2", "--task", "summarization", "--max-new-tokens", "6"]  # fmt: skip
+    base_out = tmp_path / "summarization" / "baseline" / "none" / "shard000.jsonl"
+    h2o_out = tmp_path / "summarization" / "h2o" / "0.06" / "shard000.jsonl"
+    evaluate.main([*common, "--method", "baseline", "--output", str(base_out)])
+    evaluate.main([*common, "--method", "h2o", "--threshold", "0.06", "--local-window", "4", "--output", str(h2o_out)])
+    lines = [json.loads(x) for x in base_out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["d0", "d1", "d2"]
+    assert set(lines[0]) == {"id", "generated", "references", "n_generated", "n_prompt_tokens",
+                             "kv_kept", "kv_total", "kv_kept_compressible", "kv_total_compressible"}  # fmt: skip
+    expected = stream_generate(model, [docs[0]["input_ids"]], 8, 6)[0]["generated_ids"]
+    assert lines[0]["generated"] == word_tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+    table = summarize_summarization(load_results([str(base_out), str(h2o_out)]), n_resamples=200)
+    assert list(table.method) == ["baseline", "h2o"] and (table.n_docs == 3).all()
+    by_hand = pd.Series([longbench_rouge_l(x["generated"], x["references"]) for x in lines]).mean()
+    assert table.rougeL.iloc[0] == pytest.approx(by_hand)
+    assert table.delta_rougeL.iloc[0] == 0 and table.kv_density.iloc[1] < 1
