@@ -179,3 +179,15 @@ def test_a_stock_kvpress_scorer_works_as_a_method(model):
         model, documents, 4, StreamingThresholdPress(KnormPress(), threshold=median, sliding_window_size=4)
     )
     assert all(0 < r["kv_kept"] < r["kv_total"] for r in results)
+
+
+def test_returned_eviction_masks_match_the_counts(model, surrogate_dir):
+    documents = random_documents([45, 30])
+    press, resolved = build("kvzap", 0.0, {"sliding_window": WINDOW}, surrogate_dir)
+    for doc, result in zip(documents, stream_nll(model, documents, 3, press, return_evicted=True), strict=True):
+        evicted = result["evicted"]
+        assert evicted.shape == (2, 2, len(doc))
+        assert evicted.sum() == result["kv_total"] - result["kv_kept"] > 0
+        assert not evicted[:, :, : resolved["sinks"]].any() and not evicted[:, :, len(doc) - WINDOW :].any()
+    baseline = stream_nll(model, documents, 3, return_evicted=True)
+    assert not any(r["evicted"].any() for r in baseline)

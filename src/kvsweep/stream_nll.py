@@ -64,13 +64,9 @@ def stream_nll(
             token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
             nll += (token_nll.view(predicts.shape) * predicts).sum(1, dtype=torch.float64)
 
-        if press is not None:
-            counts = press.kv_counts()
-            evicted = torch.stack([press.layers[i].evicted for i in sorted(press.layers)]).cpu().numpy()
-        else:
-            counts = _full_cache_counts(model, lengths)
-            config = model.config.get_text_config()
-            evicted = np.zeros((config.num_hidden_layers, len(documents), config.num_key_value_heads, width), bool)
+        counts = press.kv_counts() if press is not None else _full_cache_counts(model, lengths)
+        if return_evicted:
+            evicted = _eviction_masks(model, press, len(documents), width)
 
     counts = {key: value.tolist() for key, value in counts.items()}
     results = [
@@ -86,6 +82,14 @@ def stream_nll(
         for row, (doc, result) in enumerate(zip(documents, results, strict=True)):
             result["evicted"] = evicted[:, row, :, : len(doc)]
     return results
+
+
+def _eviction_masks(model, press, batch: int, width: int) -> np.ndarray:
+    """(layers, batch, KV heads, width) bool on the host; all False without a press."""
+    if press is not None:
+        return torch.stack([press.layers[i].evicted for i in sorted(press.layers)]).cpu().numpy()
+    config = model.config.get_text_config()
+    return np.zeros((config.num_hidden_layers, batch, config.num_key_value_heads, width), bool)
 
 
 def _full_cache_counts(model, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
