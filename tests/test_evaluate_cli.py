@@ -185,3 +185,34 @@ def test_changed_settings_do_not_reuse_a_checkpoint(model_dir, tmp_path):
     evaluate.main(args)
     assert all(json.loads(line)["nll_sum"] > 0 for line in (tmp_path / "out.jsonl").read_text().splitlines())
     assert math.isfinite(json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["nll_sum"])
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped_and_recomputed(model_dir, tmp_path, monkeypatch):
+    write_shard(tmp_path / "shard.jsonl", [20, 18, 16, 14])
+    args = cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", "--method", "baseline",
+                    "--batch-size", "1")  # fmt: skip
+    evaluate.main(args)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    (tmp_path / "out.jsonl").unlink()
+    partial = tmp_path / "out.jsonl.partial"
+    fingerprint = evaluate._fingerprint(evaluate.parse_args(args), {})
+    partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n" + lines[0] + "\n" + lines[1][:25])
+
+    # A resumed run killed again after one document: its checkpoint holds only whole lines.
+    calls = []
+
+    def dies_after_one(model, documents, chunk, press):
+        if calls:
+            raise KeyboardInterrupt("killed again")
+        calls.append(1)
+        return stream_nll(model, documents, chunk, press)
+
+    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(args)
+    kept = [json.loads(line) for line in partial.read_text().splitlines()]  # raises on a fragment
+    assert [k.get("id") for k in kept] == [None, "doc0", "doc1"]
+
+    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", stream_nll)
+    evaluate.main(args)
+    assert (tmp_path / "out.jsonl").read_text().splitlines() == lines

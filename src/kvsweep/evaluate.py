@@ -139,9 +139,9 @@ def run(args) -> None:
     press = method.build(args.threshold, **settings) if method.takes_threshold else None
     evaluate_batch = _batch_evaluator(args, model, press)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if not done:
-        checkpoint.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    # Start the checkpoint afresh from what is kept (a line cut short by a kill is dropped), so
+    # that the lines appended below never follow a fragment.
+    write_jsonl_atomic(checkpoint, [{"fingerprint": fingerprint}, *done.values()])
     with (
         open(checkpoint, "a") as log,
         tqdm(total=sum(len(d["input_ids"]) for d in todo), unit="tok", file=sys.stderr) as bar,
