@@ -185,3 +185,54 @@ def test_summarization_command_line_and_scores(model, surrogate_dir, word_tokeni
     by_hand = pd.Series([longbench_rouge_l(x["generated"], x["references"]) for x in lines]).mean()
     assert table.rougeL.iloc[0] == pytest.approx(by_hand)
     assert table.delta_rougeL.iloc[0] == 0 and table.kv_density.iloc[1] < 1
+
+
+def test_prepare_reads_a_hub_style_dataset_with_a_subset(word_tokenizer, tmp_path, capsys):
+    """A folder laid out like LongBench's parquet copy: a `gov_report` configuration, split `test`,
+    text in `context`, references as a list in `answers`."""
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    repo = tmp_path / "LongBench"
+    (repo / "gov_report").mkdir(parents=True)
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: gov_report\n  data_files:\n  - split: test\n    path: gov_report/test.parquet\n---\n"
+    )
+    rows = [
+        {"_id": f"gr{i}", "context": " ".join(WORDS[i:] * 3), "answers": [f"GAO found {WORDS[i]}"]} for i in range(3)
+    ]
+    pd.DataFrame(rows).to_parquet(repo / "gov_report" / "test.parquet")
+    prepare.main(["--source", str(repo), "--subset", "gov_report", "--split", "test", "--text-field", "context",
+                  "--summary-field", "answers", "--id-field", "_id", "--tokenizer", str(tmp_path / "tok"),
+                  "--max-documents", "3", "--max-length", "200", "--shard-size", "2",
+                  "--tasks", "perplexity", "summarization", "--output-dir", str(tmp_path / "data")])  # fmt: skip
+    shard = [json.loads(x) for x in (tmp_path / "data" / "summarization" / "shard000.jsonl").read_text().splitlines()]
+    assert [(d["id"], d["references"]) for d in shard] == [("gr0", ["GAO found GAO"]), ("gr1", ["GAO found reviewed"])]
+    second = (tmp_path / "data" / "perplexity" / "shard001.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in second] == ["gr2"]
+
+
+def test_a_dataset_that_cannot_be_found_offline_is_one_message(word_tokenizer, tmp_path, capsys):
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit):
+        prepare.main(["--source", "no-such-org/no-such-dataset", "--subset", "gov_report", "--tokenizer",
+                      str(tmp_path / "tok"), "--max-documents", "1", "--max-length", "60", "--shard-size", "1",
+                      "--output-dir", str(tmp_path / "data")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "dataset 'no-such-org/no-such-dataset' (subset 'gov_report'), split 'validation', could not be loaded" in err
+    assert "Traceback" not in err
+
+
+def test_generation_stops_when_every_document_has_ended(model, monkeypatch):
+    import kvsweep.generate
+
+    prompts = random_documents([25, 31], seed=9)
+    free = stream_generate(model, prompts, 8, 40)
+    # Every token either document writes at step 0 ends it at once.
+    stop = {free[0]["generated_ids"][0], free[1]["generated_ids"][0]}
+    passes = []
+    forward = kvsweep.generate._forward
+    monkeypatch.setattr(kvsweep.generate, "_forward", lambda *a: passes.append(1) or forward(*a))
+    stopped = stream_generate(model, prompts, 8, 40, eos_token_ids=stop)
+    assert len(passes) == 4 + 15  # 4 prompt chunks, then decoding stops at the first check (step 15), not 39
+    assert [r["n_generated"] for r in stopped] == [0, 0] and [r["generated_ids"] for r in stopped] == [[], []]
+    # The cache holds the prompts only (the end-of-sequence token is not fed back).
+    assert [r["kv_total"] for r in stopped] == [2 * 2 * 25, 2 * 2 * 31]

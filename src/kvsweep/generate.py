@@ -71,7 +71,8 @@ def stream_generate(
             generated[:, step] = torch.where(writing, token, 0)
             n_generated += writing
             finished |= stops
-            if step == max_new_tokens - 1:
+            # Stop once every document has ended (checked every 16 steps: each check waits for the GPU).
+            if step == max_new_tokens - 1 or (step % 16 == 15 and bool(finished.all())):
                 break
             # The token goes into the cache at slot width + step, document position n + step.
             slot = width + step

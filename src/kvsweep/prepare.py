@@ -30,20 +30,22 @@ def n_shards(max_documents: int, shard_size: int) -> int:
     return math.ceil(max_documents / shard_size)
 
 
-def load_records(source: str, split: str):
-    """Yield the raw records of a local .jsonl file or a hub dataset split."""
+def load_records(source: str, split: str, subset: str | None = None):
+    """Yield the raw records of a local .jsonl file, or of a split of a dataset on the hub (or in a
+    local folder of data files), with its configuration name `subset` if it has several."""
     if source.endswith(".jsonl"):
         yield from read_jsonl(source)
         return
-    if Path(source).exists():
-        raise KvsweepError(f"dataset source '{source}' is a local path but not a .jsonl file")
+    if Path(source).is_file():
+        raise KvsweepError(f"dataset source '{source}' is a local file but not a .jsonl file")
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split, streaming=False)
+        dataset = datasets.load_dataset(source, subset, split=split)
     except Exception as err:  # noqa: BLE001 (datasets raises many types for a missing dataset, split or network)
+        which = f"'{source}'" + (f" (subset '{subset}')" if subset else "")
         raise KvsweepError(
-            f"dataset '{source}' (split '{split}') could not be loaded: {str(err).splitlines()[0]}"
+            f"dataset {which}, split '{split}', could not be loaded: {str(err).splitlines()[0]}"
         ) from None
     yield from dataset
 
@@ -63,7 +65,7 @@ def prepare(args) -> dict:
     summarize = "summarization" in args.tasks
     kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0, "prompts_truncated": 0}
     progress = tqdm(total=args.max_documents, unit="doc", file=sys.stderr, desc="prepare")
-    for index, record in enumerate(load_records(args.source, args.split)):
+    for index, record in enumerate(load_records(args.source, args.split, args.subset)):
         if len(kept) == args.max_documents:
             break
         stats["read"] += 1
@@ -139,6 +141,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True)
     parser.add_argument("--split", default="validation")
+    parser.add_argument("--subset", help="the dataset's configuration name, e.g. gov_report in a LongBench copy")
     parser.add_argument("--text-field", default="report")
     parser.add_argument("--summary-field", default="summary", help="reference summary (text or list of texts)")
     parser.add_argument("--id-field")

@@ -16,6 +16,7 @@ rule prepare:
         summary_field=config["dataset"]["summary_field"],
         tasks=" ".join(config["tasks"]),
         id_field=f"--id-field={config['dataset']['id_field']}" if config["dataset"]["id_field"] else "",
+        subset=f"--subset={config['dataset']['subset']}" if config["dataset"]["subset"] else "",
         tokenizer=config["model"]["name"],
         max_documents=config["dataset"]["max_documents"],
         max_length=config["dataset"]["max_length"],
@@ -29,7 +30,7 @@ rule prepare:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.prepare --source={params.source} --split={params.split} "
+        "python -m kvsweep.prepare --source={params.source} --split={params.split} {params.subset} "
         "--text-field={params.text_field} --summary-field={params.summary_field} {params.id_field} "
         "--tokenizer={params.tokenizer} --tasks {params.tasks} "
         "--max-documents={params.max_documents} --max-length={params.max_length} "
