@@ -229,8 +229,8 @@ def test_generation_stops_when_every_document_has_ended(model, monkeypatch):
     # Every token either document writes at step 0 ends it at once.
     stop = {free[0]["generated_ids"][0], free[1]["generated_ids"][0]}
     passes = []
-    forward = kvsweep.generate._forward
-    monkeypatch.setattr(kvsweep.generate, "_forward", lambda *a: passes.append(1) or forward(*a))
+    forward = kvsweep.generate.cached_forward
+    monkeypatch.setattr(kvsweep.generate, "cached_forward", lambda *a: passes.append(1) or forward(*a))
     stopped = stream_generate(model, prompts, 8, 40, eos_token_ids=stop)
     assert len(passes) == 4 + 15  # 4 prompt chunks, then decoding stops at the first check (step 15), not 39
     assert [r["n_generated"] for r in stopped] == [0, 0] and [r["generated_ids"] for r in stopped] == [[], []]

@@ -2,10 +2,17 @@
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class KvsweepError(Exception):
     """A problem with the user's input or environment, explained in one message."""
+
+
+def cannot_load(kind: str, name: str, err: Exception, hint: str = "") -> KvsweepError:
+    """`kind 'name' could not be loaded as a local folder | hub id ...: first line of err.` + hint"""
+    where = "local folder" if Path(name).exists() else "hub id (not in the local Hugging Face cache, or offline)"
+    return KvsweepError(f"{kind} '{name}' could not be loaded as a {where}: {str(err).splitlines()[0]}{hint}")
 
 
 @contextmanager

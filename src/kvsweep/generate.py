@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
+from kvsweep.stream_nll import cached_forward, right_padded_ids
 
 
 @torch.inference_mode()
@@ -33,9 +34,7 @@ def stream_generate(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(max(len(p) for p in prompts))
     capacity = width + max_new_tokens
-    input_ids = torch.zeros((batch, width), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+    input_ids = right_padded_ids(prompts, width, device)
     eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
 
     # The baseline needs the masked attention too, to hide the padding between prompt and answer.
@@ -57,7 +56,7 @@ def stream_generate(
             end = min(start + chunk_size, width)
             layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
             slots = torch.arange(start, end, device=device)
-            logits = _forward(model, input_ids[:, start:end], slots.expand(batch, -1), slots, cache)
+            logits = cached_forward(model, input_ids[:, start:end], slots.expand(batch, -1), slots, cache)
             # Keep the logits at each prompt's last token, wherever its chunk is.
             last = lengths - 1
             here = (last >= start) & (last < end)
@@ -79,7 +78,7 @@ def stream_generate(
             count = lengths + n_generated
             layout.position[:, slot] = torch.where(writing, count - 1, -1)
             layout.read(torch.where(writing, count - 1, count), count)
-            next_logits = _forward(
+            next_logits = cached_forward(
                 model, token[:, None], (count - 1)[:, None], torch.tensor([slot], device=device), cache
             )[:, 0].float()
 
@@ -95,13 +94,3 @@ def stream_generate(
         }
         for row in range(batch)
     ]
-
-
-def _forward(model, input_ids, position_ids, cache_position, cache):
-    return model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        cache_position=cache_position,
-        past_key_values=cache,
-        use_cache=True,
-    ).logits

@@ -1,11 +1,9 @@
 """Loading a causal LM and its tokenizer from a hub id or a local folder, with readable errors."""
 
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvsweep.errors import KvsweepError
+from kvsweep.errors import KvsweepError, cannot_load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,18 +16,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _not_found(kind: str, name: str, err: Exception) -> KvsweepError:
-    where = "local folder" if Path(name).exists() else "hub id (not in the local Hugging Face cache, or offline)"
-    return KvsweepError(f"{kind} '{name}' could not be loaded as a {where}: {str(err).splitlines()[0]}")
-
-
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     if dtype not in DTYPES:
         raise KvsweepError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], attn_implementation="sdpa")
     except (OSError, ValueError) as err:
-        raise _not_found("model", name, err) from None
+        raise cannot_load("model", name, err) from None
     return model.to(resolve_device(device)).eval()
 
 
@@ -37,4 +30,4 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise _not_found("tokenizer", name, err) from None
+        raise cannot_load("tokenizer", name, err) from None

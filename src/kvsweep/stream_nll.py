@@ -34,9 +34,7 @@ def stream_nll(
     device = model.device
     lengths = torch.tensor([len(doc) for doc in documents], device=device)
     width = int(max(len(doc) for doc in documents))
-    input_ids = torch.zeros((len(documents), width), dtype=torch.long, device=device)
-    for row, doc in enumerate(documents):
-        input_ids[row, : len(doc)] = torch.tensor(doc, device=device)
+    input_ids = right_padded_ids(documents, width, device)
 
     nll = torch.zeros(len(documents), dtype=torch.float64, device=device)
     cache = DynamicCache(config=model.config)
@@ -48,13 +46,9 @@ def stream_nll(
             end = min(start + chunk_size, width)
             layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
             positions = torch.arange(start, end, device=device)
-            logits = model(
-                input_ids=input_ids[:, start:end],
-                position_ids=positions.expand(len(documents), -1),
-                cache_position=positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
+            logits = cached_forward(
+                model, input_ids[:, start:end], positions.expand(len(documents), -1), positions, cache
+            )
             # Position p predicts token p + 1, for p + 1 < n.
             targets = input_ids[:, start + 1 : end + 1]
             targets = F.pad(targets, (0, end - start - targets.shape[1]))
@@ -82,6 +76,25 @@ def stream_nll(
         for row, (doc, result) in enumerate(zip(documents, results, strict=True)):
             result["evicted"] = evicted[:, row, :, : len(doc)]
     return results
+
+
+def right_padded_ids(documents: list[list[int]], width: int, device) -> torch.Tensor:
+    """(batch, width) token ids, each document from slot 0, padded with 0 on the right."""
+    input_ids = torch.zeros((len(documents), width), dtype=torch.long, device=device)
+    for row, doc in enumerate(documents):
+        input_ids[row, : len(doc)] = torch.tensor(doc, device=device)
+    return input_ids
+
+
+def cached_forward(model, input_ids, position_ids, cache_position, cache) -> torch.Tensor:
+    """One pass that appends to `cache`; returns the logits."""
+    return model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
 
 
 def _eviction_masks(model, press, batch: int, width: int) -> np.ndarray:

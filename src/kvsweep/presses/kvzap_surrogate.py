@@ -1,13 +1,12 @@
 """KVzap with an explicitly named surrogate."""
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from kvpress import KVzapPress
 from kvpress.presses.kvzap_press import KVzapModel
 
-from kvsweep.errors import KvsweepError
+from kvsweep.errors import KvsweepError, cannot_load
 
 
 def default_surrogate(model_name: str, model_type: str) -> str:
@@ -20,11 +19,8 @@ def load_surrogate(name: str) -> KVzapModel:
     try:
         return KVzapModel.from_pretrained(name)
     except (OSError, ValueError) as err:
-        where = "local folder" if Path(name).exists() else "hub id (not in the local cache, or offline)"
-        raise KvsweepError(
-            f"KVzap surrogate '{name}' could not be loaded as a {where}: {str(err).splitlines()[0]}. "
-            "Name it with --kvzap-surrogate (config: model.kvzap_surrogate)."
-        ) from None
+        hint = ". Name it with --kvzap-surrogate (config: model.kvzap_surrogate)."
+        raise cannot_load("KVzap surrogate", name, err, hint) from None
 
 
 @dataclass
