@@ -103,6 +103,14 @@ def kvsweep_press(method, surrogate, threshold):
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=128)
 
 
+def upstream_kvzap_press(model, surrogate, threshold):
+    """kvpress's own DMSPress(KVzapPress), with the random surrogate under the name it expects."""
+    scorer = KVzapPress(model_type="mlp")
+    scorer.kvzap_model = surrogate
+    scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{str(model.config.name_or_path).split('/')[-1]}"
+    return DMSPress(scorer, threshold=threshold, sliding_window_size=128, decoding=True)
+
+
 def upstream_stream(model, ids, chunk, press):
     """The old loop on upstream kvpress: DMSPress(decoding=True) with fake-key masking."""
     cache = DynamicCache(config=model.config)
@@ -178,53 +186,55 @@ def main():
         elif workload == "chunk1":
             plans += [("chunk1", 1024, 1, batch) for batch in (1, 8, 16)]
     generator = torch.Generator().manual_seed(0)
-    for name, n_tokens, chunk, batch in plans:
-        docs = torch.randint(0, vocab, (batch, n_tokens), generator=generator).tolist()
-        floor = floor_tokens_per_s(model, report["floors"], batch, n_tokens, chunk)
+
+    def time_methods(fields: dict, work, warm_up, tokens: int, extra=lambda results, rate: {}):
+        """Time baseline, kvzap and h2o one after the other on the same work; record each run."""
         baseline_rate = None
         for method in ("baseline", "kvzap", "h2o"):
             if time.time() - began > args.budget_s:
-                report.setdefault("skipped", []).append(f"{name} b{batch} {method}")
+                report.setdefault("skipped", []).append(f"{fields['workload']} b{fields['batch']} {method}")
                 continue
             press = kvsweep_press(method, surrogate, thresholds.get(method))
-            stream_nll(model, [d[: 2 * chunk + 3] for d in docs], chunk, press)  # warm-up
-            results, seconds, peak = timed(lambda: stream_nll(model, docs, chunk, press))  # noqa: B023
-            rate = batch * n_tokens / seconds
+            warm_up(press)
+            results, seconds, peak = timed(lambda: work(press))  # noqa: B023
+            rate = tokens / seconds
             baseline_rate = rate if method == "baseline" else baseline_rate
             run = {
-                "workload": name, "tokens": n_tokens, "chunk": chunk, "batch": batch, "method": method,
-                "tok_per_s": rate, "seconds": seconds, "peak_GiB": peak,
+                **fields, "method": method, "tok_per_s": rate, "seconds": seconds, "peak_GiB": peak,
                 "vs_baseline": rate / baseline_rate if baseline_rate else None,
-                "floor_tok_per_s": floor, "fraction_of_floor": rate / floor,
+                **extra(results, rate),
                 "kv_density": sum(r["kv_kept"] for r in results) / sum(r["kv_total"] for r in results),
-                "nll_per_token": sum(r["nll_sum"] for r in results) / sum(r["n_predicted"] for r in results),
             }  # fmt: skip
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
             save()
+
+    for name, n_tokens, chunk, batch in plans:
+        docs = torch.randint(0, vocab, (batch, n_tokens), generator=generator).tolist()
+        floor = floor_tokens_per_s(model, report["floors"], batch, n_tokens, chunk)
+        time_methods(
+            {"workload": name, "tokens": n_tokens, "chunk": chunk, "batch": batch},
+            work=lambda press: stream_nll(model, docs, chunk, press),  # noqa: B023
+            warm_up=lambda press: stream_nll(model, [d[: 2 * chunk + 3] for d in docs], chunk, press),  # noqa: B023
+            tokens=batch * n_tokens,
+            extra=lambda results, rate: {  # noqa: B023
+                "floor_tok_per_s": floor,  # noqa: B023
+                "fraction_of_floor": rate / floor,  # noqa: B023
+                "nll_per_token": sum(r["nll_sum"] for r in results) / sum(r["n_predicted"] for r in results),
+            },
+        )
 
     if "generate" in args.workloads:
         # Summarization-style: an 8,192-token context streamed in chunks of 128, then 256 greedy tokens.
         context, new = 8192, 256
         for batch in (1, 8):
             prompts = torch.randint(0, vocab, (batch, context), generator=generator).tolist()
-            baseline_rate = None
-            for method in ("baseline", "kvzap", "h2o"):
-                if time.time() - began > args.budget_s:
-                    report.setdefault("skipped", []).append(f"generate b{batch} {method}")
-                    continue
-                press = kvsweep_press(method, surrogate, thresholds.get(method))
-                stream_generate(model, [p[:300] for p in prompts], 128, 4, press)  # warm-up
-                results, seconds, peak = timed(lambda: stream_generate(model, prompts, 128, new, press))  # noqa: B023
-                rate = batch * new / seconds
-                baseline_rate = rate if method == "baseline" else baseline_rate
-                run = {"workload": "generate", "tokens": context, "new_tokens": new, "chunk": 128, "batch": batch,
-                       "method": method, "tok_per_s": rate, "seconds": seconds, "peak_GiB": peak,
-                       "vs_baseline": rate / baseline_rate if baseline_rate else None,
-                       "kv_density": sum(r["kv_kept"] for r in results) / sum(r["kv_total"] for r in results)}  # fmt: skip
-                report["runs"].append(run)
-                print(json.dumps(run), flush=True)
-                save()
+            time_methods(
+                {"workload": "generate", "tokens": context, "new_tokens": new, "chunk": 128, "batch": batch},
+                work=lambda press: stream_generate(model, prompts, 128, new, press),  # noqa: B023
+                warm_up=lambda press: stream_generate(model, [p[:300] for p in prompts], 128, 4, press),  # noqa: B023
+                tokens=batch * new,
+            )
         if time.time() - began < args.budget_s:
             # Anchor: kvpress's own generation pipeline with DMSPress + KVzap, batch 1 (brief: 9 tok/s).
             from kvpress.pipeline import KVPressTextGenerationPipeline
@@ -236,10 +246,7 @@ def main():
             )
             pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
             model.generation_config.eos_token_id = None
-            scorer = KVzapPress(model_type="mlp")
-            scorer.kvzap_model = surrogate
-            scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{str(model.config.name_or_path).split('/')[-1]}"
-            upstream = DMSPress(scorer, threshold=thresholds["kvzap"], sliding_window_size=128, decoding=True)
+            upstream = upstream_kvzap_press(model, surrogate, thresholds["kvzap"])
             ctx = torch.randint(0, vocab, (1, context), generator=generator).cuda()
             question = torch.randint(0, vocab, (1, 16), generator=generator).cuda()
             entry = {
@@ -266,10 +273,7 @@ def main():
             if time.time() - began > args.budget_s:
                 break
             ids = torch.randint(0, vocab, (1, n_tokens), generator=generator).cuda()
-            scorer = KVzapPress(model_type="mlp")
-            scorer.kvzap_model = surrogate
-            scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{str(model.config.name_or_path).split('/')[-1]}"
-            press = DMSPress(scorer, threshold=thresholds["kvzap"], sliding_window_size=128, decoding=True)
+            press = upstream_kvzap_press(model, surrogate, thresholds["kvzap"])
             entry = {
                 "workload": f"upstream_kvpress_dms_kvzap_chunk{chunk}",
                 "tokens": n_tokens,
