@@ -1,6 +1,12 @@
-"""Profile exact streaming (chunk 1): where do the milliseconds of one step go?
+"""Profile small-chunk work: where do the milliseconds of one step go?
 
-python benchmarks/profile_step.py --arch qwen3-8b --batch 8 --method baseline
+    python benchmarks/profile_step.py --arch qwen3-8b --workload chunk1 --batch 8 --methods baseline,kvzap
+    python benchmarks/profile_step.py --arch qwen3-8b --workload decode --batch 1 --context 8192
+
+`chunk1` times exact streaming per step; `decode` times generation's prefill alone (one new
+token) and prefill + `--new` tokens, so the decoding steps' cost is the difference. Each timing is
+taken twice (the first includes first-touch costs). Then the profiler's top kernels, with
+`--profile`, for a shorter run of the same workload.
 """
 
 import argparse
@@ -9,33 +15,59 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
 
 from gpu_throughput import build_model, kvsweep_press
 
 
+def seconds(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="qwen3-8b")
+    parser.add_argument("--workload", choices=["chunk1", "decode"], default="chunk1")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--methods", default="baseline,kvzap")
+    parser.add_argument("--tokens", type=int, default=256, help="chunk1: tokens streamed")
+    parser.add_argument("--context", type=int, default=8192, help="decode: prompt tokens")
+    parser.add_argument("--new", type=int, default=256, help="decode: new tokens")
+    parser.add_argument("--methods", default="baseline,kvzap,h2o")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     model, surrogate = build_model(args.arch)
-    docs = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens)).tolist()
+    vocab = model.config.vocab_size
+    thresholds = {"baseline": None, "kvzap": 0.0, "h2o": 2e-4}
     for method in args.methods.split(","):
-        press = kvsweep_press(method, surrogate, 0.0)
-        stream_nll(model, docs, 1, press)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        stream_nll(model, docs, 1, press)
-        torch.cuda.synchronize()
-        print(f"{method}: {(time.perf_counter() - start) / args.tokens * 1e3:.1f} ms per step", flush=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            stream_nll(model, docs, 1, press)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+        press = kvsweep_press(method, surrogate, thresholds[method])
+        if args.workload == "chunk1":
+            docs = torch.randint(0, vocab, (args.batch, args.tokens)).tolist()
+            for attempt in range(2):
+                took = seconds(lambda: stream_nll(model, docs, 1, press))  # noqa: B023
+                print(
+                    f"{method} chunk1 b{args.batch} try {attempt}: {took / args.tokens * 1e3:.2f} ms/step", flush=True
+                )
+            short = lambda: stream_nll(model, [d[:64] for d in docs], 1, press)  # noqa: B023, E731
+        else:
+            prompts = torch.randint(0, vocab, (args.batch, args.context)).tolist()
+            for attempt in range(2):
+                prefill = seconds(lambda: stream_generate(model, prompts, 128, 1, press))  # noqa: B023
+                full = seconds(lambda: stream_generate(model, prompts, 128, args.new, press))  # noqa: B023
+                per_step = (full - prefill) / (args.new - 1) * 1e3
+                print(f"{method} decode b{args.batch} try {attempt}: prefill {prefill:.2f} s, "
+                      f"prefill + {args.new} new {full:.2f} s, {per_step:.2f} ms per decoding step", flush=True)  # fmt: skip
+            short = lambda: stream_generate(model, [p[:1024] for p in prompts], 128, 64, press)  # noqa: B023, E731
+        if args.profile:
+            short()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                short()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_shipped_configs_are_valid_and_get_defaults():
         minimal["chunk_size"] == 128
         and minimal["dataset"]["max_length"] == 8192
         and minimal["resources"]["runtime"] == 240
+        and minimal["cuda_graphs"] is True
     )
 
 

@@ -36,12 +36,16 @@ def weights(model):
     return Weights(model, tiny_surrogate(model))
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16])
+@pytest.mark.parametrize("buckets", [None, 1, 2], ids=["one_key_bucket", "bucket_of_1_chunk", "bucket_of_2_chunks"])
+# Chunks 1-16 take the matmul attention path, 32 the fused SDPA kernel (> FUSED_MIN_ROWS query rows).
+@pytest.mark.parametrize("chunk", [1, 3, 16, 32])
 @pytest.mark.parametrize("method,threshold,settings", CASES)
-def test_matches_reference(model, weights, surrogate_dir, method, threshold, settings, chunk):
+def test_matches_reference(model, weights, surrogate_dir, method, threshold, settings, chunk, buckets):
+    """Also with key buckets of 1 or 2 chunks: each pass then attends to keys [0, end of its
+    bucket) only, and decides over a slot range bounded by the bucket (what a CUDA graph fixes)."""
     documents = random_documents([40, 29])
     press, resolved = build(method, threshold, settings, surrogate_dir)
-    results = stream_nll(model, documents, chunk, press)
+    results = stream_nll(model, documents, chunk, press, key_bucket=buckets and buckets * chunk)
     sinks = resolved["sinks"]
     for doc, result in zip(documents, results, strict=True):
         nll, counts, margins = reference_stream(weights, doc, chunk, method, threshold, WINDOW, sinks)
@@ -191,3 +195,19 @@ def test_returned_eviction_masks_match_the_counts(model, surrogate_dir):
         assert not evicted[:, :, : resolved["sinks"]].any() and not evicted[:, :, len(doc) - WINDOW :].any()
     baseline = stream_nll(model, documents, 3, return_evicted=True)
     assert not any(r["evicted"].any() for r in baseline)
+
+
+def test_static_passes_refuse_what_they_cannot_run(model):
+    from kvsweep.eviction import BatchLayout
+    from kvsweep.static_passes import StaticPasses, default_bucket
+
+    assert [default_bucket(c) for c in (1, 3, 16, 128)] == [256, 258, 256, 2048]  # whole chunks, >= 16 of them
+    layout = BatchLayout.right_padded(torch.tensor([10]), 12)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        StaticPasses(model, layout, 3, key_bucket=4, cuda_graphs=True)
+    passes = StaticPasses(model, layout, 3, key_bucket=4)  # on the CPU: eager
+    ids = torch.zeros((1, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match=r"slots \[3, 6\) straddle a key bucket of 4"):
+        passes.run(ids, ids, 3)
+    with pytest.raises(ValueError, match=r"slots \[12, 15\) straddle a key bucket of 4 or the cache"):
+        passes.run(ids, ids, 12)

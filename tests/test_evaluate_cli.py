@@ -42,7 +42,8 @@ def cli_args(model_dir, shard, output, *extra):
 def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     docs = write_shard(tmp_path / "shard.jsonl", [50, 80, 12])
     out = tmp_path / "out.jsonl"
-    extra = ["--method", "kvzap", "--threshold", "0", "--sliding-window", "6", "--kvzap-surrogate", surrogate_dir]
+    extra = ["--method", "kvzap", "--threshold", "0", "--sliding-window", "6", "--kvzap-surrogate", surrogate_dir,
+             "--no-cuda-graphs"]  # fmt: skip
     evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", out, *extra))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["doc0", "doc1", "doc2"]  # input order, though batched by length
@@ -122,11 +123,11 @@ def test_resume_skips_finished_documents(model_dir, tmp_path, monkeypatch):
 
     seen = []
 
-    def dies_after_first_batch(model, documents, chunk, press):
+    def dies_after_first_batch(model, documents, chunk, press, **options):
         if seen:
             raise KeyboardInterrupt("killed")
         seen.append(len(documents))
-        return stream_nll(model, documents, chunk, press)
+        return stream_nll(model, documents, chunk, press, **options)
 
     monkeypatch.setattr("kvsweep.stream_nll.stream_nll", dies_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -136,9 +137,9 @@ def test_resume_skips_finished_documents(model_dir, tmp_path, monkeypatch):
 
     computed = []
 
-    def counting(model, documents, chunk, press):
+    def counting(model, documents, chunk, press, **options):
         computed.extend(len(d) for d in documents)
-        return stream_nll(model, documents, chunk, press)
+        return stream_nll(model, documents, chunk, press, **options)
 
     monkeypatch.setattr("kvsweep.stream_nll.stream_nll", counting)
     evaluate.main(args)
@@ -201,11 +202,11 @@ def test_a_line_cut_short_by_a_kill_is_dropped_and_recomputed(model_dir, tmp_pat
     # A resumed run killed again after one document: its checkpoint holds only whole lines.
     calls = []
 
-    def dies_after_one(model, documents, chunk, press):
+    def dies_after_one(model, documents, chunk, press, **options):
         if calls:
             raise KeyboardInterrupt("killed again")
         calls.append(1)
-        return stream_nll(model, documents, chunk, press)
+        return stream_nll(model, documents, chunk, press, **options)
 
     monkeypatch.setattr("kvsweep.stream_nll.stream_nll", dies_after_one)
     with pytest.raises(KeyboardInterrupt):

@@ -67,10 +67,10 @@ def press_for(method, threshold, surrogate_dir, window=4):
     return spec.build(threshold, **spec.resolve(threshold, given))
 
 
-@pytest.mark.parametrize("chunk", [1, 7])
-def test_baseline_generation_equals_plain_greedy_decoding(model, chunk):
+@pytest.mark.parametrize("chunk,key_bucket", [(1, None), (7, None), (1, 1), (7, 14)])
+def test_baseline_generation_equals_plain_greedy_decoding(model, chunk, key_bucket):
     for prompt in random_documents([30, 17], seed=5):
-        result = stream_generate(model, [prompt], chunk, 10)[0]
+        result = stream_generate(model, [prompt], chunk, 10, key_bucket=key_bucket)[0]
         assert result["generated_ids"] == greedy_reference(model, prompt, 10)
         assert result["kv_kept"] == result["kv_total"] == 2 * 2 * (len(prompt) + 10 - 1)
 
@@ -93,6 +93,9 @@ def test_batch_of_three_generates_what_batch_one_does(model, surrogate_dir, meth
     alone = [stream_generate(model, [p], 8, 16, press())[0] for p in prompts]
     together = stream_generate(model, prompts, 8, 16, press())
     assert together == alone
+    # Key buckets of 8 slots: prompt and decoding passes attend to short key ranges, and eviction
+    # decisions are bounded by the bucket; nothing may change.
+    assert stream_generate(model, prompts, 8, 16, press(), key_bucket=8) == alone
     if method:
         assert all(r["kv_kept"] < r["kv_total"] for r in together), "eviction should happen"
 
@@ -222,15 +225,15 @@ def test_a_dataset_that_cannot_be_found_offline_is_one_message(word_tokenizer, t
 
 
 def test_generation_stops_when_every_document_has_ended(model, monkeypatch):
-    import kvsweep.generate
+    from kvsweep.static_passes import StaticPasses
 
     prompts = random_documents([25, 31], seed=9)
     free = stream_generate(model, prompts, 8, 40)
     # Every token either document writes at step 0 ends it at once.
     stop = {free[0]["generated_ids"][0], free[1]["generated_ids"][0]}
     passes = []
-    forward = kvsweep.generate.cached_forward
-    monkeypatch.setattr(kvsweep.generate, "cached_forward", lambda *a: passes.append(1) or forward(*a))
+    run = StaticPasses.run
+    monkeypatch.setattr(StaticPasses, "run", lambda self, *a: passes.append(1) or run(self, *a))
     stopped = stream_generate(model, prompts, 8, 40, eos_token_ids=stop)
     assert len(passes) == 4 + 15  # 4 prompt chunks, then decoding stops at the first check (step 15), not 39
     assert [r["n_generated"] for r in stopped] == [0, 0] and [r["generated_ids"] for r in stopped] == [[], []]

@@ -103,6 +103,17 @@ def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path):
     assert thresholds == {"1e-05", "3e-05", "0.0001", "0.0003", "0.0005", "0.001", "0.003", "0.01"}
 
 
+def test_cuda_graphs_off_reaches_the_evaluation_command(tmp_path):
+    config = load_yaml(ROOT / "config.yaml")
+    default = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", "--printshellcmds").stdout
+    config["cuda_graphs"] = False
+    off = snakemake(tmp_path, write_config(tmp_path, config, "off.yaml"), "--dry-run", "--printshellcmds").stdout
+    assert "python -m kvsweep.evaluate" in default and "--no-cuda-graphs" not in default
+    # Every job that runs the model: 250 evaluations and 3 eviction maps.
+    assert off.count("--no-cuda-graphs") == 253
+    assert default.count("python -m kvsweep.evaluate") + default.count("python -m kvsweep.eviction_map") == 253
+
+
 def test_invalid_config_stops_before_any_job_with_one_message(tmp_path):
     config = load_yaml(ROOT / "demo" / "config.yaml")
     config["methods"]["h2o"]["thresholds"] = [0.1, "ten"]

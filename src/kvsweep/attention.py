@@ -17,6 +17,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "kvsweep_masked_sdpa"
 
+# Up to this many query rows per KV head (query heads of a group x queries of the pass), attention
+# is computed with plain batched matmuls. The fused SDPA kernels parallelize over blocks of query
+# rows: with a few rows (exact streaming, decoding) they run one block per batch row and KV head
+# and walk the whole cache serially, while a matmul splits the keys over the GPU.
+FUSED_MIN_ROWS = 32
+
 # The attribute under which a press hangs a layer's `LayerEviction` on the attention module while
 # its context is active (kvpress does the same with `masked_key_indices`).
 STATE_ATTRIBUTE = "kvsweep_eviction"
@@ -35,32 +41,38 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         )
 
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     groups = heads // kv_heads
     scaling = head_dim**-0.5 if scaling is None else scaling
+    # The cache may hold more slots than this pass can see (a static cache): keys [0, hi) only.
+    k_len = state.layout.slots[1]
+    key, value = key[:, :, :k_len], value[:, :, :k_len]
 
     grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
-    visible = state.visible_keys(q_len, k_len)  # (batch, kv_heads, q, k)
-    visible = (
-        visible[:, :, None]
-        .expand(batch, kv_heads, groups, q_len, k_len)
-        .reshape(batch, kv_heads, groups * q_len, k_len)
-    )
+    visible = state.visible_keys()  # (batch, kv_heads, q, k)
 
-    if state.attention_received is None:
+    if state.attention_received is None and groups * q_len > FUSED_MIN_ROWS:
+        # The kernel takes one mask row per (folded) query row: expand over the query heads.
+        visible = (
+            visible[:, :, None]
+            .expand(batch, kv_heads, groups, q_len, k_len)
+            .reshape(batch, kv_heads, groups * q_len, k_len)
+        )
         out = F.scaled_dot_product_attention(grouped_query, key, value, attn_mask=visible, scale=scaling)
     else:
-        # In the model's dtype, in place where possible: each pass over this (batch, kv_heads,
-        # groups * q, k) matrix is the cost of H2O (softmax accumulates in float32 internally).
+        # In the model's dtype, in place where possible: for H2O each pass over this (batch, kv_heads,
+        # groups * q, k) matrix is its cost (softmax accumulates in float32 internally).
+        # The mask is applied through a (batch, kv_heads, groups, q, k) view, never expanded.
         probs = torch.matmul(grouped_query * scaling, key.transpose(-1, -2))
-        probs.masked_fill_(~visible, float("-inf"))
+        probs.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(~visible[:, :, None], float("-inf"))
         probs = torch.softmax(probs, dim=-1)
         out = torch.matmul(probs, value)
-        # Sum over the real queries of the pass, mean over the query heads of each KV group: one
-        # (1 x groups*q) @ (groups*q x k) product per KV head.
-        row_weights = (state.valid_queries(q_len, k_len) / groups).repeat(1, groups).to(probs.dtype)
-        received = torch.matmul(row_weights[:, None, None, :], probs)  # (batch, kv_heads, 1, k)
-        state.attention_received[:, :, :k_len] += received[:, :, 0].float()
+        if state.attention_received is not None:
+            # Sum over the real queries of the pass, mean over the query heads of each KV group: one
+            # (1 x groups*q) @ (groups*q x k) product per KV head.
+            row_weights = (state.valid_queries() / groups).repeat(1, groups).to(probs.dtype)
+            received = torch.matmul(row_weights[:, None, None, :], probs)  # (batch, kv_heads, 1, k)
+            state.attention_received[:, :, :k_len] += received[:, :, 0].float()
 
     out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     return out, None

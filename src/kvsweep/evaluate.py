@@ -44,6 +44,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on a GPU, run every pass eagerly instead of replaying CUDA graphs (slower; same results)",
+    )
+
+
+def cuda_graphs_setting(args) -> bool | None:
+    """For `stream_nll` / `stream_generate`: None (graphs on a GPU) unless --no-cuda-graphs."""
+    return None if args.cuda_graphs else False
 
 
 def parse_args(argv=None):
@@ -161,10 +172,13 @@ def run(args) -> None:
 
 def _batch_evaluator(args, model, press):
     """documents -> per-document results, for the task."""
+    graphs = cuda_graphs_setting(args)
     if args.task == "perplexity":
         from kvsweep import stream_nll
 
-        return lambda batch: stream_nll.stream_nll(model, [d["input_ids"] for d in batch], args.chunk_size, press)
+        return lambda batch: stream_nll.stream_nll(
+            model, [d["input_ids"] for d in batch], args.chunk_size, press, cuda_graphs=graphs
+        )
 
     from kvsweep import generate
     from kvsweep.modeling import load_tokenizer
@@ -177,7 +191,7 @@ def _batch_evaluator(args, model, press):
 
     def summarize(batch):
         results = generate.stream_generate(
-            model, [d["input_ids"] for d in batch], args.chunk_size, args.max_new_tokens, press, eos
+            model, [d["input_ids"] for d in batch], args.chunk_size, args.max_new_tokens, press, eos, graphs
         )
         return [
             {

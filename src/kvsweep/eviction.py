@@ -6,7 +6,10 @@ every document's new token at the same slot, so a shorter prompt leaves a gap of
 before its generated tokens. All semantics (windows, sinks, H2O's query counts) are in document
 positions, so a document's result does not depend on the batch it is in.
 
-Per layer, `LayerEviction` holds as tensors updated in place (no growing index lists, no host syncs):
+Every tensor here is allocated once per batch and updated in place (no growing index lists, no
+host syncs), so that a forward pass reading them can be captured once as a CUDA graph and replayed.
+
+Per layer, `LayerEviction` holds:
 - `evicted[b, h, slot]`: True once the token was evicted for document b, KV head h (for good).
 - `entry_scores[b, h, slot]`: the scorer's value, for scorers that score a token once, when it
   enters the cache (KVzap).
@@ -15,18 +18,27 @@ Per layer, `LayerEviction` holds as tensors updated in place (no growing index l
   of the KV group.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class BatchLayout:
-    """Which document position each cache slot holds, and how far each document has been read."""
+    """Which document position each cache slot holds, and which slots the current pass fills.
+
+    Before each pass the engine writes, in place: `tokens_before` / `tokens_after` (each document's
+    tokens in the cache before and after the pass) and `query_slots` (the consecutive cache slots
+    of the pass's queries), and sets `slots = (lo, hi)`, python bounds that contain every query
+    slot of the pass. The pass attends to keys [0, hi) only; `hi` may lie beyond the last query
+    (a fixed key length shared by many passes), the causal mask hides those keys.
+    """
 
     position: torch.Tensor  # (batch, capacity) long: document position of each slot, -1 for padding
-    tokens_before: torch.Tensor  # (batch,) long: document tokens in the cache before the current pass
-    tokens_after: torch.Tensor  # (batch,) long: ... after it
+    tokens_before: torch.Tensor  # (batch,) long
+    tokens_after: torch.Tensor  # (batch,) long
+    query_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (q,) long
+    slots: tuple[int, int] = (0, 0)
     max_gap: int = 0  # the most padding slots any document has before its last token (python int)
 
     @classmethod
@@ -37,9 +49,9 @@ class BatchLayout:
         return cls(position=position, tokens_before=zeros, tokens_after=zeros.clone())
 
     def read(self, tokens_before: torch.Tensor, tokens_after: torch.Tensor) -> None:
-        """Before a forward pass: each document's token count before and after it."""
-        self.tokens_before = tokens_before
-        self.tokens_after = tokens_after
+        """Before a forward pass: each document's token count before and after it (in place)."""
+        self.tokens_before.copy_(tokens_before)
+        self.tokens_after.copy_(tokens_after)
 
 
 @dataclass
@@ -63,19 +75,22 @@ class LayerEviction:
             attention_received=torch.zeros(shape, dtype=torch.float32, device=device) if accumulate_attention else None,
         )
 
-    def visible_keys(self, query_len: int, key_len: int) -> torch.Tensor:
-        """Boolean mask (batch, kv_heads, query_len, key_len): which keys each query may attend to.
+    def visible_keys(self) -> torch.Tensor:
+        """Boolean mask (batch, kv_heads, q, hi): which of the keys [0, hi) each query may attend to.
 
-        The queries are the last `query_len` slots of the cache; a query sees the earlier keys
-        that are neither evicted nor padding, and the keys of its own pass causally.
+        A query sees the keys of earlier and its own slots that are neither evicted nor padding.
+        A query always sees its own slot: for a real token that changes nothing (its own key is
+        real and decided only after the pass); a padding query then never has an empty row, whose
+        softmax would be NaN.
         """
-        device = self.evicted.device
-        key_slot = torch.arange(key_len, device=device)
-        query_slot = torch.arange(key_len - query_len, key_len, device=device)
-        causal = key_slot[None, :] <= query_slot[:, None]  # (q, k)
-        real = self.layout.position[:, None, None, :key_len] >= 0
-        return causal[None, None] & real & ~self.evicted[:, :, None, :key_len]
+        hi = self.layout.slots[1]
+        key_slot = torch.arange(hi, device=self.evicted.device)
+        query_slot = self.layout.query_slots[:, None]
+        causal = key_slot[None, :] <= query_slot  # (q, k)
+        own = key_slot[None, :] == query_slot
+        real = self.layout.position[:, None, None, :hi] >= 0
+        return (causal[None, None] & real & ~self.evicted[:, :, None, :hi]) | own[None, None]
 
-    def valid_queries(self, query_len: int, key_len: int) -> torch.Tensor:
-        """(batch, query_len) float: 1 for a real token of the document, 0 for padding."""
-        return (self.layout.position[:, key_len - query_len : key_len] >= 0).float()
+    def valid_queries(self) -> torch.Tensor:
+        """(batch, q) float: 1 for a real token of the document, 0 for padding."""
+        return (self.layout.position.index_select(1, self.layout.query_slots) >= 0).float()

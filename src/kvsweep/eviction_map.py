@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 from kvsweep.compare import save_figure
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.evaluate import add_engine_arguments, load_shard, resolve_method
+from kvsweep.evaluate import add_engine_arguments, cuda_graphs_setting, load_shard, resolve_method
 
 
 def plot_eviction_map(evicted, title: str, sinks: int, window: int):
@@ -53,7 +53,14 @@ def main(argv=None):
         model = load_model(args.model, args.dtype, args.device)
         press = method.build(args.threshold, **settings) if method.takes_threshold else None
         doc = documents[0]
-        result = stream_nll(model, [doc["input_ids"]], args.chunk_size, press, return_evicted=True)[0]
+        result = stream_nll(
+            model,
+            [doc["input_ids"]],
+            args.chunk_size,
+            press,
+            return_evicted=True,
+            cuda_graphs=cuda_graphs_setting(args),
+        )[0]
         density = result["kv_kept"] / result["kv_total"]
         title = f"{args.method} at threshold {args.threshold:g}: document {doc['id']}, KV density {density:.2f}"
         fig = plot_eviction_map(result["evicted"], title, settings.get("sinks", 0), method.window(settings))

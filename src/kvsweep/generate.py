@@ -11,11 +11,11 @@ cache is no longer decided on, so the batch never changes a document's output.
 """
 
 import torch
-from transformers import DynamicCache
 
 from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
-from kvsweep.stream_nll import cached_forward, right_padded_ids
+from kvsweep.static_passes import StaticPasses
+from kvsweep.stream_nll import right_padded_ids
 
 
 @torch.inference_mode()
@@ -26,24 +26,24 @@ def stream_generate(
     max_new_tokens: int,
     press: StreamingThresholdPress | None = None,
     eos_token_ids: set[int] | None = None,
+    cuda_graphs: bool | None = None,
+    key_bucket: int | None = None,
 ) -> list[dict]:
     """Return per prompt: `generated_ids` (without the end-of-sequence token), `n_generated`, and
-    the KV counts at the end of generation (`kv_kept`, `kv_total`, and the compressible ones)."""
+    the KV counts at the end of generation (`kv_kept`, `kv_total`, and the compressible ones).
+    `cuda_graphs` and `key_bucket` as in `stream_nll`: speed only."""
     device = model.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(max(len(p) for p in prompts))
+    width = chunk_size * -(-max(len(p) for p in prompts) // chunk_size)  # whole chunks: one pass shape
     capacity = width + max_new_tokens
     input_ids = right_padded_ids(prompts, width, device)
     eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
 
     # The baseline needs the masked attention too, to hide the padding between prompt and answer.
-    press = (
-        press if press is not None else StreamingThresholdPress(None, threshold=float("-inf"), sliding_window_size=0)
-    )
+    press = press if press is not None else StreamingThresholdPress.mask_only()
     layout = BatchLayout.right_padded(lengths, capacity)
     layout.max_gap = width - int(min(len(p) for p in prompts))
-    cache = DynamicCache(config=model.config)
     rows = torch.arange(batch, device=device)
     next_logits = torch.zeros((batch, model.config.get_text_config().vocab_size), device=device)
     generated = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
@@ -52,11 +52,12 @@ def stream_generate(
 
     with press(model):
         press.begin(model, layout)
+        passes = StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs)
         for start in range(0, width, chunk_size):
-            end = min(start + chunk_size, width)
+            end = start + chunk_size
             layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
             slots = torch.arange(start, end, device=device)
-            logits = cached_forward(model, input_ids[:, start:end], slots.expand(batch, -1), slots, cache)
+            logits = passes.run(input_ids[:, start:end], slots.expand(batch, -1), start)
             # Keep the logits at each prompt's last token, wherever its chunk is.
             last = lengths - 1
             here = (last >= start) & (last < end)
@@ -78,9 +79,7 @@ def stream_generate(
             count = lengths + n_generated
             layout.position[:, slot] = torch.where(writing, count - 1, -1)
             layout.read(torch.where(writing, count - 1, count), count)
-            next_logits = cached_forward(
-                model, token[:, None], (count - 1)[:, None], torch.tensor([slot], device=device), cache
-            )[:, 0].float()
+            next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float()
 
         counts = press.kv_counts()
 

@@ -94,7 +94,7 @@ def engine_arguments():
     return (
         f"--model={config['model']['name']} --dtype={config['model']['dtype']} --device={config['device']} "
         f"--chunk-size={config['chunk_size']} --max-length={config['dataset']['max_length']} "
-        f"--batch-size={config['batch_size']}"
+        f"--batch-size={config['batch_size']}" + ("" if config["cuda_graphs"] else " --no-cuda-graphs")
     )
 
 

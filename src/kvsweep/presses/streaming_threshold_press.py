@@ -42,6 +42,12 @@ class StreamingThresholdPress(DMSPress):
         if self.sliding_window_size < 0 or self.sinks < 0:
             raise ValueError("sliding_window_size and sinks must be >= 0")
 
+    @classmethod
+    def mask_only(cls) -> "StreamingThresholdPress":
+        """No scorer, nothing evicted: the masked attention alone (padding, a static cache's
+        unwritten slots). The uncompressed baseline runs through it."""
+        return cls(None, threshold=float("-inf"), sliding_window_size=0)
+
     def post_init_from_model(self, model):
         if self.press is not None:
             self.press.post_init_from_model(model)
@@ -88,21 +94,22 @@ class StreamingThresholdPress(DMSPress):
         state = self.layers[module.layer_idx]
         layout = state.layout
         hidden_states = kwargs["hidden_states"]
-        keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
-        chunk_end = keys.shape[2]  # python ints from shapes: no host sync
-        chunk_start = chunk_end - hidden_states.shape[1]
+        slots = layout.query_slots  # the cache slots this pass wrote
 
         if self.scores_on_entry:
+            keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
             new_scores = self.press.score(
-                module, hidden_states, keys[:, :, chunk_start:], values[:, :, chunk_start:], None, kwargs
+                module, hidden_states, keys.index_select(2, slots), values.index_select(2, slots), None, kwargs
             )
-            state.entry_scores[:, :, chunk_start:chunk_end] = new_scores.float()
+            state.entry_scores.index_copy_(2, slots, new_scores.float())
 
         # Positions p that become decided in this pass: tokens_before - W <= p < tokens_after - W.
-        # A slot holds a position no later than itself and at most `max_gap` earlier, so only slots
-        # in [s - W - max_gap, e - W) can hold one.
+        # The pass's queries lie in slots [s, e) within the python bounds `layout.slots`; a slot
+        # holds a position no later than itself and at most `max_gap` earlier, so only slots in
+        # [s - W - max_gap, e - W) can hold one (python ints: no host sync, fixed for a CUDA graph).
         window = self.sliding_window_size
-        lo, hi = max(chunk_start - window - layout.max_gap, 0), max(chunk_end - window, 0)
+        first, last = layout.slots
+        lo, hi = max(first - window - layout.max_gap, 0), max(last - window, 0)
         if hi <= lo:
             return output
         position = layout.position[:, lo:hi]
