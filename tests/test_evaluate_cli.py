@@ -43,7 +43,7 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     docs = write_shard(tmp_path / "shard.jsonl", [50, 80, 12])
     out = tmp_path / "out.jsonl"
     extra = ["--method", "kvzap", "--threshold", "0", "--sliding-window", "6", "--kvzap-surrogate", surrogate_dir,
-             "--no-cuda-graphs"]  # fmt: skip
+             "--cuda-graphs=off"]  # fmt: skip
     evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", out, *extra))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["doc0", "doc1", "doc2"]  # input order, though batched by length

@@ -92,6 +92,13 @@ def test_changing_one_methods_window_reruns_only_that_method(demo_run):
                       ("score", "perplexity"), ("score", "summarization")]  # fmt: skip
 
 
+def test_speed_settings_rerun_nothing(demo_run):
+    """batch_size and cuda_graphs change speed, never results: editing them plans no job."""
+    workdir, config = demo_run
+    edited = {**copy.deepcopy(config), "batch_size": 1, "cuda_graphs": not config.get("cuda_graphs", True)}
+    assert planned_jobs(workdir, write_config(workdir, edited, "speed.yaml")) == []
+
+
 def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path):
     env_without_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     os.environ.update(env_without_gpu)
@@ -103,15 +110,15 @@ def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path):
     assert thresholds == {"1e-05", "3e-05", "0.0001", "0.0003", "0.0005", "0.001", "0.003", "0.01"}
 
 
-def test_cuda_graphs_off_reaches_the_evaluation_command(tmp_path):
+def test_cuda_graphs_off_reaches_every_job_that_runs_the_model(tmp_path):
     config = load_yaml(ROOT / "config.yaml")
     default = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", "--printshellcmds").stdout
     config["cuda_graphs"] = False
     off = snakemake(tmp_path, write_config(tmp_path, config, "off.yaml"), "--dry-run", "--printshellcmds").stdout
-    assert "python -m kvsweep.evaluate" in default and "--no-cuda-graphs" not in default
-    # Every job that runs the model: 250 evaluations and 3 eviction maps.
-    assert off.count("--no-cuda-graphs") == 253
-    assert default.count("python -m kvsweep.evaluate") + default.count("python -m kvsweep.eviction_map") == 253
+    # 250 evaluations and 3 eviction maps.
+    assert default.count("--cuda-graphs=auto") == 253 and "--cuda-graphs=off" not in default
+    assert off.count("--cuda-graphs=off") == 253 and "--cuda-graphs=auto" not in off
+    assert default.count("--batch-size=8") == 250
 
 
 def test_invalid_config_stops_before_any_job_with_one_message(tmp_path):

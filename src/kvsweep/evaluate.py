@@ -45,16 +45,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        help="on a GPU, run every pass eagerly instead of replaying CUDA graphs (slower; same results)",
+        "--cuda-graphs",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: on a GPU, replay each pass shape as a CUDA graph; off: run every pass eagerly (same results)",
     )
 
 
 def cuda_graphs_setting(args) -> bool | None:
-    """For `stream_nll` / `stream_generate`: None (graphs on a GPU) unless --no-cuda-graphs."""
-    return None if args.cuda_graphs else False
+    """For `stream_nll` / `stream_generate`: None (graphs on a GPU) or False (--cuda-graphs=off)."""
+    return None if args.cuda_graphs == "auto" else False
 
 
 def parse_args(argv=None):

@@ -90,13 +90,18 @@ def task_arguments(task):
 
 
 def engine_arguments():
-    """The arguments every evaluation job shares."""
+    """The arguments of every job that runs the model and that its results depend on."""
     return (
         f"--model={config['model']['name']} --dtype={config['model']['dtype']} --device={config['device']} "
-        f"--chunk-size={config['chunk_size']} --max-length={config['dataset']['max_length']} "
-        f"--batch-size={config['batch_size']}" + ("" if config["cuda_graphs"] else " --no-cuda-graphs")
+        f"--chunk-size={config['chunk_size']} --max-length={config['dataset']['max_length']}"
     )
 
 
 def gpu_resources():
     return {"gpu": config["gpus_per_job"]} if config["gpus_per_job"] > 0 else {}
+
+
+def speed_resources():
+    """Settings that change speed and memory, never results. As resources rather than params,
+    changing them reruns nothing, and `--set-resources evaluate:batch_size=16` overrides one rule."""
+    return {"batch_size": config["batch_size"], "cuda_graphs": "auto" if config["cuda_graphs"] else "off"}

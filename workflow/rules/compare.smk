@@ -35,6 +35,7 @@ rule eviction_map:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         **gpu_resources(),
+        **speed_resources(),
     log:
         f"{RESULTS}/logs/eviction_map_{{method}}.log",
     benchmark:
@@ -42,5 +43,6 @@ rule eviction_map:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.eviction_map {params.engine} --data={input.shard} --method={wildcards.method} "
+        "python -m kvsweep.eviction_map {params.engine} --cuda-graphs={resources.cuda_graphs} "
+        "--data={input.shard} --method={wildcards.method} "
         "{params.method} --output-png={output.png} --output-pdf={output.pdf} 2> {log}"

@@ -19,6 +19,7 @@ rule evaluate:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         **gpu_resources(),
+        **speed_resources(),
     log:
         f"{RESULTS}/logs/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.log",
     benchmark:
@@ -26,5 +27,6 @@ rule evaluate:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.evaluate {params.engine} {params.task} --data={input.shard} "
+        "python -m kvsweep.evaluate {params.engine} --batch-size={resources.batch_size} "
+        "--cuda-graphs={resources.cuda_graphs} {params.task} --data={input.shard} "
         "--method={wildcards.method} {params.method} --output={output} 2> {log}"
