@@ -15,18 +15,17 @@ import argparse
 import datetime
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from kvpress import DMSPress, KVzapPress
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvsweep.generate import stream_generate
 from kvsweep.presses import H2OScorer, KVzapSurrogatePress, StreamingThresholdPress
 from kvsweep.stream_nll import stream_nll
+
+from anchors import kvpress_pipeline, upstream_kvzap_press, upstream_stream
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -102,55 +101,6 @@ def kvsweep_press(method, surrogate, threshold, window=None):
     scorer = KVzapSurrogatePress(model_type="mlp", surrogate="random-surrogate")
     scorer.kvzap_model, scorer.kvzap_model_name = surrogate, "random-surrogate"
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=window or 128)
-
-
-def upstream_kvzap_press(model, surrogate, threshold):
-    """kvpress's own DMSPress(KVzapPress), with the random surrogate under the name it expects."""
-    scorer = KVzapPress(model_type="mlp")
-    scorer.kvzap_model = surrogate
-    scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{str(model.config.name_or_path).split('/')[-1]}"
-    return DMSPress(scorer, threshold=threshold, sliding_window_size=128, decoding=True)
-
-
-def upstream_stream(model, ids, chunk, press):
-    """The old loop on upstream kvpress: DMSPress(decoding=True) with fake-key masking."""
-    cache = DynamicCache(config=model.config)
-    total = torch.zeros((), device="cuda", dtype=torch.float64)
-    with torch.inference_mode(), press(model) if press is not None else nullcontext():
-        for s in range(0, ids.shape[1], chunk):
-            e = min(s + chunk, ids.shape[1])
-            pos = torch.arange(s, e, device="cuda")
-            logits = model(input_ids=ids[:, s:e], position_ids=pos.expand(ids.shape[0], -1), cache_position=pos,
-                           past_key_values=cache, use_cache=True).logits  # fmt: skip
-            if e < ids.shape[1]:
-                target = ids[:, s + 1 : e + 1]
-                total += F.cross_entropy(
-                    logits[:, : target.shape[1]].float().flatten(0, 1), target.flatten(), reduction="sum"
-                )
-    return float(total)
-
-
-def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens):
-    """kvpress's generation pipeline: one prefill of the context, then decoding; with DMSPress(KVzap)
-    unless `threshold` is None (no press)."""
-    from kvpress.pipeline import KVPressTextGenerationPipeline
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    )
-    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-    question = context_ids[:, :16]
-    press = None if threshold is None else upstream_kvzap_press(model, surrogate, threshold)
-
-    def run():
-        with torch.inference_mode():
-            return pipe._forward(
-                {"context_ids": context_ids, "questions_ids": [question]}, max_new_tokens=new_tokens, press=press
-            )
-
-    return run
 
 
 def correctness_checks(model, surrogate, thresholds) -> dict:
