@@ -53,11 +53,7 @@ def stream_generate(
     with press(model):
         press.begin(model, layout)
         passes = StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs)
-        for start in range(0, width, chunk_size):
-            end = start + chunk_size
-            layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
-            slots = torch.arange(start, end, device=device)
-            logits = passes.run(input_ids[:, start:end], slots.expand(batch, -1), start)
+        for start, end, _, logits in passes.stream(input_ids, lengths, width, chunk_size):
             # Keep the logits at each prompt's last token, wherever its chunk is.
             last = lengths - 1
             here = (last >= start) & (last < end)

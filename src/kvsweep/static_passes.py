@@ -59,6 +59,16 @@ class StaticPasses:
         self._graphs = {}  # (query count, bucket index) -> (graph, its logits)
         self._pool = None
 
+    def stream(self, input_ids: torch.Tensor, lengths: torch.Tensor, width: int, chunk_size: int):
+        """Stream right-padded documents (`lengths` tokens each, slot = position) through slots
+        [0, width) in whole chunks; yields (start, end, positions, logits) per pass."""
+        for start in range(0, width, chunk_size):
+            end = start + chunk_size
+            self.layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
+            positions = torch.arange(start, end, device=input_ids.device)
+            logits = self.run(input_ids[:, start:end], positions.expand(len(input_ids), -1), start)
+            yield start, end, positions, logits
+
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, first_slot: int) -> torch.Tensor:
         """One pass of q = input_ids.shape[1] tokens into the cache slots [first_slot, first_slot + q).
 

@@ -50,11 +50,7 @@ def stream_nll(
     with press(model):
         press.begin(model, layout)
         passes = StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs)
-        for start in range(0, width, chunk_size):
-            end = start + chunk_size
-            layout.read(lengths.clamp(max=start), lengths.clamp(max=end))
-            positions = torch.arange(start, end, device=device)
-            logits = passes.run(input_ids[:, start:end], positions.expand(batch, -1), start)
+        for start, end, positions, logits in passes.stream(input_ids, lengths, width, chunk_size):
             # Position p predicts token p + 1, for p + 1 < n.
             targets = input_ids[:, start + 1 : end + 1]
             predicts = (positions[None, :] + 1) < lengths[:, None]
