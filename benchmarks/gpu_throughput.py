@@ -26,6 +26,7 @@ from kvsweep.presses import H2OScorer, KVzapSurrogatePress, StreamingThresholdPr
 from kvsweep.stream_nll import stream_nll
 
 from anchors import kvpress_pipeline, upstream_kvzap_press, upstream_stream
+from checks import correctness_checks
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -103,44 +104,6 @@ def kvsweep_press(method, surrogate, threshold, window=None):
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=window or 128)
 
 
-def correctness_checks(model, surrogate, thresholds) -> dict:
-    """On this card: with threshold -inf every method reproduces the baseline; CUDA-graph replay
-    reproduces the eager passes (same NLL, same evictions, same generated tokens)."""
-    vocab = model.config.vocab_size
-    docs = torch.randint(0, vocab, (2, 1024), generator=torch.Generator().manual_seed(1)).tolist()
-    reference = stream_nll(model, docs, 128)
-    checks = {}
-    for method in ("kvzap", "h2o"):
-        results = stream_nll(model, docs, 128, kvsweep_press(method, surrogate, float("-inf")))
-        checks[f"{method}_minus_inf_vs_baseline_max_rel_nll_diff_bf16"] = worst_nll_diff(results, reference)
-    # At chunk 1 over 200 tokens with 64-token windows and key buckets (4 captures). H2O's thresholds
-    # here are set for these short documents (mean attention ~ 1 / length), so that both evict.
-    cases = [("kvzap", 1, 200, thresholds["kvzap"]), ("h2o", 1, 200, 1e-2),
-             ("kvzap", 128, 1024, thresholds["kvzap"]), ("h2o", 128, 1024, 2e-3)]  # fmt: skip
-    for method, chunk, n_tokens, threshold in cases:
-        short = [doc[:n_tokens] for doc in docs]
-        press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
-        bucket = 64 if chunk == 1 else None
-        graphs = stream_nll(model, short, chunk, press, key_bucket=bucket)
-        eager = stream_nll(model, short, chunk, press, cuda_graphs=False, key_bucket=bucket)
-        name = f"{method}_chunk{chunk}_{n_tokens}tok_graphs_vs_eager"
-        checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(graphs, eager)
-        checks[f"{name}_same_kv_kept"] = [r["kv_kept"] for r in graphs] == [r["kv_kept"] for r in eager]
-        checks[f"{name}_kv_density"] = sum(r["kv_kept"] for r in graphs) / sum(r["kv_total"] for r in graphs)
-    # Generation: two prompts of different lengths, eviction while decoding, 96 new tokens.
-    prompts = [docs[0][:700], docs[1][:530]]
-    for method, threshold in (("kvzap", thresholds["kvzap"]), ("h2o", 2e-3)):
-        press = kvsweep_press(method, surrogate, threshold, window=64)
-        graphs = stream_generate(model, prompts, 128, 96, press)
-        eager = stream_generate(model, prompts, 128, 96, press, cuda_graphs=False)
-        checks[f"{method}_generate_graphs_vs_eager_same_tokens_and_kv"] = graphs == eager
-    return checks
-
-
-def worst_nll_diff(results, reference) -> float:
-    return max(abs(r["nll_sum"] - b["nll_sum"]) / b["nll_sum"] for r, b in zip(results, reference, strict=True))
-
-
 def timed(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -185,7 +148,7 @@ def main():
         Path(args.output).write_text(json.dumps(report, indent=1))
 
     if not args.skip_checks:
-        report["checks"] = correctness_checks(model, surrogate, thresholds)
+        report["checks"] = correctness_checks(model, surrogate, thresholds, kvsweep_press)
         print(json.dumps(report["checks"]), flush=True)
         save()
 

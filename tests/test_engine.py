@@ -6,6 +6,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from kvsweep import h2o_kernels
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
@@ -54,6 +55,27 @@ def test_matches_reference(model, weights, surrogate_dir, method, threshold, set
         assert {k: result[k] for k in counts} == counts
         evicted = 1 - counts["kv_kept_compressible"] / counts["kv_total_compressible"]
         assert 0.2 <= evicted <= 0.8, f"threshold evicts {evicted:.0%}, outside the 20-80% the test needs"
+
+
+@pytest.mark.parametrize("column_sums", ["triton", "torch"])
+def test_h2o_column_sums_either_way_match_reference(model, weights, surrogate_dir, monkeypatch, column_sums):
+    """Chunk 32 (> FUSED_MIN_ROWS rows) takes the Triton kernels where they run (on the CPU through
+    Triton's interpreter); without Triton, the explicit probabilities. Both hold the reference."""
+    calls = []
+    if column_sums == "torch":
+        monkeypatch.setattr(h2o_kernels, "available", lambda query: False)
+    else:
+        if h2o_kernels.triton is None:
+            pytest.skip("Triton is not installed")
+        kernel = h2o_kernels.attend_and_accumulate
+        monkeypatch.setattr(h2o_kernels, "attend_and_accumulate", lambda *args: calls.append(1) or kernel(*args))
+    documents = random_documents([40, 29])
+    press, resolved = build("h2o", 0.06, {"local_window": WINDOW, "sinks": 3}, surrogate_dir)
+    for doc, result in zip(documents, stream_nll(model, documents, 32, press), strict=True):
+        nll, counts, _ = reference_stream(weights, doc, 32, "h2o", 0.06, WINDOW, resolved["sinks"])
+        assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
+        assert {k: result[k] for k in counts} == counts
+    assert bool(calls) == (column_sums == "triton")
 
 
 def test_baseline_matches_reference(model, weights):

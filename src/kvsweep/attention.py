@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvsweep import h2o_kernels
+
 ATTENTION_NAME = "kvsweep_masked_sdpa"
 
 # Up to this many query rows per KV head (query heads of a group x queries of the pass), attention
@@ -31,8 +33,10 @@ STATE_ATTRIBUTE = "kvsweep_eviction"
 def masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention over the keys that are neither evicted nor in the future.
 
-    If the layer's state accumulates attention (H2O), the probabilities are computed explicitly for
-    this pass only (chunk x cache, never n x n) and their column sums are added to the state.
+    If the layer's state accumulates attention (H2O), the column sums of this pass's probabilities
+    are added to the state: with many query rows by `kvsweep.h2o_kernels` where Triton runs (which
+    computes the output as well), else from the probabilities computed explicitly for this pass
+    only (chunk x cache, never n x n).
     """
     state = getattr(module, STATE_ATTRIBUTE, None)
     if state is None:
@@ -48,10 +52,19 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     k_len = state.layout.slots[1]
     key, value = key[:, :, :k_len], value[:, :, :k_len]
 
-    grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
     visible = state.visible_keys()  # (batch, kv_heads, q, k)
+    accumulates = state.attention_received is not None
 
-    if state.attention_received is None and groups * q_len > FUSED_MIN_ROWS:
+    if groups * q_len > FUSED_MIN_ROWS and accumulates and h2o_kernels.available(query):
+        # H2O: output and column sums from two Triton kernels that never write the probabilities.
+        row_weights = state.valid_queries() / groups
+        key_stop = state.layout.query_slots[-1:] + 1  # no query of the pass sees a later key
+        received = state.attention_received[:, :, :k_len]
+        out = h2o_kernels.attend_and_accumulate(query, key, value, visible, row_weights, scaling, received, key_stop)
+        return out, None
+
+    grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
+    if groups * q_len > FUSED_MIN_ROWS and not accumulates:
         # The kernel takes one mask row per (folded) query row: expand over the query heads.
         visible = (
             visible[:, :, None]
@@ -67,7 +80,7 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         probs.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(~visible[:, :, None], float("-inf"))
         probs = torch.softmax(probs, dim=-1)
         out = torch.matmul(probs, value)
-        if state.attention_received is not None:
+        if accumulates:
             # Sum over the real queries of the pass, mean over the query heads of each KV group: one
             # (1 x groups*q) @ (groups*q x k) product per KV head.
             row_weights = (state.valid_queries() / groups).repeat(1, groups).to(probs.dtype)

@@ -1,0 +1,95 @@
+"""Correctness on the card, checked before the benchmark times anything (`gpu_throughput.py`)."""
+
+import torch
+
+from kvsweep import h2o_kernels
+from kvsweep.generate import stream_generate
+from kvsweep.stream_nll import stream_nll
+
+
+def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
+    """On this card: with threshold -inf every method reproduces the baseline; CUDA-graph replay
+    reproduces the eager passes (same NLL, same evictions, same generated tokens); H2O's Triton
+    column sums agree with float64 and with the torch path. `kvsweep_press(method, surrogate,
+    threshold, window=None)` builds the benchmark's presses."""
+    vocab = model.config.vocab_size
+    docs = torch.randint(0, vocab, (2, 1024), generator=torch.Generator().manual_seed(1)).tolist()
+    reference = stream_nll(model, docs, 128)
+    checks = {}
+    for method in ("kvzap", "h2o"):
+        results = stream_nll(model, docs, 128, kvsweep_press(method, surrogate, float("-inf")))
+        checks[f"{method}_minus_inf_vs_baseline_max_rel_nll_diff_bf16"] = worst_nll_diff(results, reference)
+    # At chunk 1 over 200 tokens with 64-token windows and key buckets (4 captures). H2O's thresholds
+    # here are set for these short documents (mean attention ~ 1 / length), so that both evict.
+    cases = [("kvzap", 1, 200, thresholds["kvzap"]), ("h2o", 1, 200, 1e-2),
+             ("kvzap", 128, 1024, thresholds["kvzap"]), ("h2o", 128, 1024, 2e-3)]  # fmt: skip
+    for method, chunk, n_tokens, threshold in cases:
+        short = [doc[:n_tokens] for doc in docs]
+        press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
+        bucket = 64 if chunk == 1 else None
+        graphs = stream_nll(model, short, chunk, press, key_bucket=bucket)
+        eager = stream_nll(model, short, chunk, press, cuda_graphs=False, key_bucket=bucket)
+        name = f"{method}_chunk{chunk}_{n_tokens}tok_graphs_vs_eager"
+        checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(graphs, eager)
+        checks[f"{name}_same_kv_kept"] = [r["kv_kept"] for r in graphs] == [r["kv_kept"] for r in eager]
+        checks[f"{name}_kv_density"] = sum(r["kv_kept"] for r in graphs) / sum(r["kv_total"] for r in graphs)
+    # Generation: two prompts of different lengths, eviction while decoding, 96 new tokens.
+    prompts = [docs[0][:700], docs[1][:530]]
+    for method, threshold in (("kvzap", thresholds["kvzap"]), ("h2o", 2e-3)):
+        press = kvsweep_press(method, surrogate, threshold, window=64)
+        graphs = stream_generate(model, prompts, 128, 96, press)
+        eager = stream_generate(model, prompts, 128, 96, press, cuda_graphs=False)
+        checks[f"{method}_generate_graphs_vs_eager_same_tokens_and_kv"] = graphs == eager
+    checks.update(h2o_kernel_checks(model, surrogate, docs, kvsweep_press))
+    return checks
+
+
+def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
+    """H2O's Triton kernels in bf16 on one chunk-128 pass of this model's attention shape against
+    float64 (output and column sums); then whole streams with the kernels and with the torch path
+    (bf16 probabilities)."""
+    config = model.config
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    batch, q_len, k_len, groups = 2, 128, 2125, heads // kv_heads
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    query = torch.randn(batch, q_len, heads, head_dim, device="cuda", generator=generator).transpose(1, 2)
+    key = torch.randn(batch, kv_heads, k_len, head_dim, device="cuda", generator=generator)
+    value = torch.randn(batch, kv_heads, k_len, head_dim, device="cuda", generator=generator)
+    query, key, value = query.bfloat16(), key.bfloat16(), value.bfloat16()
+    visible = torch.rand(batch, kv_heads, q_len, k_len, device="cuda", generator=generator) < 0.7
+    visible[:, :, torch.arange(q_len), torch.arange(q_len) + k_len - q_len] = True
+    weights = torch.full((batch, q_len), 1 / groups, device="cuda")
+    received = torch.zeros(batch, kv_heads, k_len, device="cuda")
+    out = h2o_kernels.attend_and_accumulate(query, key, value, visible, weights, head_dim**-0.5, received)
+    grouped = query.double().reshape(batch, kv_heads, groups, q_len, head_dim)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", grouped, key.double()) * head_dim**-0.5
+    probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
+    expected = (probs * weights[:, None, None, :, None]).sum((2, 3))
+    error = (received.double() - expected).abs()
+    checks = {"h2o_kernels_bf16_vs_float64_received_max_abs_err_over_mean": float(error.max() / expected.mean())}
+    expected_out = torch.einsum("bhgqk,bhkd->bqhgd", probs, value.double()).reshape(out.shape)
+    checks["h2o_kernels_bf16_vs_float64_output_max_abs_err"] = float((out.double() - expected_out).abs().max())
+    # The same in torch's bf16 SDPA, for scale: what a bf16 kernel is expected to be off by.
+    grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
+    mask = visible[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, kv_heads, groups * q_len, k_len)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(grouped_query, key, value, attn_mask=mask)
+    sdpa = sdpa.reshape(batch, heads, q_len, head_dim).transpose(1, 2)
+    checks["sdpa_bf16_vs_float64_output_max_abs_err"] = float((sdpa.double() - expected_out).abs().max())
+
+    short = [doc[:1024] for doc in docs]
+    press = kvsweep_press("h2o", surrogate, 2e-3)
+    kernels = stream_nll(model, short, 128, press)
+    available = h2o_kernels.available
+    h2o_kernels.available = lambda query: False
+    try:
+        torch_path = stream_nll(model, short, 128, press)
+    finally:
+        h2o_kernels.available = available
+    name = "h2o_chunk128_1024tok_kernels_vs_torch"
+    checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernels, torch_path)
+    checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernels], [r["kv_kept"] for r in torch_path]]
+    return checks
+
+
+def worst_nll_diff(results, reference) -> float:
+    return max(abs(r["nll_sum"] - b["nll_sum"]) / b["nll_sum"] for r, b in zip(results, reference, strict=True))
