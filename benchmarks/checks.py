@@ -2,7 +2,7 @@
 
 import torch
 
-from kvsweep import h2o_kernels
+from kvsweep import attention, h2o_kernels
 from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
 
@@ -70,9 +70,7 @@ def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
     expected_out = torch.einsum("bhgqk,bhkd->bqhgd", probs, value.double()).reshape(out.shape)
     checks["h2o_kernels_bf16_vs_float64_output_max_abs_err"] = float((out.double() - expected_out).abs().max())
     # The same in torch's bf16 SDPA, for scale: what a bf16 kernel is expected to be off by.
-    grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
-    mask = visible[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, kv_heads, groups * q_len, k_len)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(grouped_query, key, value, attn_mask=mask)
+    sdpa = attention.masked_sdpa(query.reshape(batch, kv_heads, groups * q_len, head_dim), key, value, visible)
     sdpa = sdpa.reshape(batch, heads, q_len, head_dim).transpose(1, 2)
     checks["sdpa_bf16_vs_float64_output_max_abs_err"] = float((sdpa.double() - expected_out).abs().max())
 

@@ -17,10 +17,9 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvsweep import h2o_kernels
+from kvsweep import attention, h2o_kernels
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -53,25 +52,20 @@ def attention_case(batch, heads, kv_heads, head_dim, q_len=128, key_stop=4096, k
     return query, key, value, visible, weights, torch.tensor([key_stop], device="cuda")
 
 
-def sdpa_masked(query, key, value, visible):
+def folded(query, key):
+    """(batch, heads, q, d) queries folded over their KV heads: (batch, kv_heads, groups * q, d)."""
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    grouped = query.reshape(batch, kv_heads, groups * q_len, head_dim)
-    mask = visible[:, :, None].expand(batch, kv_heads, groups, q_len, k_len).reshape(batch, kv_heads, -1, k_len)
-    return F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask)
+    return query.reshape(batch, key.shape[1], heads // key.shape[1] * q_len, head_dim)
+
+
+def sdpa_masked(query, key, value, visible):
+    return attention.masked_sdpa(folded(query, key), key, value, visible)
 
 
 def torch_column_sums(query, key, visible, weights, received):
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    grouped = query.reshape(batch, kv_heads, groups * q_len, head_dim)
-    probs = torch.matmul(grouped * head_dim**-0.5, key.transpose(-1, -2))
-    probs.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(~visible[:, :, None], float("-inf"))
-    probs = torch.softmax(probs, dim=-1)
-    row_weights = weights.repeat(1, groups).to(probs.dtype)
-    received += torch.matmul(row_weights[:, None, None, :], probs)[:, :, 0].float()
+    """H2O's torch path without its P·V product."""
+    probs = attention.masked_probabilities(folded(query, key), key, visible, query.shape[-1] ** -0.5)
+    received += attention.weighted_column_sums(probs, weights)
 
 
 # Launch settings tried per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages).

@@ -65,30 +65,49 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
     if groups * q_len > FUSED_MIN_ROWS and not accumulates:
-        # The kernel takes one mask row per (folded) query row: expand over the query heads.
-        visible = (
-            visible[:, :, None]
-            .expand(batch, kv_heads, groups, q_len, k_len)
-            .reshape(batch, kv_heads, groups * q_len, k_len)
-        )
-        out = F.scaled_dot_product_attention(grouped_query, key, value, attn_mask=visible, scale=scaling)
+        out = masked_sdpa(grouped_query, key, value, visible, scaling)
     else:
-        # In the model's dtype, in place where possible: for H2O each pass over this (batch, kv_heads,
-        # groups * q, k) matrix is its cost (softmax accumulates in float32 internally).
-        # The mask is applied through a (batch, kv_heads, groups, q, k) view, never expanded.
-        probs = torch.matmul(grouped_query * scaling, key.transpose(-1, -2))
-        probs.view(batch, kv_heads, groups, q_len, k_len).masked_fill_(~visible[:, :, None], float("-inf"))
-        probs = torch.softmax(probs, dim=-1)
+        probs = masked_probabilities(grouped_query, key, visible, scaling)
         out = torch.matmul(probs, value)
         if accumulates:
-            # Sum over the real queries of the pass, mean over the query heads of each KV group: one
-            # (1 x groups*q) @ (groups*q x k) product per KV head.
-            row_weights = (state.valid_queries() / groups).repeat(1, groups).to(probs.dtype)
-            received = torch.matmul(row_weights[:, None, None, :], probs)  # (batch, kv_heads, 1, k)
-            state.attention_received[:, :, :k_len] += received[:, :, 0].float()
+            state.attention_received[:, :, :k_len] += weighted_column_sums(probs, state.valid_queries() / groups)
 
     out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     return out, None
+
+
+def masked_sdpa(grouped_query, key, value, visible, scaling=None) -> torch.Tensor:
+    """SDPA of (batch, kv_heads, groups * q, d) folded queries under the (batch, kv_heads, q, k)
+    mask; the kernel takes one mask row per folded query row, so the mask is expanded over the
+    query heads."""
+    batch, kv_heads, q_len, k_len = visible.shape
+    rows = grouped_query.shape[2]
+    mask = (
+        visible[:, :, None].expand(batch, kv_heads, rows // q_len, q_len, k_len).reshape(batch, kv_heads, rows, k_len)
+    )
+    return F.scaled_dot_product_attention(grouped_query, key, value, attn_mask=mask, scale=scaling)
+
+
+def masked_probabilities(grouped_query, key, visible, scaling) -> torch.Tensor:
+    """Softmax probabilities (batch, kv_heads, groups * q, k) of the folded queries under the mask.
+
+    In the model's dtype, in place where possible: for H2O each pass over this matrix is its cost
+    (softmax accumulates in float32 internally). The mask is applied through a (batch, kv_heads,
+    groups, q, k) view, never expanded.
+    """
+    batch, kv_heads, q_len, k_len = visible.shape
+    probs = torch.matmul(grouped_query * scaling, key.transpose(-1, -2))
+    probs.view(batch, kv_heads, -1, q_len, k_len).masked_fill_(~visible[:, :, None], float("-inf"))
+    return torch.softmax(probs, dim=-1)
+
+
+def weighted_column_sums(probs, row_weights) -> torch.Tensor:
+    """(batch, kv_heads, k) float32: sum over the folded rows of row_weights[b, r % q] * probs,
+    one (1 x groups*q) @ (groups*q x k) product per KV head. `row_weights` (batch, q): for H2O 1 /
+    groups for a real query, 0 for padding (sum over queries, mean over the query heads)."""
+    groups = probs.shape[2] // row_weights.shape[1]
+    weights = row_weights.repeat(1, groups).to(probs.dtype)
+    return torch.matmul(weights[:, None, None, :], probs)[:, :, 0].float()
 
 
 AttentionInterface.register(ATTENTION_NAME, masked_attention)
