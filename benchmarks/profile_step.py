@@ -10,7 +10,6 @@ taken twice (the first includes first-touch costs). Then the profiler's top kern
 """
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,15 +17,11 @@ from torch.profiler import ProfilerActivity, profile
 from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
 
-from gpu_throughput import build_model, kvsweep_press
+from gpu_throughput import build_model, kvsweep_press, timed
 
 
 def seconds(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return timed(fn)[1]
 
 
 def main():

@@ -14,7 +14,7 @@ import torch
 
 from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
-from kvsweep.static_passes import StaticPasses
+from kvsweep.static_passes import StaticPasses, whole_chunks
 from kvsweep.stream_nll import right_padded_ids
 
 
@@ -35,7 +35,7 @@ def stream_generate(
     device = model.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = chunk_size * -(-max(len(p) for p in prompts) // chunk_size)  # whole chunks: one pass shape
+    width = whole_chunks(max(len(p) for p in prompts), chunk_size)  # whole chunks: one pass shape
     capacity = width + max_new_tokens
     input_ids = right_padded_ids(prompts, width, device)
     eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)

@@ -22,11 +22,16 @@ from transformers.cache_utils import Cache, StaticLayer
 from kvsweep.eviction import BatchLayout
 
 
+def whole_chunks(n: int, chunk_size: int) -> int:
+    """n rounded up to a multiple of chunk_size."""
+    return chunk_size * -(-n // chunk_size)
+
+
 def default_bucket(chunk_size: int) -> int:
     """Slots per key bucket: a multiple of the chunk, at least 256 slots and 16 chunks. A capture
     costs about as much as a few eager passes, so each graph should be replayed ~16 times or more;
     the extra keys a larger bucket attends to cost little next to a large chunk's matmuls."""
-    return chunk_size * -(-max(256, 16 * chunk_size) // chunk_size)
+    return whole_chunks(max(256, 16 * chunk_size), chunk_size)
 
 
 class StaticPasses:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
-from kvsweep.static_passes import StaticPasses
+from kvsweep.static_passes import StaticPasses, whole_chunks
 
 
 @torch.inference_mode()
@@ -41,7 +41,7 @@ def stream_nll(
     batch = len(documents)
     lengths = torch.tensor([len(doc) for doc in documents], device=device)
     # Whole chunks only, so every pass has the same shape; the slots past a document are padding.
-    width = chunk_size * -(-max(len(doc) for doc in documents) // chunk_size)
+    width = whole_chunks(max(len(doc) for doc in documents), chunk_size)
     input_ids = right_padded_ids(documents, width + 1, device)
 
     nll = torch.zeros(batch, dtype=torch.float64, device=device)
