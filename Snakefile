@@ -3,11 +3,15 @@
 #   snakemake -n                                   plan the study in config.yaml
 #   snakemake --profile slurm                      run it on a SLURM cluster
 #   snakemake --configfile demo/config.yaml -c2    the CPU demo
+#   snakemake --report report.html                 one page: figures, tables, config, provenance
 #
 # A study given with --configfile replaces config.yaml entirely (it is not merged into it).
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+
+report: "workflow/report/workflow.rst"
 
 
 if not workflow.overwrite_configfiles:
@@ -18,9 +22,11 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/compare.smk"
+include: "workflow/rules/report.smk"
 
 
 # Light steps run where Snakemake runs (on a cluster: the login node, which can reach the hub for
@@ -29,8 +35,11 @@ localrules:
     all,
     demo_assets,
     prepare,
+    prepare_calibration,
     score,
+    comparison,
     compare,
+    study_config,
 
 
 rule all:

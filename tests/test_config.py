@@ -40,7 +40,18 @@ def test_shipped_configs_are_valid_and_get_defaults():
         assert config["bootstrap"]["n_resamples"] >= 100
     config = validate_config(shipped())
     assert config["model"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert config["methods"]["h2o"]["canonical_thresholds"][:2] == ["1e-05", "3e-05"]
+    assert config["methods"]["h2o"]["canonical_thresholds"] == ["0.0005"]
+    assert config["methods"]["h2o"]["canonical_targets"] == [
+        "0.1",
+        "0.2",
+        "0.3",
+        "0.4",
+        "0.5",
+        "0.6",
+        "0.7",
+        "0.8",
+        "0.9",
+    ]
     minimal = validate_config(
         {"run": "x", "model": {"name": "m"}, "dataset": {"source": "d.jsonl"}, "methods": {"baseline": None}}
     )
@@ -85,16 +96,31 @@ BAD = [
     ("chunk_size", 0, "chunk_size: 0 is less than the minimum of 1"),
     ("methods.h2o.thresholds", [0.1, "abc"], "methods.h2o.thresholds[1]"),
     ("methods.h2o.thresholds", [0.1, float("nan")], "methods.h2o.thresholds[1]: threshold NaN is not allowed"),
-    ("methods.h2o.thresholds", [-5, "-5.0"], "lists the threshold -5 twice"),
+    ("methods.h2o.thresholds", [-5, "-5.0"], "methods.h2o.thresholds lists -5 twice (as -5 and '-5.0')"),
+    ("methods.h2o.target_densities", [0.3, 0.30], "methods.h2o.target_densities lists 0.3 twice"),
+    ("methods.h2o.target_densities", [0.3, 1.0], "methods.h2o.target_densities[1]: 1.0 is greater than or equal to the maximum of 1"),
+    ("methods.h2o.target_densities", [0], "methods.h2o.target_densities[0]: 0 is less than or equal to the minimum of 0"),
+    ("methods.baseline", {"target_densities": [0.5]}, "methods.baseline: 'baseline' takes no thresholds or target densities"),
+    ("calibration.tolerance", 0, "calibration.tolerance: 0 is less than or equal to the minimum of 0"),
+    ("comparison.density", "density", "comparison.density: 'density' is not allowed (allowed values: kv_density_compressible, kv_density)"),
     ("methods.h2o.thresholds", [], "methods.h2o.thresholds: [] should be non-empty"),
     ("methods.snapkv", {"thresholds": [1]}, "unknown method 'snapkv'; known methods: baseline, kvzap, kvzap_no_sink, h2o"),
-    ("methods.baseline", {"thresholds": [1]}, "methods.baseline: 'baseline' takes no thresholds"),
+    ("methods.baseline", {"thresholds": [1]}, "methods.baseline: 'baseline' takes no thresholds or target densities"),
     ("methods.h2o.sliding_window", 64, "methods.h2o: method 'h2o' does not take sliding_window (its settings: local_window, sinks)"),
     ("methods.h2o.window", 64, "methods.h2o: Additional properties are not allowed ('window' was unexpected) (allowed keys:"),
-    ("methods.kvzap.thresholds", DELETE, "methods.kvzap.thresholds: 'kvzap' needs a list of thresholds"),
     ("dataset.source", DELETE, "dataset: 'source' is a required property"),
     ("dataset.min_length", 10000, "dataset.min_length (10000) exceeds dataset.max_length (8192)"),
     ("run", "my study", "run: 'my study' does not match"),
+    ("run", "..", "run: '..' does not match"),
+    ("run", ".", "run: '.' does not match"),
+    ("run", "../elsewhere", "run: '../elsewhere' does not match"),
+    ("run", "a/b", "run: 'a/b' does not match"),
+    ("run", ".hidden", "run: '.hidden' does not match"),
+    ("run", "-rf", "run: '-rf' does not match"),
+    ("methods.baseline", DELETE, "methods: 'baseline' is missing; every quality difference is paired with the uncompressed baseline"),
+    ("methods.h2o.thresholds", [1e400], "methods.h2o.thresholds[0]: threshold inf is +infinity (a number too large for a float"),
+    ("methods.h2o.thresholds", ["1e400"], "methods.h2o.thresholds[0]: threshold '1e400' is +infinity"),
+    ("methods.h2o.thresholds", ["inf"], "methods.h2o.thresholds[0]: threshold 'inf' is +infinity"),
     ("gpus", 1, "top level: Additional properties are not allowed ('gpus' was unexpected) (allowed keys: batch_size,"),
 ]  # fmt: skip
 
@@ -106,6 +132,55 @@ def test_bad_config_names_the_key(path, value, message):
     assert message in str(err.value)
 
 
-def test_validation_does_not_depend_on_input_order():
+@pytest.mark.parametrize("keep", ["thresholds", "target_densities", None])
+def test_a_method_needs_thresholds_or_target_densities(keep):
     config = shipped()
-    assert validate_config(copy.deepcopy(config)) == validate_config(copy.deepcopy(config))
+    for key in ("thresholds", "target_densities"):
+        if key != keep:
+            del config["methods"]["kvzap"][key]
+    if keep:
+        assert validate_config(config)["methods"]["kvzap"][f"canonical_{'targets' if keep != 'thresholds' else keep}"]
+    else:
+        with pytest.raises(KvsweepError, match="methods.kvzap: 'kvzap' needs thresholds, target_densities, or both"):
+            validate_config(config)
+
+
+def test_validation_does_not_depend_on_input_order():
+    """The same config with every mapping's keys in reverse order validates to the same result."""
+
+    def reversed_keys(value):
+        if isinstance(value, dict):
+            return {key: reversed_keys(value[key]) for key in reversed(list(value))}
+        return value
+
+    config = shipped()
+    backwards = reversed_keys(copy.deepcopy(config))
+    assert list(backwards) != list(config) and list(backwards["methods"]) != list(config["methods"])
+    assert validate_config(backwards) == validate_config(copy.deepcopy(config))
+
+
+@pytest.mark.parametrize("run", ["study", "a.b", "x..y", "A_1-2", "v1.0", "a" * 80])
+def test_every_accepted_run_name_keeps_outputs_under_results(run):
+    config = edit("run", run)
+    validate_config(config)
+    results = Path("results").resolve()
+    assert (results / config["run"]).resolve().parent == results
+
+
+def test_the_schema_is_found_after_a_non_editable_install(tmp_path):
+    """`python -m kvsweep.config` from a wheel-style install (no source tree beside it)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(ROOT)], check=True, capture_output=True)  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import kvsweep, runpy; print(kvsweep.__file__); "
+         "runpy.run_module('kvsweep.config', run_name='__main__')", str(ROOT / "config.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(str(target))
+    assert "canonical_thresholds" in result.stdout

@@ -117,9 +117,9 @@ def test_density_falls_as_threshold_rises(model, surrogate_dir, method):
     "method,settings", [("kvzap", {"sliding_window": 5}), ("h2o", {"local_window": 7, "sinks": 2})]
 )
 def test_sinks_and_window_are_never_evicted(model, surrogate_dir, method, settings):
-    """At threshold +inf every decided position is evicted; all that stays is sinks and the window."""
+    """At a threshold above every score each decided position is evicted; all that stays is sinks and the window."""
     documents = random_documents([40, 12])
-    press, resolved = build(method, math.inf, settings, surrogate_dir)
+    press, resolved = build(method, 1e30, settings, surrogate_dir)
     window = resolved.get("sliding_window", resolved.get("local_window"))
     for doc, result in zip(documents, stream_nll(model, documents, 3, press), strict=True):
         kv_per_position = result["kv_total"] // len(doc)

@@ -1,7 +1,6 @@
 """The `python -m kvsweep.evaluate` command: outputs, clear errors, atomic output and resuming."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from kvsweep import evaluate
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
-from conftest import random_documents
+from conftest import random_documents, tiny_llama, tiny_surrogate
 
 FIELDS = {
     "id",
@@ -25,6 +24,7 @@ FIELDS = {
     "kv_total",
     "kv_kept_compressible",
     "kv_total_compressible",
+    "provenance",
 }
 
 
@@ -48,6 +48,11 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["doc0", "doc1", "doc2"]  # input order, though batched by length
     assert all(set(line) == FIELDS for line in lines)
+    import torch
+
+    assert lines[0]["provenance"]["torch"] == torch.__version__
+    assert (lines[0]["provenance"]["device"], lines[0]["provenance"]["dtype"]) == ("cpu", "float32")
+    assert len(lines[0]["provenance"]["kvsweep"].split("+")[0]) == 40  # the commit of this checkout
     assert lines[1]["n_tokens"] == 64  # truncated to --max-length
     method = get_method("kvzap")
     settings = method.resolve(0.0, {"sliding_window": 6, "kvzap_surrogate": surrogate_dir})
@@ -60,7 +65,8 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
 
 BAD_INPUTS = [
     (["--method", "snapkv", "--threshold", "1"], "unknown method 'snapkv'; known methods: baseline, kvzap"),
-    (["--method", "h2o", "--threshold", "nan"], "threshold must be a number"),
+    (["--method", "h2o", "--threshold", "nan"], "threshold NaN is not allowed"),
+    (["--method", "h2o", "--threshold", "1e400"], "threshold inf is +infinity (a number too large for a float"),
     (["--method", "baseline", "--threshold", "0.5"], "method 'baseline' takes no threshold"),
     (["--method", "h2o"], "method 'h2o' needs a threshold"),
     (["--method", "h2o", "--threshold", "0.1", "--sliding-window", "4"], "does not take sliding_window"),
@@ -121,17 +127,7 @@ def test_resume_skips_finished_documents(model_dir, tmp_path, monkeypatch):
     args = cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", *method)
     evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "reference.jsonl", *method))
 
-    seen = []
-
-    def dies_after_first_batch(model, documents, chunk, press, **options):
-        if seen:
-            raise KeyboardInterrupt("killed")
-        seen.append(len(documents))
-        return stream_nll(model, documents, chunk, press, **options)
-
-    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", dies_after_first_batch)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.main(args)
+    killed_after_first_batch(monkeypatch, args)
     assert not (tmp_path / "out.jsonl").exists(), "a killed job must not leave a complete-looking output"
     assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 1 + 2
 
@@ -173,19 +169,106 @@ def test_resume_after_sigkill(model_dir, tmp_path):
     assert not partial.exists()
 
 
-def test_changed_settings_do_not_reuse_a_checkpoint(model_dir, tmp_path):
-    write_shard(tmp_path / "shard.jsonl", [20, 20])
-    args = cli_args(
-        model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", "--method", "h2o", "--threshold", "0.05"
-    )
+def killed_after_first_batch(monkeypatch, args):
+    """Run the CLI with `args` and kill it (KeyboardInterrupt) after its first batch: the
+    checkpoint then holds a real fingerprint and one batch of results."""
+    calls = []
+
+    def dies(model, documents, chunk, press, **options):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return stream_nll(model, documents, chunk, press, **options)
+
+    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", dies)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(args)
+    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", stream_nll)
+
+
+def retrain_in_place(folder, seed):
+    """The same folder, other weights (a model or surrogate trained again and saved over itself)."""
+    if (folder / "config.json").read_text().count('"kvzap"'):
+        tiny_surrogate(tiny_llama(), seed=seed).save_pretrained(folder)
+    else:
+        tiny_llama(seed=seed).save_pretrained(folder)
+
+
+# What a stale checkpoint must not survive: each changes the results, not only the command line.
+CHANGES = ["threshold", "window", "chunk_size", "shard_content", "model_weights", "surrogate_weights"]
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_checkpoint_of_other_inputs_is_not_reused(model, tmp_path, monkeypatch, change):
+    model_dir, surrogate_dir = tmp_path / "model", tmp_path / "surrogate"
+    model.save_pretrained(model_dir)
+    tiny_surrogate(model).save_pretrained(surrogate_dir)
+    shard = tmp_path / "shard.jsonl"
+    write_shard(shard, [30, 25, 20, 15])
+    options = {"--threshold": "0", "--sliding-window": "4", "--chunk-size": "4"}
+
+    def args(output):
+        extra = ["--method", "kvzap", "--kvzap-surrogate", str(surrogate_dir), "--batch-size", "2"]
+        extra += [item for pair in options.items() for item in pair]
+        return [*cli_args(str(model_dir), shard, output), *extra]
+
+    killed_after_first_batch(monkeypatch, args(tmp_path / "out.jsonl"))
+    assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 1 + 2
+
+    if change == "threshold":
+        options["--threshold"] = "0.05"
+    elif change == "window":
+        options["--sliding-window"] = "6"
+    elif change == "chunk_size":
+        options["--chunk-size"] = "5"
+    elif change == "shard_content":  # same ids, other tokens (e.g. prepared from another text field)
+        write_shard(shard, [30, 25, 20, 15], seed=9)
+    else:
+        retrain_in_place(model_dir if change == "model_weights" else surrogate_dir, seed=7)
+
+    evaluate.main(args(tmp_path / "fresh.jsonl"))
+    evaluate.main(args(tmp_path / "out.jsonl"))
+    assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "fresh.jsonl").read_text()
+
+
+def test_unchanged_inputs_do_reuse_the_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
+    """The other side of the fingerprint: the same inputs resume (so the test above can fail)."""
+    write_shard(tmp_path / "shard.jsonl", [30, 25, 20, 15])
+    args = cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", "--method", "h2o",
+                    "--threshold", "0.05", "--local-window", "4")  # fmt: skip
+    killed_after_first_batch(monkeypatch, args)
     evaluate.main(args)
-    stale = tmp_path / "out.jsonl.partial"
-    stale.write_text(
-        json.dumps({"fingerprint": "other-settings"}) + "\n" + json.dumps({"id": "doc0", "nll_sum": -1}) + "\n"
-    )
+    assert "resuming: 2 of 4 documents already done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "not json at all\n",
+        '["a list"]\n',
+        '{"fingerprint": "x"\n',
+        "\udcff\n",
+        "{fingerprint}\n[1, 2]\n",
+        '{fingerprint}\n{{"id": "doc0"}}\n',
+        '{fingerprint}\n{{"id": ["doc0"]}}\n',
+    ],
+    ids=["garbage_header", "list_header", "cut_header", "bad_bytes", "list_record", "record_without_fields", "odd_id"],
+)
+def test_a_corrupt_checkpoint_is_recomputed(model_dir, tmp_path, capsys, checkpoint):
+    """Whatever a crash or a disk left in the checkpoint, the job recomputes (rather than failing
+    on every retry) and its output equals a clean run's."""
+    write_shard(tmp_path / "shard.jsonl", [20, 18])
+    args = cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "out.jsonl", "--method", "baseline")
+    evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "clean.jsonl", "--method", "baseline"))
+    parsed = evaluate.parse_args(args)
+    _, settings = evaluate.resolve_method(parsed)
+    documents = evaluate.load_shard(parsed.data, parsed.max_length)
+    header = json.dumps({"fingerprint": evaluate._fingerprint(parsed, settings, documents)})
+    text = checkpoint.replace("{fingerprint}", header).replace("{{", "{").replace("}}", "}")
+    (tmp_path / "out.jsonl.partial").write_bytes(text.encode("utf-8", errors="surrogateescape"))
     evaluate.main(args)
-    assert all(json.loads(line)["nll_sum"] > 0 for line in (tmp_path / "out.jsonl").read_text().splitlines())
-    assert math.isfinite(json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])["nll_sum"])
+    assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "clean.jsonl").read_text()
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_line_cut_short_by_a_kill_is_dropped_and_recomputed(model_dir, tmp_path, monkeypatch):
@@ -196,24 +279,63 @@ def test_a_line_cut_short_by_a_kill_is_dropped_and_recomputed(model_dir, tmp_pat
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     (tmp_path / "out.jsonl").unlink()
     partial = tmp_path / "out.jsonl.partial"
-    fingerprint = evaluate._fingerprint(evaluate.parse_args(args), {})
+    parsed = evaluate.parse_args(args)
+    fingerprint = evaluate._fingerprint(parsed, {}, evaluate.load_shard(parsed.data, parsed.max_length))
     partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n" + lines[0] + "\n" + lines[1][:25])
 
     # A resumed run killed again after one document: its checkpoint holds only whole lines.
-    calls = []
-
-    def dies_after_one(model, documents, chunk, press, **options):
-        if calls:
-            raise KeyboardInterrupt("killed again")
-        calls.append(1)
-        return stream_nll(model, documents, chunk, press, **options)
-
-    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", dies_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.main(args)
+    killed_after_first_batch(monkeypatch, args)
     kept = [json.loads(line) for line in partial.read_text().splitlines()]  # raises on a fragment
     assert [k.get("id") for k in kept] == [None, "doc0", "doc1"]
 
-    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", stream_nll)
     evaluate.main(args)
     assert (tmp_path / "out.jsonl").read_text().splitlines() == lines
+
+
+def test_token_ids_outside_the_vocabulary_are_one_message(model_dir, tmp_path, capsys):
+    (tmp_path / "shard.jsonl").write_text(json.dumps({"id": "a", "input_ids": [5, 96, 500, 7]}) + "\n")
+    with pytest.raises(SystemExit):
+        evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "o.jsonl", "--method", "baseline"))
+    err = capsys.readouterr().err
+    assert "document 'a' holds token id 500, outside the model's vocabulary of 97" in err
+    assert "Traceback" not in err
+
+
+def test_a_surrogate_path_that_holds_a_model_is_one_message(model_dir, tmp_path, capsys):
+    write_shard(tmp_path / "shard.jsonl", [20])
+    extra = ["--method", "kvzap", "--threshold", "0", "--kvzap-surrogate", model_dir]
+    with pytest.raises(SystemExit):
+        evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "o.jsonl", *extra))
+    err = capsys.readouterr().err
+    assert f"KVzap surrogate '{model_dir}' holds a model of type 'llama', not a KVzap surrogate" in err
+    assert "Traceback" not in err
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_message_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    write_shard(tmp_path / "shard.jsonl", [20])
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("kvsweep.stream_nll.stream_nll", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(SystemExit):
+        evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "a_file" / "out.jsonl",
+                               "--method", "baseline"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cannot create the folder of" in err and "a_file/out.jsonl" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "models/llama/v2"])
+def test_a_missing_local_model_folder_is_not_called_a_hub_id(tmp_path, capsys, name):
+    write_shard(tmp_path / "shard.jsonl", [20])
+    with pytest.raises(SystemExit):
+        evaluate.main(cli_args(name, tmp_path / "shard.jsonl", tmp_path / "o.jsonl", "--method", "baseline"))
+    err = capsys.readouterr().err
+    assert f"model '{name}': no such local folder or file" in err and "hub id" not in err
+
+
+def test_outputs_get_the_permissions_of_the_umask(model_dir, tmp_path):
+    write_shard(tmp_path / "shard.jsonl", [20])
+    previous = os.umask(0o022)
+    try:
+        evaluate.main(cli_args(model_dir, tmp_path / "shard.jsonl", tmp_path / "o.jsonl", "--method", "baseline"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == 0o644

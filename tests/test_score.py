@@ -70,3 +70,53 @@ def test_missing_baseline_documents_are_an_error(tmp_path):
 def test_no_baseline_is_an_error(tmp_path):
     with pytest.raises(KvsweepError, match="no baseline results"):
         summarize(load_results([write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50)])]))
+
+
+def test_documents_read_at_another_length_than_the_baselines_are_refused(tmp_path):
+    """Results of one document at two lengths come from different inputs (a shard prepared again
+    between the jobs): pairing them would compare different texts."""
+    paths = [write(tmp_path, "baseline", "none", [doc(0, 10.0, 9, 100), doc(1, 10.0, 9, 100)]),
+             write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50), doc(1, 13.0, 12, 50)])]  # fmt: skip
+    with pytest.raises(KvsweepError, match=r"h2o at 0.1: document\(s\) \['d1'\] were read with another n_tokens"):
+        summarize(load_results(paths))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"id": "d0", "nll_sum": 1.0\n', "line 1: not valid JSON"),
+        ('{"id": "d0", "nll_sum": 1.0}\n', "line 1: missing field(s) kv_kept, kv_kept_compressible"),
+        (b'{"id": "d\xff"}\n', "line 1: not valid UTF-8"),
+    ],
+)
+def test_a_corrupted_result_file_is_one_message(tmp_path, capsys, content, message):
+    from kvsweep.score import main
+
+    good = write(tmp_path, "baseline", "none", [doc(0, 10.0, 9, 100)])
+    bad = tmp_path / "perplexity" / "h2o" / "0.1" / "shard000.jsonl"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit):
+        main(
+            ["--inputs", good, str(bad), "--output-csv", str(tmp_path / "s.csv"), "--output-md", str(tmp_path / "s.md")]
+        )
+    err = capsys.readouterr().err
+    assert f"{bad}, {message}" in err and "Traceback" not in err
+
+
+def test_compare_draws_an_interval_that_excludes_its_point(tmp_path):
+    """A percentile bootstrap interval need not contain the point estimate; the figure draws it."""
+    import pandas as pd
+
+    from kvsweep.compare import main
+
+    table = pd.DataFrame([
+        {"method": "baseline", "threshold": "", "delta_nll": 0.0, "delta_nll_ci_low": 0.0, "delta_nll_ci_high": 0.0,
+         "ppl": 10.0, "kv_density": 1.0},
+        {"method": "h2o", "threshold": "0.1", "delta_nll": 0.010, "delta_nll_ci_low": 0.012,
+         "delta_nll_ci_high": 0.020, "ppl": 10.1, "kv_density": 0.5},
+    ])  # fmt: skip
+    table.to_csv(tmp_path / "summary.csv", index=False)
+    main(["--summary", str(tmp_path / "summary.csv"), "--output-png", str(tmp_path / "f.png"),
+          "--output-pdf", str(tmp_path / "f.pdf")])  # fmt: skip
+    assert (tmp_path / "f.png").stat().st_size > 5000

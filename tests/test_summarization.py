@@ -103,7 +103,7 @@ def test_batch_of_three_generates_what_batch_one_does(model, surrogate_dir, meth
 def test_eviction_continues_while_decoding(model, surrogate_dir):
     """With a window of 4 and a threshold that evicts everything, the cache stays at the window."""
     prompt = random_documents([20], seed=8)[0]
-    result = stream_generate(model, [prompt], 4, 30, press_for("kvzap_no_sink", math.inf, surrogate_dir))[0]
+    result = stream_generate(model, [prompt], 4, 30, press_for("kvzap_no_sink", 1e30, surrogate_dir))[0]
     assert result["kv_total"] == 2 * 2 * (20 + 30 - 1)
     assert result["kv_kept"] == 2 * 2 * 4
 
@@ -133,7 +133,7 @@ def word_tokenizer():
 def test_long_prompt_is_truncated_in_the_middle_of_the_report(word_tokenizer, tmp_path, capsys):
     report = " ".join(WORDS * 20)
     ids, truncated = summarization_prompt_ids(word_tokenizer, report, 60)
-    assert truncated and len(ids) <= 61  # BOS added after LongBench's cut
+    assert truncated and len(ids) <= 60  # BOS included: the model input fits max_length
     text = word_tokenizer.decode(ids, skip_special_tokens=True)
     assert text.startswith("You are given a report by a government agency.")
     assert text.endswith("Now, write a one-page summary of the report. Summary:")
@@ -150,6 +150,99 @@ def test_long_prompt_is_truncated_in_the_middle_of_the_report(word_tokenizer, tm
     lines = [json.loads(x) for x in (tmp_path / "data" / "summarization" / "shard000.jsonl").read_text().splitlines()]
     assert [line["references"] for line in lines] == [["GAO found gaps"], ["a", "b"]]
     assert lines[0]["input_ids"] == ids
+
+
+# A chat template in the style of Llama 3.1's: a system header with dates before the user's turn,
+# the assistant's header after it (about 20 tokens in all with this word-level tokenizer).
+CHAT_TEMPLATE = (
+    "<|begin|> <|header|> system <|end_header|> Cutting Knowledge Date : December 2023 Today Date : 26 Jul 2024 "
+    "<|eot|> {% for message in messages %}<|header|> user <|end_header|> {{ message['content'] }} <|eot|> "
+    "{% endfor %}{% if add_generation_prompt %}<|header|> assistant <|end_header|>{% endif %}"
+)
+ASSISTANT_HEADER = "<|eot|> <|header|> assistant <|end_header|>"
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from kvsweep.prompts import GOV_REPORT_PROMPT
+
+    tokenizer = build_tokenizer([GOV_REPORT_PROMPT, " ".join(WORDS), CHAT_TEMPLATE.replace("{", " ").replace("}", " ")])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("max_length", [60, 61, 75])
+def test_a_chat_template_prompt_keeps_its_question_through_prepare_and_evaluate(
+    model, chat_tokenizer, tmp_path, max_length
+):
+    """The whole model input (template included) fits max_length, so evaluate never cuts it: the
+    model reads the question and the assistant's header after a long report."""
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    chat_tokenizer.save_pretrained(model_dir)
+    source = tmp_path / "reports.jsonl"
+    source.write_text(json.dumps({"id": "long", "report": " ".join(WORDS * 20), "summary": "GAO found gaps"}) + "\n")
+    prepare.main(["--source", str(source), "--tokenizer", str(model_dir), "--id-field", "id", "--max-documents", "1",
+                  "--max-length", str(max_length), "--shard-size", "1", "--tasks", "summarization",
+                  "--output-dir", str(tmp_path / "data")])  # fmt: skip
+    shard = tmp_path / "data" / "summarization" / "shard000.jsonl"
+    ids = json.loads(shard.read_text())["input_ids"]
+    assert max_length - 2 <= len(ids) <= max_length
+    text = chat_tokenizer.decode(ids)
+    assert text.startswith("<|begin|> <|header|> system") and "You are given a report by a government agency." in text
+    assert text.endswith("Now, write a one-page summary of the report. Summary: " + ASSISTANT_HEADER)
+
+    out = tmp_path / "out.jsonl"
+    evaluate.main(["--model", str(model_dir), "--data", str(shard), "--chunk-size", "8", "--max-length",
+                   str(max_length), "--task", "summarization", "--max-new-tokens", "4", "--method", "baseline",
+                   "--output", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["n_prompt_tokens"] == len(ids)
+    expected = stream_generate(model, [ids], 8, 4)[0]["generated_ids"]
+    assert result["generated"] == chat_tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_a_prompt_longer_than_max_length_is_refused_not_cut(model_dir, tmp_path, capsys):
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text(json.dumps({"id": "p", "input_ids": list(range(1, 41)), "references": ["r"]}) + "\n")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", model_dir, "--data", str(shard), "--chunk-size", "8", "--max-length", "32",
+                       "--task", "summarization", "--method", "baseline", "--output", str(tmp_path / "o.jsonl")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "document 'p': the prompt has 40 tokens, more than --max-length 32" in err and "Traceback" not in err
+
+
+def test_max_length_too_small_for_the_prompt_is_one_message(chat_tokenizer):
+    from kvsweep.errors import KvsweepError
+
+    with pytest.raises(KvsweepError, match="max_length 40 is too small for the summarization prompt"):
+        summarization_prompt_ids(chat_tokenizer, " ".join(WORDS * 20), 40)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (
+            b'{"report": "GAO reviewed \\ud800 data"}\n',
+            "record 0: field 'report' is not valid Unicode text (a lone surrogate '\\ud800' at character 13)",
+        ),
+        (b'{"report": "GAO reviewed \xff data"}\n', "line 1: not valid UTF-8 (byte 0xff at column 26)"),
+        (
+            b'{"report": "GAO reviewed data", "summary": "a \\udfff"}\n',
+            "record 0: field 'summary' is not valid Unicode text",
+        ),
+    ],
+    ids=["lone_surrogate", "not_utf8", "lone_surrogate_in_summary"],
+)
+def test_text_that_is_not_valid_unicode_is_one_message(word_tokenizer, tmp_path, capsys, content, message):
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "r.jsonl").write_bytes(content)
+    with pytest.raises(SystemExit):
+        prepare.main(["--source", str(tmp_path / "r.jsonl"), "--tokenizer", str(tmp_path / "tok"), "--max-documents",
+                      "1", "--max-length", "60", "--shard-size", "1", "--tasks", "summarization", "perplexity",
+                      "--output-dir", str(tmp_path / "data")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_missing_reference_is_a_clear_error(word_tokenizer, tmp_path, capsys):
@@ -178,12 +271,12 @@ def test_summarization_command_line_and_scores(model, surrogate_dir, word_tokeni
     evaluate.main([*common, "--method", "h2o", "--threshold", "0.06", "--local-window", "4", "--output", str(h2o_out)])
     lines = [json.loads(x) for x in base_out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["d0", "d1", "d2"]
-    assert set(lines[0]) == {"id", "generated", "references", "n_generated", "n_prompt_tokens",
+    assert set(lines[0]) == {"id", "generated", "references", "n_generated", "n_prompt_tokens", "provenance",
                              "kv_kept", "kv_total", "kv_kept_compressible", "kv_total_compressible"}  # fmt: skip
     expected = stream_generate(model, [docs[0]["input_ids"]], 8, 6)[0]["generated_ids"]
     assert lines[0]["generated"] == word_tokenizer.decode(expected, skip_special_tokens=True).strip()
 
-    table = summarize_summarization(load_results([str(base_out), str(h2o_out)]), n_resamples=200)
+    table = summarize_summarization(load_results([str(base_out), str(h2o_out)], "summarization"), n_resamples=200)
     assert list(table.method) == ["baseline", "h2o"] and (table.n_docs == 3).all()
     by_hand = pd.Series([longbench_rouge_l(x["generated"], x["references"]) for x in lines]).mean()
     assert table.rougeL.iloc[0] == pytest.approx(by_hand)

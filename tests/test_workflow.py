@@ -3,28 +3,47 @@
 import copy
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import time
 
 import pandas as pd
 import pytest
 
-from workflow_helpers import ROOT, load_yaml, planned_jobs, snakemake, write_config
+from workflow_helpers import ROOT, SNAKEMAKE, load_yaml, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
+
+
+TASKS = ("perplexity", "summarization")
+EXPLICIT = {"h2o": "0.005", "kvzap": "0", "kvzap_no_sink": "0"}
+
+
+def summary(workdir, task):
+    path = workdir / "results" / "demo" / task / "summary.csv"
+    return pd.read_csv(path, dtype={"threshold": str, "target_density": str}, keep_default_na=False)
 
 
 def test_demo_produces_tables_and_figures(demo_run):
     workdir, config = demo_run
     results = workdir / "results" / "demo"
-    table = pd.read_csv(results / "perplexity" / "summary.csv", dtype={"threshold": str}, keep_default_na=False)
-    expected = [("baseline", "")] + [(m, t) for m in ("h2o", "kvzap", "kvzap_no_sink")
-                                     for t in {"h2o": ["0.002", "0.005", "0.01"]}.get(m, ["-0.05", "0", "0.05"])]  # fmt: skip
-    assert list(zip(table.method, table.threshold, strict=True)) == expected
+    table = summary(workdir, "perplexity")
+    assert list(table.method) == ["baseline"] + [m for m in ("h2o", "kvzap", "kvzap_no_sink") for _ in range(3)]
+    for method, rows in table[table.method != "baseline"].groupby("method"):
+        # One explicit threshold and two calibrated ones, each labelled with its target.
+        assert sorted(rows.target_density) == ["", "0.3", "0.6"]
+        assert EXPLICIT[method] in set(rows.threshold[rows.target_density == ""])
+        by_threshold = rows.assign(t=rows.threshold.astype(float)).sort_values("t")
+        densities = by_threshold.kv_density.tolist()
+        assert densities == sorted(densities, reverse=True), f"{method}: density should fall as the threshold rises"
+        # Calibrated on other documents, the thresholds land near their targets on the evaluated ones.
+        for _, row in rows[rows.target_density != ""].iterrows():
+            assert abs(row.kv_density_compressible - float(row.target_density)) < 0.05, row.to_dict()
     assert (table.n_docs == 10).all() and (table.n_tokens == table.n_tokens.iloc[0]).all()
     compressed = table[table.method != "baseline"]
     assert (compressed.kv_density < 1).all() and (compressed.kv_density > 0).all()
-    for method, rows in compressed.groupby("method"):
-        densities = rows.assign(t=rows.threshold.astype(float)).sort_values("t").kv_density.tolist()
-        assert densities == sorted(densities, reverse=True), f"{method}: density should fall as the threshold rises"
     assert "| baseline" in (results / "perplexity" / "summary.md").read_text()
     figures = [results / "perplexity" / "figures" / f"quality_vs_density.{ext}" for ext in ("png", "pdf")]
     figures += [
@@ -34,20 +53,59 @@ def test_demo_produces_tables_and_figures(demo_run):
     ]
     for figure in figures:
         assert figure.stat().st_size > 5000, figure
-    assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare.log").read_text()
+    assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare_perplexity.log").read_text()
 
 
 def test_demo_runs_the_summarization_task(demo_run):
     workdir, _ = demo_run
     results = workdir / "results" / "demo" / "summarization"
-    table = pd.read_csv(results / "summary.csv", dtype={"threshold": str}, keep_default_na=False)
+    table = summary(workdir, "summarization")
     assert len(table) == 10 and (table.n_docs == 10).all()
     baseline = table[table.method == "baseline"].iloc[0]
     assert baseline.delta_rougeL == 0 and 0 < baseline.rougeL <= 100
     assert (table[table.method != "baseline"].kv_density < 1).all()
+    # Both tasks use the thresholds the calibrations found.
+    assert set(table.threshold) == set(summary(workdir, "perplexity").threshold)
     assert (results / "figures" / "quality_vs_density.png").stat().st_size > 5000
     outputs = [json.loads(line) for line in (results / "baseline" / "none" / "shard000.jsonl").read_text().splitlines()]
     assert len(outputs) == 5 and all(o["generated"] and o["references"] and o["n_generated"] > 0 for o in outputs)
+
+
+def test_calibrations_reach_their_targets_on_documents_never_evaluated(demo_run):
+    workdir, config = demo_run
+    results = workdir / "results" / "demo"
+    evaluated = {
+        json.loads(line)["id"] for task in TASKS for line in (results / "data" / task / "documents.jsonl").open()
+    }
+    calibration = [
+        json.loads(line)["id"] for line in (results / "calibration" / "data" / "perplexity" / "documents.jsonl").open()
+    ]
+    assert len(calibration) == config["calibration"]["documents"] and not evaluated & set(calibration)
+    for method in ("h2o", "kvzap", "kvzap_no_sink"):
+        for target in (0.3, 0.6):
+            record = json.loads((results / "calibration" / method / f"{target}.json").read_text())
+            assert abs(record["density"] - target) <= 0.01 and record["documents"] == calibration
+            assert 1 <= len(record["steps"]) <= 10
+            assert "step 1: threshold" in (results / "logs" / "calibration" / method / f"{target}.log").read_text()
+
+
+def test_demo_compares_the_methods_at_equal_density(demo_run):
+    workdir, _ = demo_run
+    for task in TASKS:
+        folder = workdir / "results" / "demo" / task
+        points = pd.read_csv(folder / "comparison.csv")
+        pairs = list(dict.fromkeys(zip(points.method_a, points.method_b, strict=True)))
+        assert pairs[:2] == [("h2o", "kvzap"), ("h2o", "kvzap_no_sink")]
+        assert set(points.verdict) <= {
+            "h2o better",
+            "kvzap better",
+            "kvzap_no_sink better",
+            "no significant difference",
+        }
+        assert (points.difference_ci_low <= points.difference_ci_high).all()
+        assert {0.3, 0.6} <= set(points.density)  # the targets, reached by both on the evaluated documents
+        assert len(pd.read_csv(folder / "comparison_auc.csv")) == 3
+        assert "Area under the quality-loss curve" in (folder / "comparison.md").read_text()
 
 
 def test_nothing_to_do_after_a_finished_run(demo_run):
@@ -63,15 +121,42 @@ def test_adding_a_threshold_plans_only_that_threshold(demo_run):
     evaluations = sorted((w["method"], w["threshold"], w["shard"]) for rule, w in jobs if rule == "evaluate")
     assert evaluations == [("h2o", "0.001", s) for s in ("000", "000", "001", "001")]
     assert sorted(w["task"] for rule, w in jobs if rule == "evaluate") == ["perplexity"] * 2 + ["summarization"] * 2
-    others = sorted((rule, w.get("task")) for rule, w in jobs if rule != "evaluate")
-    assert others == [(rule, task) for rule in ("compare", "score") for task in ("perplexity", "summarization")]
+    others = sorted((rule, w.get("task")) for rule, w in jobs if rule not in ("evaluate", "study_config"))
+    assert others == [(rule, task) for rule in ("compare", "comparison", "score") for task in TASKS]
+    assert ("study_config", {}) in jobs  # the report's copy of the config
 
 
-def test_respelling_thresholds_plans_nothing(demo_run):
+def test_adding_a_target_runs_only_its_calibration_and_its_evaluations(demo_run, tmp_path):
+    """The plan holds the new target's calibration (its evaluations are planned once it has run:
+    their threshold is not known before); the run then evaluates that one threshold only."""
+    workdir, config = demo_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(workdir, copy_dir, symlinks=True)
+    edited = copy.deepcopy(config)
+    edited["methods"]["h2o"]["target_densities"] = [0.3, 0.45, 0.6]
+    configfile = write_config(copy_dir, edited, "target.yaml")
+    jobs = planned_jobs(copy_dir, configfile)
+    assert [(rule, w) for rule, w in jobs if rule == "calibrate"] == [
+        ("calibrate", {"method": "h2o", "target": "0.45"})
+    ]
+    assert not [rule for rule, _ in jobs if rule in ("evaluate", "calibration_probe", "prepare", "eviction_map")]
+
+    result = snakemake(copy_dir, configfile, "--cores", "2")
+    ran = result.stdout + result.stderr
+    threshold = json.loads((copy_dir / "results/demo/calibration/h2o/0.45.json").read_text())["threshold"]
+    evaluated = sorted(re.findall(r"wildcards: task=(\w+), method=(\w+), threshold=([^,]+), shard=(\d+)", ran))
+    assert evaluated == [(task, "h2o", threshold, s) for task in TASKS for s in ("000", "001")]
+    table = summary(copy_dir, "perplexity")
+    assert "0.45" in set(table.target_density) and len(table) == 11
+    assert planned_jobs(copy_dir, configfile) == []
+
+
+def test_respelling_thresholds_and_targets_plans_nothing(demo_run):
     workdir, config = demo_run
     edited = copy.deepcopy(config)
-    edited["methods"]["kvzap"]["thresholds"] = ["-5.0e-2", 0.0, "0.050"]
-    edited["methods"]["h2o"]["thresholds"] = ["2e-3", "5.0e-3", 0.010]
+    edited["methods"]["kvzap"]["thresholds"] = ["0.0e0"]
+    edited["methods"]["kvzap"]["target_densities"] = [0.30, 6.0e-1]
+    edited["methods"]["h2o"]["thresholds"] = ["5.0e-3"]
     assert planned_jobs(workdir, write_config(workdir, edited, "respelled.yaml")) == []
 
 
@@ -81,15 +166,31 @@ def test_changing_one_methods_window_reruns_only_that_method(demo_run):
     edited["methods"]["kvzap"]["sliding_window"] = 24
     jobs = planned_jobs(workdir, write_config(workdir, edited, "window.yaml"))
     evaluations = sorted((w["task"], w["method"], w["threshold"], w["shard"]) for rule, w in jobs if rule == "evaluate")
-    assert evaluations == [
-        (task, "kvzap", t, s)
-        for task in ("perplexity", "summarization")
-        for t in ("-0.05", "0", "0.05")
-        for s in ("000", "001")
-    ]
-    others = sorted((rule, w.get("method") or w.get("task")) for rule, w in jobs if rule != "evaluate")
-    assert others == [("compare", "perplexity"), ("compare", "summarization"), ("eviction_map", "kvzap"),
-                      ("score", "perplexity"), ("score", "summarization")]  # fmt: skip
+    # The explicit threshold's jobs now; the calibrated ones after the recalibration.
+    assert evaluations == [(task, "kvzap", "0", s) for task in TASKS for s in ("000", "001")]
+    others = sorted(
+        (rule, w.get("method") or w.get("task"), w.get("target"))
+        for rule, w in jobs
+        if rule not in ("evaluate", "study_config")
+    )
+    assert others == [("calibrate", "kvzap", "0.3"), ("calibrate", "kvzap", "0.6"), ("calibration_probe", "kvzap", None),
+                      ("compare", "perplexity", None), ("compare", "summarization", None),
+                      ("comparison", "perplexity", None), ("comparison", "summarization", None),
+                      ("eviction_map", "kvzap", None), ("score", "perplexity", None),
+                      ("score", "summarization", None)]  # fmt: skip
+
+
+def test_the_report_holds_figures_tables_config_and_provenance(demo_run, tmp_path):
+    workdir, config = demo_run
+    configfile = write_config(workdir, config, "report.yaml")
+    snakemake(workdir, configfile, "--report", str(tmp_path / "report.html"))
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png") >= 5  # the two tasks' figures and three eviction maps
+    for name in ("summary.csv", "comparison.csv", "comparison_auc.csv", "provenance.csv", "config.yaml"):
+        assert name in html
+    provenance = pd.read_csv(workdir / "results" / "demo" / "perplexity" / "provenance.csv")
+    assert set(provenance.device) == {"cpu"} and set(provenance.dtype) == {"float32"}
+    assert provenance.n_docs.sum() == 10 * 10 and all(len(str(c).split("+")[0]) == 40 for c in provenance.kvsweep)
 
 
 def test_speed_settings_rerun_nothing(demo_run):
@@ -99,15 +200,21 @@ def test_speed_settings_rerun_nothing(demo_run):
     assert planned_jobs(workdir, write_config(workdir, edited, "speed.yaml")) == []
 
 
-def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path):
-    env_without_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    os.environ.update(env_without_gpu)
+def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # undone after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     jobs = planned_jobs(tmp_path, ROOT / "config.yaml")
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
-    # 10 shards x (baseline + 3 methods x 8 thresholds), one figure per compressed method.
-    assert counts == {"evaluate": 250, "eviction_map": 3, "prepare": 1, "score": 1, "compare": 1}
+    # Before calibration: 10 shards x (baseline + the explicit thresholds: 2 + 2 + 1), one figure per
+    # compressed method, and the calibrations of 3 methods x 9 target densities (with a probe each).
+    assert counts == {"evaluate": 60, "eviction_map": 3, "prepare": 1, "score": 1, "comparison": 1, "compare": 1,
+                      "prepare_calibration": 1, "calibration_probe": 3, "calibrate": 27, "study_config": 1}  # fmt: skip
     thresholds = {w["threshold"] for rule, w in jobs if rule == "evaluate" and w["method"] == "h2o"}
-    assert thresholds == {"1e-05", "3e-05", "0.0001", "0.0003", "0.0005", "0.001", "0.003", "0.01"}
+    assert thresholds == {"0.0005"}
+    result = snakemake(tmp_path, ROOT / "config.yaml", "--dry-run")
+    assert (
+        "27 calibration job(s) for target densities come first; the evaluation jobs at the thresholds" in result.stderr
+    )
 
 
 def test_cuda_graphs_off_reaches_every_job_that_runs_the_model(tmp_path):
@@ -115,10 +222,10 @@ def test_cuda_graphs_off_reaches_every_job_that_runs_the_model(tmp_path):
     default = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", "--printshellcmds").stdout
     config["cuda_graphs"] = False
     off = snakemake(tmp_path, write_config(tmp_path, config, "off.yaml"), "--dry-run", "--printshellcmds").stdout
-    # 250 evaluations and 3 eviction maps.
-    assert default.count("--cuda-graphs=auto") == 253 and "--cuda-graphs=off" not in default
-    assert off.count("--cuda-graphs=off") == 253 and "--cuda-graphs=auto" not in off
-    assert default.count("--batch-size=8") == 250
+    # 60 evaluations, 3 eviction maps, 3 calibration probes and 27 calibrations.
+    assert default.count("--cuda-graphs=auto") == 93 and "--cuda-graphs=off" not in default
+    assert off.count("--cuda-graphs=off") == 93 and "--cuda-graphs=auto" not in off
+    assert default.count("--batch-size=8") == 90
 
 
 def test_invalid_config_stops_before_any_job_with_one_message(tmp_path):
@@ -126,7 +233,142 @@ def test_invalid_config_stops_before_any_job_with_one_message(tmp_path):
     config["methods"]["h2o"]["thresholds"] = [0.1, "ten"]
     result = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", check=False)
     assert result.returncode != 0
-    assert result.stderr.strip() == (
+    assert result.stderr.strip().splitlines()[-1] == (
         "invalid config: methods.h2o.thresholds[1]: threshold 'ten' is not a number (write e.g. -5, 0.0005, 5.0e-4 or -inf)"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
+    """Each task is prepared by its own job with only its own settings."""
+    workdir, config = demo_run
+    only_perplexity = {**copy.deepcopy(config), "tasks": ["perplexity"]}
+    assert planned_jobs(workdir, write_config(workdir, only_perplexity, "one_task.yaml")) == [("study_config", {})]
+
+    edited = copy.deepcopy(config)
+    edited["dataset"]["summary_field"] = "abstract"
+    jobs = [
+        job
+        for job in planned_jobs(workdir, write_config(workdir, edited, "summary_field.yaml"))
+        if job[0] != "study_config"
+    ]
+    assert {w.get("task") for _, w in jobs} == {"summarization"}
+    assert sorted(rule for rule, _ in jobs if rule != "evaluate") == ["compare", "comparison", "prepare", "score"]
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 20
+
+
+def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, tmp_path):
+    workdir, config = demo_run
+    copied = tmp_path / "surrogate"
+    shutil.copytree(workdir / config["model"]["kvzap_surrogate"], copied)
+    edited = copy.deepcopy(config)
+    edited["model"]["kvzap_surrogate"] = str(copied)
+    jobs = [
+        job
+        for job in planned_jobs(workdir, write_config(workdir, edited, "surrogate.yaml"))
+        if job[0] != "study_config"
+    ]
+    kvzap = {"kvzap", "kvzap_no_sink"}
+    assert {w["method"] for rule, w in jobs if rule in ("evaluate", "eviction_map", "calibrate")} == kvzap
+    # The explicit thresholds' jobs now (tasks x methods x shards); the calibrated ones follow the
+    # recalibration with the new surrogate.
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 2 * 2 * 2
+    assert sorted((w["method"], w["target"]) for rule, w in jobs if rule == "calibrate") == [
+        (m, t) for m in sorted(kvzap) for t in ("0.3", "0.6")
+    ]
+
+
+def test_config_strings_are_never_interpreted_by_a_shell(demo_run, tmp_path):
+    """Hostile or merely unusual values (spaces, $(...), backquotes, quotes, semicolons) in every
+    string the rules pass on: each reaches the program as one argument, and no shell runs them."""
+    workdir, config = demo_run
+    assets = workdir / "results" / "demo" / "demo_assets"
+    model = tmp_path / "my model; touch model-marker"
+    surrogate = tmp_path / "surrogate $(touch surrogate-marker)"
+    shutil.copytree(assets / "model", model)
+    shutil.copytree(assets / "surrogate", surrogate)
+    text, summary, ident = (
+        "the report $(touch text-marker)",
+        "summary `touch summary-marker`",
+        "doc id'; touch id-marker; '",
+    )
+    source = tmp_path / "data $(touch source-marker).jsonl"
+    records = [json.loads(line) for line in (assets / "govreport.jsonl").read_text().splitlines()]
+    source.write_text("".join(json.dumps({text: r["report"], summary: r["summary"], ident: r["id"] + " x"}) + "\n"
+                              for r in records))  # fmt: skip
+    hostile = copy.deepcopy(config)
+    hostile["run"] = "hostile"
+    hostile["model"].update(name=str(model), kvzap_surrogate=str(surrogate))
+    hostile["dataset"].update(source=str(source), split="validation $(touch split-marker)", text_field=text,
+                              summary_field=summary, id_field=ident)  # fmt: skip
+    results = tmp_path / "results" / "hostile"
+    targets = [
+        "results/hostile/data/summarization/documents.jsonl",
+        "results/hostile/perplexity/kvzap/0/shard000.jsonl",
+    ]
+    snakemake(tmp_path, write_config(tmp_path, hostile), "--cores", "2", *targets)
+    markers = [p for folder in (tmp_path, workdir, ROOT) for p in folder.rglob("*-marker") if p.is_file()]
+    assert markers == []
+    documents = [json.loads(line) for line in (results / "data" / "summarization" / "documents.jsonl").open()]
+    assert documents[0]["id"] == "demo-000 x"
+    assert len((results / "perplexity" / "kvzap" / "0" / "shard000.jsonl").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("run", "..", "invalid config: run: '..' does not match"),
+        (
+            "model.name",
+            "./models/no-such-model",
+            "invalid config: model.name './models/no-such-model': no such local folder",
+        ),
+        (
+            "dataset.source",
+            "data/no-such.jsonl",
+            "invalid config: dataset.source 'data/no-such.jsonl': no such local folder",
+        ),
+    ],
+)
+def test_bad_values_stop_the_plan_with_one_message(tmp_path, key, value, message):
+    config = load_yaml(ROOT / "config.yaml")
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    result = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists() and not (ROOT / "data").exists()
+
+
+def test_after_snakemake_is_killed_the_documented_commands_finish_the_run(demo_run, tmp_path):
+    """Snakemake killed with SIGKILL (a lost login session) leaves its lock and the outputs of the
+    jobs it was running marked incomplete. The README's two commands (`--unlock`, then the same
+    command) finish the run: rerun-incomplete is on for every run through the workflow profile."""
+    workdir, config = demo_run
+    shutil.copytree(workdir / "results" / "demo" / "demo_assets", tmp_path / "results" / "demo" / "demo_assets")
+    small = copy.deepcopy(config)
+    small["tasks"], small["chunk_size"] = ["perplexity"], 1  # chunk 1: jobs long enough to be killed in
+    small["methods"] = {"baseline": None, "h2o": {"thresholds": [0.005], "local_window": 32}}
+    configfile = write_config(tmp_path, small)
+    command = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(configfile), "--cores", "1"]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # fmt: skip
+    logs = tmp_path / "results" / "demo" / "logs" / "perplexity"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(logs.rglob("*.log")):
+        time.sleep(0.2)
+    running = next(logs.rglob("*.log"))
+    os.killpg(job.pid, signal.SIGKILL)  # Snakemake and its job, as a lost session would
+    job.wait()
+    # What a non-atomic writer could have left behind: the running job's output, half written.
+    output = tmp_path / "results" / "demo" / "perplexity" / running.relative_to(logs).with_suffix(".jsonl")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text('{"id": "demo-000", "nll_su')
+
+    blocked = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "cannot be locked" in blocked.stderr + blocked.stdout
+    subprocess.run([*command, "--unlock"], cwd=ROOT, check=True, capture_output=True)
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert all(json.loads(line)["nll_sum"] > 0 for line in output.read_text().splitlines())
+    assert (tmp_path / "results" / "demo" / "perplexity" / "summary.csv").exists()

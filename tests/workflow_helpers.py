@@ -42,7 +42,7 @@ def planned_jobs(workdir: Path, configfile: Path, *args: str, resources: bool = 
         return _with_resources(out)
     jobs, rule = [], None
     for line in out.splitlines():
-        match = re.match(r"^(?:local)?rule (\w+):$", line)
+        match = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", line)
         if match:
             rule = match.group(1)
             if rule != "all":
@@ -56,8 +56,8 @@ def planned_jobs(workdir: Path, configfile: Path, *args: str, resources: bool = 
 
 def _with_resources(out: str) -> list[tuple[str, dict, dict]]:
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
-        match = re.match(r"(?:local)?rule (\w+):\n", block)
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:\n)", out):
+        match = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):\n", block)
         if not match or match.group(1) == "all":
             continue
         wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)

@@ -4,6 +4,7 @@ and listed once). Defaults from the schema are filled in. Every problem is one r
 that names the key and what is allowed."""
 
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import jsonschema
@@ -13,7 +14,11 @@ from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.methods import get_method
 from kvsweep.thresholds import canonical_threshold
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Shipped inside the package, so that validation works from any install (workflow/schemas/ links here).
+SCHEMA = files("kvsweep") / "schemas" / "config.schema.yaml"
+
+# The keys of a method's block that are not settings of its jobs.
+LIST_KEYS = ("thresholds", "canonical_thresholds", "target_densities", "canonical_targets")
 
 # Settings that live under `model:` in the config but are passed to the KVzap methods.
 MODEL_LEVEL_SETTINGS = ("kvzap_surrogate", "kvzap_type")
@@ -45,10 +50,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{where or 'top level'}: {error.message}"
 
 
-def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> dict:
+def validate_config(config: dict, schema_path=SCHEMA) -> dict:
     """Validate `config` in place, fill defaults, and return it with canonical thresholds added
     under each method as `canonical_thresholds`."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema_path = Path(schema_path) if isinstance(schema_path, str) else schema_path
+    schema = yaml.safe_load(schema_path.read_text())
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -57,29 +63,24 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> dict:
     for name, settings in config["methods"].items():
         settings = config["methods"][name] = settings or {}
         method = get_method(name)
-        thresholds = settings.get("thresholds")
-        if not method.takes_threshold and thresholds is not None:
-            raise KvsweepError(f"methods.{name}: '{name}' takes no thresholds")
-        if method.takes_threshold and not thresholds:
-            raise KvsweepError(f"methods.{name}.thresholds: '{name}' needs a list of thresholds")
-        extra = {k: v for k, v in settings.items() if k != "thresholds"}
+        thresholds, targets = settings.get("thresholds"), settings.get("target_densities")
+        if not method.takes_threshold and (thresholds is not None or targets is not None):
+            raise KvsweepError(f"methods.{name}: '{name}' takes no thresholds or target densities")
+        if method.takes_threshold and not thresholds and not targets:
+            raise KvsweepError(f"methods.{name}: '{name}' needs thresholds, target_densities, or both")
+        extra = {k: v for k, v in settings.items() if k not in ("thresholds", "target_densities")}
         try:
-            method.resolve(None if thresholds is None else 0.0, extra)
+            method.resolve(0.0 if method.takes_threshold else None, extra)
         except KvsweepError as err:
             raise KvsweepError(f"methods.{name}: {err}") from None
-        canonical = {}
-        for i, value in enumerate(thresholds or []):
-            try:
-                key = canonical_threshold(value)
-            except KvsweepError as err:
-                raise KvsweepError(f"methods.{name}.thresholds[{i}]: {err}") from None
-            if key in canonical:
-                raise KvsweepError(
-                    f"methods.{name}.thresholds lists the threshold {key} twice (as {canonical[key]!r} and {value!r})"
-                )
-            canonical[key] = value
         if method.takes_threshold:
-            settings["canonical_thresholds"] = list(canonical)
+            settings["canonical_thresholds"] = _canonical_list(name, "thresholds", thresholds or [])
+            settings["canonical_targets"] = _canonical_list(name, "target_densities", targets or [])
+    if "baseline" not in config["methods"]:
+        raise KvsweepError(
+            "methods: 'baseline' is missing; every quality difference is paired with the uncompressed baseline "
+            "on the same documents (add `baseline:` under methods)"
+        )
     dataset = config["dataset"]
     if dataset["min_length"] > dataset["max_length"]:
         raise KvsweepError(
@@ -88,14 +89,36 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA) -> dict:
     return config
 
 
+def _canonical_list(method: str, key: str, values: list) -> list[str]:
+    """Each value in its canonical spelling (its path), each once."""
+    canonical = {}
+    for i, value in enumerate(values):
+        try:
+            text = canonical_threshold(value)
+        except KvsweepError as err:
+            raise KvsweepError(f"methods.{method}.{key}[{i}]: {err}") from None
+        if text in canonical:
+            raise KvsweepError(f"methods.{method}.{key} lists {text} twice (as {canonical[text]!r} and {value!r})")
+        canonical[text] = value
+    return list(canonical)
+
+
 def method_settings(config: dict, name: str) -> dict:
     """The settings one method's jobs receive: its own block, plus the KVzap surrogate for KVzap."""
     method = get_method(name)
-    given = {k: v for k, v in config["methods"][name].items() if k not in ("thresholds", "canonical_thresholds")}
+    given = {k: v for k, v in config["methods"][name].items() if k not in LIST_KEYS}
     for key in MODEL_LEVEL_SETTINGS:
         if key in method.settings:
             given[key] = config["model"].get(key)
     return method.resolve(0.0 if method.takes_threshold else None, given)
+
+
+def write_resolved(config: dict, path: str) -> None:
+    """A validated config (defaults filled in) as YAML, written atomically."""
+    from kvsweep.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def main(argv=None):

@@ -9,7 +9,8 @@ Perplexity: input lines {"id": str, "input_ids": [int, ...]}; one output line pe
 input order, with id, n_tokens, nll_sum, n_predicted, kv_kept, kv_total, kv_kept_compressible,
 kv_total_compressible. Summarization: input lines also hold "references" (the prompt is in
 input_ids); output lines hold id, generated (text), references, n_generated, n_prompt_tokens and the
-KV counts at the end of generation. Finished documents are appended to OUT.jsonl.partial as they
+KV counts at the end of generation. Every line also holds `provenance`: the kvsweep commit, the
+torch / transformers / kvpress versions, the device and the dtype it was computed with. Finished documents are appended to OUT.jsonl.partial as they
 complete, so a killed or requeued job resumes where it stopped; OUT.jsonl appears (atomically)
 only at the end.
 """
@@ -24,8 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import read_jsonl, write_jsonl_atomic
+from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
 from kvsweep.methods import get_method
+from kvsweep.results import RESULT_FIELDS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +87,9 @@ def resolve_method(args):
 
 
 def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dict]:
+    """A shard's documents, checked. Perplexity documents are cut to `max_length` tokens (the end of
+    a report is dropped). A summarization prompt is never cut here: its end holds the question and
+    the assistant's header, so prepare fits it into max_length, and a longer one is an error."""
     documents = read_jsonl(
         path, required=("id", "input_ids", "references") if task == "summarization" else ("id", "input_ids")
     )
@@ -98,28 +103,75 @@ def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dic
             raise KvsweepError(f"{path}: document '{doc_id}': input_ids must be a list of token ids (integers >= 0)")
         if len(ids) < 2:
             raise KvsweepError(f"{path}: document '{doc_id}' has {len(ids)} token(s); at least 2 are needed")
+        if task == "summarization" and len(ids) > max_length:
+            raise KvsweepError(
+                f"{path}: document '{doc_id}': the prompt has {len(ids)} tokens, more than --max-length {max_length}; "
+                "cutting it would drop the question at its end (prepare the shard with the same max_length)"
+            )
         doc["id"], doc["input_ids"] = doc_id, ids[:max_length]
     return documents
 
 
-def _fingerprint(args, settings) -> str:
-    """What determines a document's result: a checkpoint from other settings is not reused."""
+def check_vocabulary(documents: list[dict], vocabulary: int, path: str) -> None:
+    """Token ids beyond the model's embedding: the shard was made with another tokenizer."""
+    for doc in documents:
+        largest = max(doc["input_ids"])
+        if largest >= vocabulary:
+            raise KvsweepError(
+                f"{path}: document '{doc['id']}' holds token id {largest}, outside the model's vocabulary of "
+                f"{vocabulary}: the shard was prepared with another model's tokenizer"
+            )
+
+
+def _fingerprint(args, settings, documents: list[dict]) -> str:
+    """What determines a document's result: a checkpoint of other inputs is never reused. Besides
+    the settings: the shard's documents themselves, and the identity of the model's and the
+    surrogate's weights (not only their names: a folder retrained in place is another model)."""
+    from kvsweep.provenance import weights_identity
+
     names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "task", "max_new_tokens")
     key = {k: getattr(args, k, None) for k in names}
+    key["documents"] = hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest()
+    key["model_weights"] = weights_identity(args.model)
+    if "kvzap_surrogate" in settings:
+        from kvsweep.presses.kvzap_surrogate import default_surrogate
+
+        surrogate = settings["kvzap_surrogate"] or default_surrogate(args.model, settings["kvzap_type"])
+        key["surrogate_weights"] = weights_identity(surrogate)
     return hashlib.sha256(json.dumps([key, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, dict]:
+def _json_object(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _load_checkpoint(path: Path, fingerprint: str, documents: list[dict], fields: set[str]) -> dict[str, dict]:
+    """The finished documents of a checkpoint written with the same fingerprint. A checkpoint of
+    other inputs, or an unreadable header, is ignored; reading stops at the first record that is
+    not whole (a line cut short by a kill, or corruption): what follows is recomputed."""
     if not path.exists():
         return {}
-    lines = path.read_text().splitlines()
-    if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    header = _json_object(lines[0]) if lines else None
+    if header is None or header.get("fingerprint") != fingerprint:
+        why = "was written for other inputs" if header and "fingerprint" in header else "has an unreadable header"
+        print(f"checkpoint {path.name} {why}: recomputing every document", file=sys.stderr)
         return {}
+    wanted = {doc["id"] for doc in documents}
     done = {}
-    for line in lines[1:]:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
+    for lineno, line in enumerate(lines[1:], start=2):
+        record = _json_object(line)
+        if (
+            record is None
+            or not isinstance(record.get("id"), str)
+            or record["id"] not in wanted
+            or not fields <= set(record)
+        ):
+            print(f"checkpoint {path.name}, line {lineno}: not a whole result; recomputing from there", file=sys.stderr)
             break
         done[record["id"]] = record
     return done
@@ -129,24 +181,28 @@ def run(args) -> None:
     method, settings = resolve_method(args)
     if args.max_new_tokens < 1:
         raise KvsweepError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    output = ensure_parent(args.output)
     documents = load_shard(args.data, args.max_length, args.task)
     if not documents:
         print(f"{args.data}: empty shard, nothing to evaluate", file=sys.stderr)
-        write_jsonl_atomic(args.output, [])
+        write_jsonl_atomic(output, [])
         return
 
     # Heavy imports only once the input is known to be good.
-    from kvsweep.modeling import load_model
+    from kvsweep.modeling import load_model, vocabulary_size
+    from kvsweep.provenance import environment
 
-    output = Path(args.output)
     checkpoint = output.with_name(output.name + ".partial")
-    fingerprint = _fingerprint(args, settings)
-    done = _load_checkpoint(checkpoint, fingerprint)
+    fingerprint = _fingerprint(args, settings, documents)
+    done = _load_checkpoint(checkpoint, fingerprint, documents, RESULT_FIELDS[args.task])
     todo = sorted((d for d in documents if d["id"] not in done), key=lambda d: -len(d["input_ids"]))
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
 
     model = load_model(args.model, args.dtype, args.device)
+    check_vocabulary(documents, vocabulary_size(model), args.data)
+    provenance = environment(model, args.dtype)
+    print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
     press = method.build(args.threshold, **settings) if method.takes_threshold else None
     evaluate_batch = _batch_evaluator(args, model, press)
 
@@ -160,7 +216,7 @@ def run(args) -> None:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
             for doc, result in zip(batch, evaluate_batch(batch), strict=True):
-                done[doc["id"]] = {"id": doc["id"], **result}
+                done[doc["id"]] = {"id": doc["id"], **result, "provenance": provenance}
                 log.write(json.dumps(done[doc["id"]]) + "\n")
             log.flush()
             os.fsync(log.fileno())

@@ -16,6 +16,8 @@ Per layer, `LayerEviction` holds:
 - `attention_received[b, h, slot]`: for accumulating scorers (H2O), the attention probability
   that the queries so far put on the key, summed over queries and averaged over the query heads
   of the KV group.
+- `decision_scores[b, h, slot]` (only when asked, for calibration): the score each position had
+  when it was decided, NaN until then.
 """
 
 from dataclasses import dataclass, field
@@ -60,10 +62,17 @@ class LayerEviction:
     evicted: torch.Tensor  # (batch, kv_heads, capacity) bool
     entry_scores: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32
     attention_received: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32
+    decision_scores: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32, NaN until decided
 
     @classmethod
     def allocate(
-        cls, layout: BatchLayout, kv_heads: int, *, entry_scores: bool, accumulate_attention: bool
+        cls,
+        layout: BatchLayout,
+        kv_heads: int,
+        *,
+        entry_scores: bool,
+        accumulate_attention: bool,
+        record_decisions: bool = False,
     ) -> "LayerEviction":
         batch, capacity = layout.position.shape
         shape = (batch, kv_heads, capacity)
@@ -73,6 +82,7 @@ class LayerEviction:
             evicted=torch.zeros(shape, dtype=torch.bool, device=device),
             entry_scores=torch.zeros(shape, dtype=torch.float32, device=device) if entry_scores else None,
             attention_received=torch.zeros(shape, dtype=torch.float32, device=device) if accumulate_attention else None,
+            decision_scores=torch.full(shape, float("nan"), device=device) if record_decisions else None,
         )
 
     def visible_keys(self) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Where eviction happens: for one document, per layer, the fraction of KV heads keeping each position.
 
-    python -m kvsweep.eviction_map [engine arguments as for kvsweep.evaluate]
+    python -m kvsweep.eviction_map [engine arguments as for kvsweep.evaluate] [--calibration T.json]
         --output-png F.png --output-pdf F.pdf
 
 Runs the method on the first document of the shard and draws one row per layer (dark: evicted by
@@ -8,6 +8,8 @@ every KV head, light: kept by all), with the sinks and the final protected windo
 """
 
 import argparse
+import json
+from pathlib import Path
 
 import matplotlib
 
@@ -39,10 +41,15 @@ def plot_eviction_map(evicted, title: str, sinks: int, window: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.eviction_map", description=__doc__.split("\n\n")[0])
     add_engine_arguments(parser)
+    parser.add_argument(
+        "--calibration", help="take the threshold a calibration found (its JSON) instead of --threshold"
+    )
     parser.add_argument("--output-png", required=True)
     parser.add_argument("--output-pdf", required=True)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.eviction_map"):
+        if args.calibration:
+            args.threshold = float(json.loads(Path(args.calibration).read_text())["threshold"])
         method, settings = resolve_method(args)
         documents = load_shard(args.data, args.max_length)
         if not documents:

@@ -2,7 +2,7 @@
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,17 +10,30 @@ from pathlib import Path
 from kvsweep.errors import KvsweepError
 
 
+def ensure_parent(path: str | os.PathLike) -> Path:
+    """Create the folder of `path` (and its parents); a folder that cannot be made is one message."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KvsweepError(f"cannot create the folder of {path}: {err.strerror or err}") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
 
-    A killed job therefore never leaves a file at `path` that looks complete.
+    A killed job therefore never leaves a file at `path` that looks complete. The temporary file
+    is created with mode 0666 less the umask, as `open()` would (`tempfile.mkstemp` makes 0600,
+    which after the rename left results unreadable to collaborators).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    path = ensure_parent(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:
+        raise KvsweepError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         yield tmp
         os.replace(tmp, path)
@@ -30,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(record) + "\n" for record in records)
         fh.flush()
         os.fsync(fh.fileno())
@@ -42,8 +55,14 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     if not path.is_file():
         raise KvsweepError(f"{path}: no such file")
     records = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise KvsweepError(
+                    f"{path}, line {lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:

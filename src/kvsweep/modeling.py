@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvsweep.errors import KvsweepError, cannot_load
+from kvsweep.errors import KvsweepError, cannot_load, missing_local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,6 +19,8 @@ def resolve_device(device: str) -> torch.device:
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     if dtype not in DTYPES:
         raise KvsweepError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if (missing := missing_local_path("model", name)) is not None:
+        raise missing
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], attn_implementation="sdpa")
     except (OSError, ValueError) as err:
@@ -27,7 +29,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
 
 
 def load_tokenizer(name: str):
+    if (missing := missing_local_path("tokenizer", name)) is not None:
+        raise missing
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise cannot_load("tokenizer", name, err) from None
+
+
+def vocabulary_size(model) -> int:
+    """Rows of the model's input embedding: token ids must be below this."""
+    return model.get_input_embeddings().weight.shape[0]

@@ -7,9 +7,10 @@
 
 For each task, DIR/<task>/shard000.jsonl ... in the engine's input format: perplexity lines are
 {"id", "input_ids"} (the report's tokens, truncated to max_length); summarization lines are
-{"id", "input_ids", "references"} (LongBench's prompt, truncated in the middle of the report to
-max_length, and the reference summaries). DIR/documents.jsonl lists id, source index, tokens and
-whether each was truncated. The order is the source's and ids are stable: the id field if given,
+{"id", "input_ids", "references"} (LongBench's prompt, cut in the middle of the report so that
+the whole model input fits max_length, and the reference summaries). DIR/<task>/documents.jsonl
+lists id, source index, tokens and whether each was truncated. With --skip-documents N the first N qualifying documents are left out
+(the calibration documents are the ones after the study's, so the two never overlap). The order is the source's and ids are stable: the id field if given,
 else "<split>-<index in the source>". Exactly ceil(max_documents / shard_size) shards are written,
 so the workflow knows its jobs before the data exists; if fewer documents qualify, the last shards
 hold fewer (or none) and the log says so.
@@ -50,6 +51,21 @@ def load_records(source: str, split: str, subset: str | None = None):
     yield from dataset
 
 
+def _text(value, source: str, index: int, field: str) -> str:
+    """A field's text, which must be a string of valid Unicode (JSON can carry lone surrogates such
+    as \\ud800, which no tokenizer takes)."""
+    if not isinstance(value, str):
+        raise KvsweepError(f"{source}, record {index}: field '{field}' is not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise KvsweepError(
+            f"{source}, record {index}: field '{field}' is not valid Unicode text "
+            f"(a lone surrogate {value[err.start]!r} at character {err.start})"
+        ) from None
+    return value
+
+
 def _shard_line(task: str, doc: dict) -> dict:
     """The engine's input for a task: the report's tokens, or the prompt and the references."""
     if task == "perplexity":
@@ -64,6 +80,7 @@ def prepare(args) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     summarize = "summarization" in args.tasks
     kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0, "prompts_truncated": 0}
+    passed = 0  # qualifying documents left to the study (--skip-documents)
     progress = tqdm(total=args.max_documents, unit="doc", file=sys.stderr, desc="prepare")
     for index, record in enumerate(load_records(args.source, args.split, args.subset)):
         if len(kept) == args.max_documents:
@@ -75,12 +92,13 @@ def prepare(args) -> dict:
             )
         if args.id_field and args.id_field not in record:
             raise KvsweepError(f"{args.source}, record {index}: no id field '{args.id_field}'")
-        text = record[args.text_field]
-        if not isinstance(text, str):
-            raise KvsweepError(f"{args.source}, record {index}: field '{args.text_field}' is not text")
+        text = _text(record[args.text_field], args.source, index, args.text_field)
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) < args.min_length:
             stats["skipped_short"] += 1
+            continue
+        if passed < args.skip_documents:
+            passed += 1
             continue
         truncated = len(ids) > args.max_length
         stats["truncated"] += truncated
@@ -94,12 +112,19 @@ def prepare(args) -> dict:
                 raise KvsweepError(
                     f"{args.source}, record {index}: no reference summary in field '{args.summary_field}'"
                 )
+            for reference in references:
+                _text(reference, args.source, index, args.summary_field)
             doc["prompt_ids"], prompt_truncated = summarization_prompt_ids(tokenizer, text, args.max_length)
             doc["references"] = references
             stats["prompts_truncated"] += prompt_truncated
         kept.append(doc)
         progress.update()
     progress.close()
+    if not kept and args.skip_documents:
+        raise KvsweepError(
+            f"no document of '{args.source}' with at least {args.min_length} tokens is left after the first "
+            f"{args.skip_documents} ({stats['read']} read): the calibration needs documents beyond the study's"
+        )
     if not kept:
         raise KvsweepError(
             f"no document of '{args.source}' has at least {args.min_length} tokens ({stats['read']} read)"
@@ -113,13 +138,14 @@ def prepare(args) -> dict:
         docs = kept[shard * args.shard_size : (shard + 1) * args.shard_size]
         for task in args.tasks:
             write_jsonl_atomic(out / task / f"shard{shard:03d}.jsonl", (_shard_line(task, d) for d in docs))
-    write_jsonl_atomic(
-        out / "documents.jsonl",
-        (
-            {"id": d["id"], "index": d["index"], "n_tokens": len(d["input_ids"]), "truncated": d["truncated"]}
-            for d in kept
-        ),
-    )
+    for task in args.tasks:
+        write_jsonl_atomic(
+            out / task / "documents.jsonl",
+            (
+                {"id": d["id"], "index": d["index"], "n_tokens": len(d["input_ids"]), "truncated": d["truncated"]}
+                for d in kept
+            ),
+        )
     stats["kept"] = len(kept)
     print(
         f"prepare: read {stats['read']} documents, kept {stats['kept']}, skipped {stats['skipped_short']} shorter than "
@@ -150,6 +176,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int, required=True)
     parser.add_argument("--min-length", type=int, default=2)
     parser.add_argument("--shard-size", type=int, required=True)
+    parser.add_argument(
+        "--skip-documents",
+        type=int,
+        default=0,
+        help="leave out the first N qualifying documents (calibration documents follow the study's)",
+    )
     parser.add_argument("--tasks", nargs="+", default=["perplexity"], choices=["perplexity", "summarization"])
     parser.add_argument("--output-dir", required=True)
     return parser.parse_args(argv)

@@ -22,28 +22,33 @@ import pandas as pd
 from scipy import stats
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import atomic_path
+from kvsweep.io import atomic_path, read_jsonl
+from kvsweep.results import LENGTH_FIELD, RESULT_FIELDS
 from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
 
-COLUMNS = ["method", "threshold", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
+COLUMNS = ["method", "threshold", "target_density", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
            "kv_density", "kv_density_compressible", "n_docs", "n_tokens"]  # fmt: skip
-SUMMARIZATION_COLUMNS = ["method", "threshold", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
+SUMMARIZATION_COLUMNS = ["method", "threshold", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
                          "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density", "kv_density_compressible",
                          "n_docs", "mean_generated_tokens"]  # fmt: skip
 
 
-def load_results(paths: list[str]) -> pd.DataFrame:
+def load_results(paths: list[str], task: str = "perplexity") -> pd.DataFrame:
+    """Every result line of the inputs, with its method and threshold (read from the path:
+    <task>/<method>/<threshold>/shardNNN.jsonl). A corrupted file is one message naming it."""
     rows = []
     for path in paths:
         method, threshold = Path(path).parts[-3], Path(path).parts[-2]
-        for line in Path(path).read_text().splitlines():
-            rows.append({**json.loads(line), "method": method, "threshold": None if threshold == "none" else threshold})
+        for record in read_jsonl(path, required=tuple(sorted(RESULT_FIELDS[task]))):
+            rows.append({**record, "method": method, "threshold": None if threshold == "none" else threshold})
     if not rows:
         raise KvsweepError("no evaluated documents in the inputs")
     return pd.DataFrame(rows)
 
 
-def _bootstrap(samples: tuple, statistic, n_resamples: int, confidence: float, seed: int) -> tuple[float, float, float]:
+def bootstrap_interval(
+    samples: tuple, statistic, n_resamples: int, confidence: float, seed: int
+) -> tuple[float, float, float]:
     """The statistic over documents and its paired percentile bootstrap interval (NaN for < 2 documents)."""
     value = float(statistic(*samples))
     if len(samples[0]) < 2:
@@ -67,7 +72,7 @@ def paired_delta(nll: np.ndarray, base: np.ndarray, count: np.ndarray, n_resampl
     def statistic(a, b, n, axis=-1):
         return (a.sum(axis=axis) - b.sum(axis=axis)) / n.sum(axis=axis)
 
-    return _bootstrap((nll, base, count), statistic, n_resamples, confidence, seed)
+    return bootstrap_interval((nll, base, count), statistic, n_resamples, confidence, seed)
 
 
 def paired_mean_difference(values: np.ndarray, base: np.ndarray, n_resamples: int, confidence: float, seed: int):
@@ -76,19 +81,29 @@ def paired_mean_difference(values: np.ndarray, base: np.ndarray, n_resamples: in
     def statistic(a, b, axis=-1):
         return (a - b).mean(axis=axis)
 
-    return _bootstrap((values, base), statistic, n_resamples, confidence, seed)
+    return bootstrap_interval((values, base), statistic, n_resamples, confidence, seed)
 
 
 def _configurations(results: pd.DataFrame):
-    """(method, threshold, its documents, the baseline's rows for the same documents)."""
+    """(method, threshold, its documents, the baseline's rows for the same documents). Documents are
+    paired by id, and must have been read at the same length as the baseline's (else the two
+    results come from different inputs, e.g. shards prepared again in between)."""
     baseline = results[results.method == "baseline"].set_index("id")
     if baseline.empty:
         raise KvsweepError("no baseline results: the paired differences need method 'baseline'")
+    length = next(field for field in LENGTH_FIELD.values() if field in results)
     for (method, threshold), group in results.groupby(["method", results.threshold.fillna("")], sort=False):
         missing = set(group.id) - set(baseline.index)
         if missing:
             raise KvsweepError(f"{method} at {threshold}: documents without a baseline result: {sorted(missing)[:5]}")
-        yield method, threshold, group, baseline.loc[group.id]
+        base = baseline.loc[group.id]
+        differ = group.id[group[length].to_numpy() != base[length].to_numpy()].tolist()
+        if differ:
+            raise KvsweepError(
+                f"{method} at {threshold}: document(s) {differ[:5]} were read with another {length} than the "
+                "baseline's: the results come from different inputs (rerun the jobs of one of them)"
+            )
+        yield method, threshold, group, base
 
 
 def _densities(group: pd.DataFrame) -> dict:
@@ -153,6 +168,31 @@ def summarize_summarization(
     return _ordered(pd.DataFrame(rows, columns=SUMMARIZATION_COLUMNS))
 
 
+def add_targets(table: pd.DataFrame, calibrations: list[str]) -> pd.DataFrame:
+    """The target density each calibrated threshold was found for (several, if two targets landed
+    on one threshold); empty for explicit thresholds. `kv_density_compressible` is what it reached."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for path in calibrations:
+        record = json.loads(Path(path).read_text())
+        found.setdefault((record["method"], record["threshold"]), []).append(f"{record['target_density']:g}")
+    targets = [";".join(found.get((m, t), [])) for m, t in zip(table.method, table.threshold, strict=True)]
+    return table.assign(target_density=targets)
+
+
+PROVENANCE_FIELDS = ["kvsweep", "torch", "transformers", "kvpress", "device", "dtype"]
+
+
+def provenance_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, threshold): what its documents were computed with, and how many each way."""
+    if "provenance" not in results:
+        return pd.DataFrame(columns=["method", "threshold", *PROVENANCE_FIELDS, "n_docs"])
+    fields = pd.DataFrame([p if isinstance(p, dict) else {} for p in results.provenance], index=results.index)
+    fields = fields.reindex(columns=PROVENANCE_FIELDS).fillna("unrecorded")
+    table = pd.concat([results[["method"]], results.threshold.fillna(""), fields], axis=1)
+    counts = table.groupby(list(table.columns), sort=False).size().rename("n_docs").reset_index()
+    return _ordered(counts)
+
+
 def write_tables(table: pd.DataFrame, csv_path: str, md_path: str) -> None:
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
@@ -166,14 +206,20 @@ def main(argv=None):
     parser.add_argument("--inputs", nargs="+", required=True)
     parser.add_argument("--output-csv", required=True)
     parser.add_argument("--output-md", required=True)
+    parser.add_argument("--calibrations", nargs="*", default=[], help="calibration JSONs: the target of each threshold")
+    parser.add_argument("--output-provenance", help="CSV: per configuration, the code, libraries and device used")
     parser.add_argument("--n-resamples", type=int, default=2000)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.score"):
         scorer = summarize if args.task == "perplexity" else summarize_summarization
-        table = scorer(load_results(args.inputs), args.n_resamples, args.confidence, args.seed)
+        results = load_results(args.inputs, args.task)
+        table = add_targets(scorer(results, args.n_resamples, args.confidence, args.seed), args.calibrations)
         write_tables(table, args.output_csv, args.output_md)
+        if args.output_provenance:
+            with atomic_path(args.output_provenance) as tmp:
+                provenance_table(results).to_csv(tmp, index=False)
         print(table.to_string(index=False))
 
 

@@ -25,13 +25,17 @@ def stream_nll(
     press: StreamingThresholdPress | None = None,
     return_evicted: bool = False,
     cuda_graphs: bool | None = None,
+    return_decision_scores: bool = False,
     key_bucket: int | None = None,
 ) -> list[dict]:
     """Stream one batch of tokenized documents; return per-document NLL sums and KV counts.
 
     Each result holds `n_tokens`, `nll_sum` (natural log, summed over the n - 1 predicted tokens),
     `n_predicted`, `kv_kept`, `kv_total`, `kv_kept_compressible`, `kv_total_compressible`, and with
-    `return_evicted` the final eviction mask `evicted`, a bool array (layers, KV heads, n).
+    `return_evicted` the final eviction mask `evicted`, a bool array (layers, KV heads, n). With
+    `return_decision_scores` (a press made with `record_decisions=True`), `decision_scores`: the
+    score of every position of the compressible region [sinks, n - window) when it was decided,
+    a float32 array (layers, KV heads, positions).
 
     `cuda_graphs` (default: on for a CUDA model) replays each pass shape as a CUDA graph;
     `key_bucket` sets the key-length grid of `StaticPasses` (default: `default_bucket`). Neither
@@ -62,6 +66,8 @@ def stream_nll(
         counts = press.kv_counts()
         if return_evicted:
             evicted = torch.stack([press.layers[i].evicted for i in sorted(press.layers)]).cpu().numpy()
+        if return_decision_scores:
+            decisions = torch.stack([press.layers[i].decision_scores for i in sorted(press.layers)]).cpu().numpy()
 
     counts = {key: value.tolist() for key, value in counts.items()}
     results = [
@@ -76,6 +82,9 @@ def stream_nll(
     if return_evicted:
         for row, (doc, result) in enumerate(zip(documents, results, strict=True)):
             result["evicted"] = evicted[:, row, :, : len(doc)]
+    if return_decision_scores:
+        for row, (doc, result) in enumerate(zip(documents, results, strict=True)):
+            result["decision_scores"] = decisions[:, row, :, press.sinks : max(len(doc) - press.sliding_window_size, 0)]
     return results
 
 

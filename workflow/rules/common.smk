@@ -1,42 +1,89 @@
-# Helpers shared by the rules: config validation (before any job), paths, and per-job parameters.
-import math
+# Helpers shared by the rules: config validation (before any job), paths, and per-job arguments.
+#
+# No config value ever reaches a shell unquoted: every rule passes its arguments as a list of
+# `--key=value` strings in params and writes `{params.args:q}`, which quotes each element.
+import json
 import sys
 from pathlib import Path
+from shlex import quote
 
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
+
+
+def _shell_text(text):
+    """`text` quoted for the shell, with braces doubled (Snakemake formats the prefix too)."""
+    return quote(text).replace("{", "{{").replace("}", "}}")
+
+
 # Every job (local, on SLURM, or in a conda env) imports kvsweep from this checkout. Without conda,
 # `python` in a job is the interpreter running Snakemake, so a virtual environment need not be
 # activated; with `--sdm conda` it is the rule's environment.
-_job_path = "" if "conda" in str(workflow.deployment_settings.deployment_method).lower() else f"export PATH={Path(sys.executable).parent}:$PATH; "
-# (Snakemake formats the prefix too: doubled braces reach the shell as single ones.)
-shell.prefix(_job_path + f"export PYTHONPATH={SRC}" + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
+_uses_conda = "conda" in str(workflow.deployment_settings.deployment_method).lower()
+_job_path = "" if _uses_conda else f"export PATH={_shell_text(str(Path(sys.executable).parent))}:$PATH; "
+shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
 from kvsweep.config import method_settings, validate_config  # noqa: E402
-from kvsweep.errors import KvsweepError  # noqa: E402
+from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
 from kvsweep.methods import get_method  # noqa: E402
 from kvsweep.prepare import n_shards  # noqa: E402
 
-try:
-    validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
-except KvsweepError as err:
-    # One line on stderr and a non-zero exit, before any job is planned.
-    print(f"invalid config: {err}", file=sys.stderr)
+
+def _stop(message):
+    """One line on stderr and a non-zero exit, before any job is planned."""
+    print(f"invalid config: {message}", file=sys.stderr)
     raise SystemExit(1)
 
+
+try:
+    validate_config(config)
+except KvsweepError as err:
+    _stop(err)
+
 RESULTS = f"results/{config['run']}"
+# The schema's pattern for `run` keeps it a plain folder name; this states the guarantee itself.
+if Path(RESULTS).resolve().parent != Path("results").resolve():
+    _stop(f"run: '{config['run']}' would put outputs outside results/")
 DEMO_ASSETS = f"{RESULTS}/demo_assets"
 SHARDS = [f"{i:03d}" for i in range(n_shards(config["dataset"]["max_documents"], config["dataset"]["shard_size"]))]
 METHODS = list(config["methods"])
 COMPRESSED = [m for m in METHODS if get_method(m).takes_threshold]
+USES_SURROGATE = any("kvzap_surrogate" in get_method(m).settings for m in METHODS)
 
-# A threshold in a path is always written in its canonical form; baseline's is "none".
+# A local model, surrogate or data file that does not exist is found now, not by 250 failed jobs
+# (unless the workflow makes it: the demo's assets).
+for _key, _value, _used in (
+    ("model.name", config["model"]["name"], True),
+    ("model.kvzap_surrogate", config["model"]["kvzap_surrogate"], USES_SURROGATE),
+    ("dataset.source", config["dataset"]["source"], True),
+):
+    if _used and _value and not str(_value).startswith(DEMO_ASSETS):
+        if (_missing := missing_local_path(_key, str(_value))) is not None:
+            _stop(_missing)
+
+
+# A threshold (or target density) in a path is always written in its canonical form; baseline's
+# threshold is "none".
 wildcard_constraints:
     task="perplexity|summarization",
     method="|".join(METHODS),
     threshold=r"none|-?inf|-?[0-9][0-9.e+-]*",
+    target=r"[0-9][0-9.e-]*",
     shard=r"\d{3}",
+
+
+# Target densities: a calibration job per (method, target) finds the threshold first (a checkpoint:
+# the evaluation jobs at the thresholds found are planned once it has run).
+CALIBRATIONS = [(m, t) for m in COMPRESSED for t in config["methods"][m]["canonical_targets"]]
+CALIBRATION_DATA = f"{RESULTS}/calibration/data/perplexity"
+_pending = [(m, t) for m, t in CALIBRATIONS if not Path(f"{RESULTS}/calibration/{m}/{t}.json").exists()]
+if _pending and workflow.is_main_process:
+    print(
+        f"kvsweep: {len(_pending)} calibration job(s) for target densities come first; the evaluation jobs at "
+        "the thresholds they find are planned once they have run.",
+        file=sys.stderr,
+    )
 
 
 def local_input(path):
@@ -47,53 +94,127 @@ def local_input(path):
     return []
 
 
+def surrogate_input(wildcards):
+    """The KVzap surrogate, for the methods that read it only: replacing it reruns no other job."""
+    settings = method_settings(config, wildcards.method)
+    return local_input(settings["kvzap_surrogate"]) if "kvzap_surrogate" in settings else []
+
+
 def thresholds(method):
+    """The explicit thresholds of a method (baseline: "none")."""
     return config["methods"][method]["canonical_thresholds"] if get_method(method).takes_threshold else ["none"]
 
 
 def configurations():
-    """Every (method, threshold) of the study, baseline once."""
+    """Every (method, explicit threshold) of the study, baseline once."""
     return [(m, t) for m in METHODS for t in thresholds(m)]
 
 
 def evaluation_outputs(task):
+    """The evaluations at explicit thresholds: known before any job runs."""
     return [f"{RESULTS}/{task}/{m}/{t}/shard{s}.jsonl" for m, t in configurations() for s in SHARDS]
 
 
-def middle_threshold(method):
+def calibration_outputs():
+    return [f"{RESULTS}/calibration/{m}/{t}.json" for m, t in CALIBRATIONS]
+
+
+def calibrated_threshold(method, target):
+    """The threshold a finished calibration found (raises, for Snakemake, while it has not run)."""
+    path = checkpoints.calibrate.get(method=method, target=target).output[0]
+    with open(path) as fh:
+        return json.load(fh)["threshold"]
+
+
+def calibrated_outputs(task):
+    """The evaluations at calibrated thresholds (those equal to an explicit one are not repeated)."""
+    found = {(m, calibrated_threshold(m, t)) for m, t in CALIBRATIONS} - set(configurations())
+    return [f"{RESULTS}/{task}/{m}/{t}/shard{s}.jsonl" for m, t in sorted(found) for s in SHARDS]
+
+
+def scored_inputs():
+    """Evaluations at explicit thresholds (known at once), at calibrated thresholds (known once
+    the calibrations have run), and the calibrations themselves (which target each threshold met)."""
+    return {
+        "explicit": lambda wildcards: evaluation_outputs(wildcards.task),
+        "calibrated": lambda wildcards: calibrated_outputs(wildcards.task),
+        "calibrations": calibration_outputs(),
+    }
+
+
+def eviction_map_calibration(method):
+    """For a method with target densities only: the calibration of its middle target."""
+    if thresholds(method):
+        return []
+    targets = sorted(config["methods"][method]["canonical_targets"], key=float)
+    return [f"{RESULTS}/calibration/{method}/{targets[len(targets) // 2]}.json"]
+
+
+def eviction_map_arguments(method):
+    """The method's middle explicit threshold, or the threshold its middle target's calibration found."""
+    if not thresholds(method):
+        return options(calibration=eviction_map_calibration(method)[0], **method_settings(config, method))
     values = sorted(thresholds(method), key=float)
-    return values[len(values) // 2]
+    return method_arguments(method, values[len(values) // 2])
 
 
 def final_outputs():
-    outputs = []
+    # The calibrations are targets of their own: Snakemake does not check the rerun triggers of a
+    # job that waits on an unfinished checkpoint, so a new target's calibration would otherwise
+    # never be asked for by the (existing) summary that depends on it.
+    outputs = [f"{RESULTS}/config.yaml", *calibration_outputs()]
     for task in config["tasks"]:
         outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md"]
+        outputs += [f"{RESULTS}/{task}/comparison.csv", f"{RESULTS}/{task}/comparison.md"]
         outputs += expand(f"{RESULTS}/{task}/figures/quality_vs_density.{{ext}}", ext=["png", "pdf"])
     outputs += expand(f"{RESULTS}/figures/eviction_map_{{method}}.{{ext}}", method=COMPRESSED, ext=["png", "pdf"])
     return outputs
 
 
+def options(**values):
+    """`--key=value` arguments, one list element each (quoted one by one by `{params.x:q}`);
+    None is left out."""
+    return [f"--{key.replace('_', '-')}={value}" for key, value in values.items() if value is not None]
+
+
 def method_arguments(method, threshold):
-    """Command-line arguments for one method's job: its threshold and only its own settings."""
-    args = [] if threshold == "none" else [f"--threshold={threshold}"]
-    for key, value in method_settings(config, method).items():
-        if value is not None:
-            args.append(f"--{key.replace('_', '-')}={value}")
-    return " ".join(args)
+    """Arguments of one method's job: its threshold and only its own settings."""
+    return options(threshold=None if threshold == "none" else threshold, **method_settings(config, method))
 
 
 def task_arguments(task):
     if task == "summarization":
-        return f"--task=summarization --max-new-tokens={config['summarization']['max_new_tokens']}"
-    return "--task=perplexity"
+        return options(task=task, max_new_tokens=config["summarization"]["max_new_tokens"])
+    return options(task=task)
 
 
 def engine_arguments():
     """The arguments of every job that runs the model and that its results depend on."""
-    return (
-        f"--model={config['model']['name']} --dtype={config['model']['dtype']} --device={config['device']} "
-        f"--chunk-size={config['chunk_size']} --max-length={config['dataset']['max_length']}"
+    return options(
+        model=config["model"]["name"],
+        dtype=config["model"]["dtype"],
+        device=config["device"],
+        chunk_size=config["chunk_size"],
+        max_length=config["dataset"]["max_length"],
+    )
+
+
+def prepare_arguments(task):
+    """Only what the task's shards depend on: summarization's reference field is not perplexity's."""
+    dataset = config["dataset"]
+    return options(
+        source=dataset["source"],
+        split=dataset["split"],
+        subset=dataset["subset"],
+        text_field=dataset["text_field"],
+        summary_field=dataset["summary_field"] if task == "summarization" else None,
+        id_field=dataset["id_field"],
+        tokenizer=config["model"]["name"],
+        max_documents=dataset["max_documents"],
+        max_length=dataset["max_length"],
+        min_length=dataset["min_length"],
+        shard_size=dataset["shard_size"],
+        tasks=task,
     )
 
 
@@ -105,3 +226,33 @@ def speed_resources():
     """Settings that change speed and memory, never results. As resources rather than params,
     changing them reruns nothing, and `--set-resources evaluate:batch_size=16` overrides one rule."""
     return {"batch_size": config["batch_size"], "cuda_graphs": "auto" if config["cuda_graphs"] else "off"}
+
+
+def calibration_prepare_arguments():
+    """The calibration documents: the next ones after the study's that pass the same filters."""
+    arguments = prepare_arguments("perplexity")
+    n = config["calibration"]["documents"]
+    overrides = options(max_documents=n, shard_size=n, skip_documents=config["dataset"]["max_documents"])
+    keys = {a.split("=", 1)[0] for a in overrides}
+    return [a for a in arguments if a.split("=", 1)[0] not in keys] + overrides
+
+
+def calibration_search_arguments(target):
+    settings = config["calibration"]
+    return options(target_density=target, tolerance=settings["tolerance"], max_steps=settings["max_steps"])
+
+
+def reported_config():
+    """The config as the report shows it: defaults filled in, thresholds and targets in their
+    canonical spelling, without the settings that change only speed (batch_size, cuda_graphs). As
+    the params of its rule, it changes (and reruns the rule) exactly when a result may change."""
+    shown = {key: value for key, value in config.items() if key not in ("batch_size", "cuda_graphs")}
+    shown["methods"] = {}
+    for name, settings in config["methods"].items():
+        settings = {k: v for k, v in settings.items() if k not in ("thresholds", "target_densities")}
+        for key, canonical in (("thresholds", "canonical_thresholds"), ("target_densities", "canonical_targets")):
+            values = settings.pop(canonical, [])
+            if values:
+                settings[key] = [float(value) for value in values]
+        shown["methods"][name] = settings
+    return shown

@@ -18,5 +18,5 @@ rule demo_assets:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.demo --output-dir {params.output_dir} --documents {params.documents} "
-        "--train-steps {params.train_steps} 2> {log}"
+        "python -m kvsweep.demo --output-dir={params.output_dir:q} --documents={params.documents} "
+        "--train-steps={params.train_steps} 2> {log:q}"

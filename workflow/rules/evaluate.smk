@@ -8,7 +8,7 @@ rule evaluate:
     input:
         shard=f"{RESULTS}/data/{{task}}/shard{{shard}}.jsonl",
         model=local_input(config["model"]["name"]),
-        surrogate=local_input(config["model"]["kvzap_surrogate"]),
+        surrogate=surrogate_input,
     output:
         f"{RESULTS}/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.jsonl",
     params:
@@ -27,6 +27,6 @@ rule evaluate:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.evaluate {params.engine} --batch-size={resources.batch_size} "
-        "--cuda-graphs={resources.cuda_graphs} {params.task} --data={input.shard} "
-        "--method={wildcards.method} {params.method} --output={output} 2> {log}"
+        "python -m kvsweep.evaluate {params.engine:q} --batch-size={resources.batch_size:q} "
+        "--cuda-graphs={resources.cuda_graphs:q} {params.task:q} --data={input.shard:q} "
+        "--method={wildcards.method:q} {params.method:q} --output={output:q} 2> {log:q}"

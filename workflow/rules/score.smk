@@ -1,17 +1,27 @@
 # Per task and (method, threshold): quality (perplexity, or ROUGE), KV densities, and the paired
-# difference to baseline with a bootstrap CI, as CSV and Markdown.
+# difference to baseline with a bootstrap CI, as CSV and Markdown; then every compressed method
+# against every other at equal KV density (comparison.csv, comparison_auc.csv, comparison.md).
 
 
 rule score:
     input:
-        lambda wildcards: evaluation_outputs(wildcards.task),
+        **scored_inputs(),
     output:
-        csv=f"{RESULTS}/{{task}}/summary.csv",
+        csv=report(
+            f"{RESULTS}/{{task}}/summary.csv",
+            caption="../report/summary.rst",
+            category="{task}",
+            labels={"table": "quality per method and threshold"},
+        ),
         md=f"{RESULTS}/{{task}}/summary.md",
+        provenance=report(
+            f"{RESULTS}/{{task}}/provenance.csv",
+            caption="../report/provenance.rst",
+            category="provenance",
+            labels={"task": "{task}"},
+        ),
     params:
-        n_resamples=config["bootstrap"]["n_resamples"],
-        confidence=config["bootstrap"]["confidence"],
-        seed=config["bootstrap"]["seed"],
+        bootstrap=options(**config["bootstrap"]),
     log:
         f"{RESULTS}/logs/score_{{task}}.log",
     benchmark:
@@ -19,5 +29,41 @@ rule score:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.score --task={wildcards.task} --inputs {input} --output-csv={output.csv} --output-md={output.md} "
-        "--n-resamples={params.n_resamples} --confidence={params.confidence} --seed={params.seed} > {log} 2>&1"
+        "python -m kvsweep.score --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
+        "--calibrations {input.calibrations:q} --output-csv={output.csv:q} --output-md={output.md:q} "
+        "--output-provenance={output.provenance:q} {params.bootstrap:q} > {log:q} 2>&1"
+
+
+rule comparison:
+    input:
+        **scored_inputs(),
+    output:
+        csv=report(
+            f"{RESULTS}/{{task}}/comparison.csv",
+            caption="../report/comparison.rst",
+            category="{task}",
+            labels={"table": "method against method"},
+        ),
+        auc=report(
+            f"{RESULTS}/{{task}}/comparison_auc.csv",
+            caption="../report/comparison_auc.rst",
+            category="{task}",
+            labels={"table": "area under the loss curve"},
+        ),
+        md=f"{RESULTS}/{{task}}/comparison.md",
+    params:
+        comparison=options(density=config["comparison"]["density"], tolerance=config["calibration"]["tolerance"]),
+        grid=config["comparison"]["grid"],
+        buckets=config["comparison"]["length_buckets"],
+        bootstrap=options(**config["bootstrap"]),
+    log:
+        f"{RESULTS}/logs/comparison_{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/comparison_{{task}}.tsv"
+    conda:
+        "../../envs/kvsweep.yaml"
+    shell:
+        "python -m kvsweep.comparison --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
+        "--calibrations {input.calibrations:q} {params.comparison:q} --grid {params.grid:q} "
+        "--length-buckets {params.buckets:q} --output-csv={output.csv:q} --output-auc-csv={output.auc:q} "
+        "--output-md={output.md:q} {params.bootstrap:q} > {log:q} 2>&1"

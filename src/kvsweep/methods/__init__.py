@@ -3,12 +3,12 @@
 Adding a method is one small file in this folder defining a `Method`, and one entry in `METHODS`.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvsweep.errors import KvsweepError
+from kvsweep.thresholds import check_threshold
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,12 @@ class Method:
         if self.takes_threshold:
             if threshold is None:
                 raise KvsweepError(f"method '{self.name}' needs a threshold")
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
                 raise KvsweepError(f"method '{self.name}': threshold must be a number or -inf, got {threshold!r}")
+            try:
+                check_threshold(threshold)
+            except KvsweepError as err:
+                raise KvsweepError(f"method '{self.name}': {err}") from None
         unknown = sorted(set(given) - set(self.settings))
         if unknown:
             allowed = ", ".join(sorted(self.settings)) or "none"

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvpress import KVzapPress
-from kvpress.presses.kvzap_press import KVzapModel
+from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
+from transformers import PretrainedConfig
 
-from kvsweep.errors import KvsweepError, cannot_load
+from kvsweep.errors import KvsweepError, cannot_load, missing_local_path
 
 
 def default_surrogate(model_name: str, model_type: str) -> str:
@@ -16,10 +17,21 @@ def default_surrogate(model_name: str, model_type: str) -> str:
 
 def load_surrogate(name: str) -> KVzapModel:
     """Load a KVzap surrogate from a local folder (`KVzapModel.save_pretrained`) or a hub id."""
+    hint = ". Name it with --kvzap-surrogate (config: model.kvzap_surrogate)."
+    if (missing := missing_local_path("KVzap surrogate", name)) is not None:
+        raise missing
+    try:
+        model_type = PretrainedConfig.get_config_dict(name)[0].get("model_type")
+    except (OSError, ValueError) as err:
+        raise cannot_load("KVzap surrogate", name, err, hint) from None
+    if model_type != KVzapConfig.model_type:
+        raise KvsweepError(
+            f"KVzap surrogate '{name}' holds a model of type '{model_type}', not a KVzap surrogate "
+            f"(a folder saved with KVzapModel.save_pretrained){hint}"
+        )
     try:
         return KVzapModel.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        hint = ". Name it with --kvzap-surrogate (config: model.kvzap_surrogate)."
+    except (OSError, ValueError, TypeError, KeyError) as err:
         raise cannot_load("KVzap surrogate", name, err, hint) from None
 
 

@@ -34,6 +34,8 @@ class StreamingThresholdPress(DMSPress):
 
     sinks: int = 0
     decoding: bool = True
+    # Keep the score of every decision (calibration reads their distribution); off for evaluations.
+    record_decisions: bool = False
     layers: dict[int, LayerEviction] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -69,6 +71,7 @@ class StreamingThresholdPress(DMSPress):
                 config.num_key_value_heads,
                 entry_scores=self.press is not None and self.scores_on_entry,
                 accumulate_attention=self.press is not None and self.accumulates_attention,
+                record_decisions=self.press is not None and self.record_decisions,
             )
             self.layers[module.layer_idx] = state
             setattr(module, STATE_ATTRIBUTE, state)
@@ -131,6 +134,9 @@ class StreamingThresholdPress(DMSPress):
                 {**kwargs, "n_queries": n_queries},
             )
         state.evicted[:, :, lo:hi] |= deciding[:, None, :] & (scores < self.threshold)
+        if state.decision_scores is not None:
+            recorded = state.decision_scores[:, :, lo:hi]
+            recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))
         return output
 
     def kv_counts(self, sinks: int | None = None, window: int | None = None) -> dict[str, torch.Tensor]:

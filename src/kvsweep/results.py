@@ -1,0 +1,12 @@
+"""The result lines of evaluation jobs: their fields per task, and the length fields that tell
+whether two methods read the same document."""
+
+RESULT_FIELDS = {
+    "perplexity": {"id", "n_tokens", "nll_sum", "n_predicted", "kv_kept", "kv_total", "kv_kept_compressible",
+                   "kv_total_compressible"},
+    "summarization": {"id", "generated", "references", "n_generated", "n_prompt_tokens", "kv_kept", "kv_total",
+                      "kv_kept_compressible", "kv_total_compressible"},
+}  # fmt: skip
+
+# A document's input length: two results with different lengths were computed on different inputs.
+LENGTH_FIELD = {"perplexity": "n_tokens", "summarization": "n_prompt_tokens"}
