@@ -38,9 +38,15 @@ def test_search_reaches_every_target_in_a_few_steps(target, shift, scale):
     assert len(calls) == len(steps) <= 8
     assert abs(found.density - target) <= 0.01
     assert found.density == measure(found.threshold)  # the density reported is the threshold's own
-    assert all(s.threshold == rounded(s.threshold) for s in steps)  # 4 significant digits: a stable path
+    spread = PROBE[-1] - PROBE[0]
+    assert all(s.threshold == rounded(s.threshold, spread) for s in steps)  # a stable path for a value
     again = search(shifted_density(shift, scale)[0], PROBE, target, 0.01, 10, log=lambda line: None)[1]
     assert [(s.threshold, s.density) for s in again] == [(s.threshold, s.density) for s in steps]
+
+
+def test_thresholds_are_rounded_to_what_the_scores_tell_apart():
+    assert rounded(2.6973e-4, 1.0) == 0.0002697  # 4 significant digits
+    assert rounded(-12.0034567, 0.02) == -12.003457  # scores of -12 +- 0.01 need more
 
 
 def test_when_the_probe_is_exact_the_first_step_lands():

@@ -84,10 +84,15 @@ def test_only_densities_both_methods_reach_are_compared():
         "perplexity",
     )
     points, areas = compare_methods(
-        rows, {"h2o": [0.25, 0.395]}, grid=[0.2, 0.3, 0.4, 0.7], edges=[], tolerance=0.01, n_resamples=200
+        rows,
+        {"h2o": [0.25, 0.39], "kvzap": [0.395]},
+        grid=[0.2, 0.3, 0.4, 0.7],
+        edges=[],
+        tolerance=0.01,
+        n_resamples=200,
     )
-    # 0.2, 0.25 and 0.3 lie below kvzap's lowest density, 0.4; the target 0.395 lies within the
-    # tolerance of it and is compared there.
+    # 0.2, 0.25, 0.3 and h2o's target 0.39 lie below kvzap's lowest density, 0.4; kvzap's own
+    # target 0.395 lies within the tolerance of it and is compared there.
     assert list(points.density) == [0.395, 0.4, 0.7]
     first = points.iloc[0]
     assert (first.density_a, first.density_b) == (0.395, 0.4)

@@ -16,8 +16,9 @@ ones.
 the scores every compressible position had when it was decided. `search` maps the quantile level
 p to a threshold (p = 1 - target would be exact if eviction did not change later scores; it does)
 and searches p, deterministically: secant steps from the probe's guess until the target is
-bracketed, then regula falsi alternating with bisection. Every threshold tried is rounded to 4
-significant digits, so that a recalibration that lands on the same value names the same
+bracketed, then regula falsi on the logit of the density (Illinois) with bisection as a fallback.
+Every threshold tried is rounded to 4 significant digits (more where the scores' spread is small
+next to their size), so that a recalibration that lands on the same value names the same
 evaluation path. Each step streams every calibration document once; at most `max_steps` steps.
 A target that cannot be reached within the tolerance (the density jumps over it, or even the
 largest threshold keeps more) stops with the closest threshold found and its density.
@@ -41,8 +42,14 @@ QUANTILE_LEVELS = 1001  # probe quantiles at p = 0, 0.001, ..., 1
 SIGNIFICANT_DIGITS = 4
 
 
-def rounded(threshold: float) -> float:
-    return float(f"{threshold:.{SIGNIFICANT_DIGITS}g}")
+def rounded(threshold: float, spread: float = 0.0) -> float:
+    """`threshold` to 4 significant digits, or finer where the scores' spread is small next to their
+    size (KVzap-like scores of -12 +- 0.01 need more than 4 digits to be told apart): at least 5
+    digits below the spread's leading one."""
+    digits = SIGNIFICANT_DIGITS
+    if threshold and spread > 0:
+        digits = max(digits, math.floor(math.log10(abs(threshold))) - math.floor(math.log10(spread)) + 5)
+    return float(f"{threshold:.{digits}g}")
 
 
 def threshold_at(quantiles: np.ndarray, level: float) -> float:
@@ -83,12 +90,13 @@ def search(measure, quantiles: np.ndarray, target: float, tolerance: float, max_
     kept_side, weight = None, 1.0
     level = min(max(1.0 - target, 0.0), 1.0)
     why = f"no threshold within {max_steps} steps"
-    # Thresholds closer than this (a ten-thousandth of the probe's score range) count as one: a
-    # bracket that narrow with the target still outside means the density jumps over it (ties).
-    resolution = 1e-4 * max(float(quantiles[-1] - quantiles[0]), 1e-12)
+    spread = float(quantiles[-1] - quantiles[0])
     for index in range(max_steps):
-        threshold = rounded(threshold_at(quantiles, level))
-        narrow = low is not None and high is not None and high.threshold - low.threshold <= resolution
+        threshold = rounded(threshold_at(quantiles, level), spread)
+        # A bracket narrower than a tenth of the probe's quantile spacing (in level, so that it is
+        # relative to how the scores are distributed, not to their range), with the target still
+        # outside: the density jumps over it (many positions share a score).
+        narrow = low is not None and high is not None and high.level - low.level < 0.1 / (len(quantiles) - 1)
         if threshold in seen or narrow:
             why = "the density jumps over the target between neighbouring thresholds"
             break

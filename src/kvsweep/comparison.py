@@ -15,9 +15,9 @@ at density 1, loss 0. At a density x the loss of every document is interpolated 
 the two configurations that bracket x (the weights come from the aggregate densities, the same for
 every document), so the difference between two methods at x is a statistic over paired per-document
 values and the bootstrap resamples documents. Common densities: the grid and the target densities
-that lie in the range both methods cover, [the larger of their lowest densities, 1]; a target that
-lies up to `--tolerance` below a method's lowest density (calibrated on other documents, it landed
-a little above the target on these) is compared at that lowest point, and `density_a` /
+that lie in the range both methods cover, [the larger of their lowest densities, 1]; a method's own
+target that lies up to `--tolerance` below its lowest density (calibrated on other documents, it
+landed a little above the target on these) is compared at that lowest point, and `density_a` /
 `density_b` say where each method was read. The area under
 a loss curve is the integral of the interpolated loss over that range (exact: the curves are
 piecewise linear). Verdict: a method is better where the interval of the difference excludes 0.
@@ -55,14 +55,24 @@ def per_document_losses(results: pd.DataFrame, task: str) -> pd.DataFrame:
     if baseline.empty:
         raise KvsweepError("no baseline results: the quality losses need method 'baseline'")
     rows = results[results.method != "baseline"].copy()
+    missing = sorted(set(rows.id) - set(baseline.index))
+    if missing:
+        raise KvsweepError(f"documents without a baseline result: {missing[:5]}")
     base = baseline.loc[rows.id]
+    length = LENGTH_FIELD[task]
+    differ = sorted(set(rows.id[rows[length].to_numpy() != base[length].to_numpy()]))
+    if differ:
+        raise KvsweepError(
+            f"document(s) {differ[:5]} were read with another {length} than the baseline's: the results come "
+            "from different inputs (rerun the jobs of one of them)"
+        )
     if task == "summarization":
         rows["loss"] = base.rougeL.to_numpy() - rows.rougeL.to_numpy()
         rows["weight"] = 1.0
     else:
         rows["loss"] = rows.nll_sum.to_numpy() - base.nll_sum.to_numpy()
         rows["weight"] = rows.n_predicted.astype(float)
-    rows["length"] = rows[LENGTH_FIELD[task]]
+    rows["length"] = rows[length]
     return rows
 
 
@@ -178,12 +188,14 @@ def compare_methods(
             low = max(ca.densities[0], cb.densities[0])
             common = {"method_a": a, "method_b": b, "length_bucket": bucket, "n_docs": len(documents)}
             compressible = density.endswith("compressible")
-            wanted = {*targets.get(a, []), *targets.get(b, [])} if compressible else set()
-            for x in sorted(set(grid) | wanted):
-                # A target may lie just below a method's lowest point on these documents (it was
-                # calibrated on others): within the tolerance, that point stands for it.
-                reach = tolerance if x in wanted else 0.0
-                if x >= 1 or x < low - reach:
+            own = {m: set(targets.get(m, [])) if compressible else set() for m in (a, b)}
+            for x in sorted(set(grid) | own[a] | own[b]):
+                # A method's own target may lie just below its lowest point on these documents (it
+                # was calibrated on others): within the tolerance, that point stands for it. Any
+                # other density must lie on both curves.
+                reached = [x >= c.densities[0] or (x in own[m] and x >= c.densities[0] - tolerance)
+                           for m, c in ((a, ca), (b, cb))]  # fmt: skip
+                if x >= 1 or not all(reached):
                     continue
                 xa, xb = max(x, ca.densities[0]), max(x, cb.densities[0])
                 la, lb = ca.at(xa), cb.at(xb)

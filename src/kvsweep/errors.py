@@ -14,10 +14,16 @@ class KvsweepError(Exception):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
+# Names ending like a data file are local files, never hub ids (`data/reports.jsonl`).
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
 def names_a_local_path(name: str) -> bool:
-    """True if `name` exists on disk or cannot be a hub id (`./x`, `/data/m`, `a/b/c`, `~/m`):
-    such a name is meant as a local folder, and a missing one must not be reported as a hub id."""
-    return Path(name).expanduser().exists() or not _HUB_ID.match(str(name)) or str(name).endswith(".jsonl")
+    """True if `name` exists on disk or cannot be a hub id (`./x`, `/data/m`, `a/b/c`, `~/m`,
+    `data/x.jsonl`): such a name is meant as a local path, and a missing one must not be reported
+    as a hub id. (`models/llama` could be either: it counts as a hub id until it exists.)"""
+    name = str(name)
+    return Path(name).expanduser().exists() or not _HUB_ID.match(name) or name.endswith(_FILE_SUFFIXES)
 
 
 def missing_local_path(kind: str, name: str) -> KvsweepError | None:

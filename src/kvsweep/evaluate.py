@@ -125,12 +125,16 @@ def check_vocabulary(documents: list[dict], vocabulary: int, path: str) -> None:
 
 def _fingerprint(args, settings, documents: list[dict]) -> str:
     """What determines a document's result: a checkpoint of other inputs is never reused. Besides
-    the settings: the shard's documents themselves, and the identity of the model's and the
-    surrogate's weights (not only their names: a folder retrained in place is another model)."""
-    from kvsweep.provenance import weights_identity
+    the settings: the shard's documents themselves, the identity of the model's and the
+    surrogate's weights (not only their names: a folder retrained in place is another model), the
+    device and the kvsweep commit."""
+    from kvsweep.provenance import source_revision, weights_identity
 
-    names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "task", "max_new_tokens")
+    names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "device", "task", "max_new_tokens")
     key = {k: getattr(args, k, None) for k in names}
+    # The committed code (a fix between two attempts must not be mixed with results from before it);
+    # uncommitted edits are left out, or editing config.yaml would discard every checkpoint.
+    key["code"] = source_revision().split("+")[0]
     key["documents"] = hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest()
     key["model_weights"] = weights_identity(args.model)
     if "kvzap_surrogate" in settings:
@@ -192,16 +196,18 @@ def run(args) -> None:
     from kvsweep.modeling import load_model, vocabulary_size
     from kvsweep.provenance import environment
 
+    # The model first: a hub model not yet in the local cache has its identity (for the fingerprint)
+    # only once it has been downloaded.
+    model = load_model(args.model, args.dtype, args.device)
+    check_vocabulary(documents, vocabulary_size(model), args.data)
+    provenance = environment(model, args.dtype)
+
     checkpoint = output.with_name(output.name + ".partial")
     fingerprint = _fingerprint(args, settings, documents)
     done = _load_checkpoint(checkpoint, fingerprint, documents, RESULT_FIELDS[args.task])
     todo = sorted((d for d in documents if d["id"] not in done), key=lambda d: -len(d["input_ids"]))
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
-
-    model = load_model(args.model, args.dtype, args.device)
-    check_vocabulary(documents, vocabulary_size(model), args.data)
-    provenance = environment(model, args.dtype)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
     press = method.build(args.threshold, **settings) if method.takes_threshold else None
     evaluate_batch = _batch_evaluator(args, model, press)

@@ -89,7 +89,7 @@ if _pending and workflow.is_main_process:
 def local_input(path):
     """A model, surrogate or data file named by a local path is an input (so edits rerun jobs, and
     the demo rule makes it); a hub id is not."""
-    if path and (Path(path).exists() or str(path).startswith(DEMO_ASSETS)):
+    if path and (Path(path).expanduser().exists() or str(path).startswith(DEMO_ASSETS)):
         return [path]
     return []
 
