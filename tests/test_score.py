@@ -112,9 +112,9 @@ def test_compare_draws_an_interval_that_excludes_its_point(tmp_path):
 
     table = pd.DataFrame([
         {"method": "baseline", "threshold": "", "delta_nll": 0.0, "delta_nll_ci_low": 0.0, "delta_nll_ci_high": 0.0,
-         "ppl": 10.0, "kv_density": 1.0},
+         "ppl": 10.0, "kv_density": 1.0, "kv_density_compressible": 1.0},
         {"method": "h2o", "threshold": "0.1", "delta_nll": 0.010, "delta_nll_ci_low": 0.012,
-         "delta_nll_ci_high": 0.020, "ppl": 10.1, "kv_density": 0.5},
+         "delta_nll_ci_high": 0.020, "ppl": 10.1, "kv_density": 0.5, "kv_density_compressible": 0.45},
     ])  # fmt: skip
     table.to_csv(tmp_path / "summary.csv", index=False)
     main(["--summary", str(tmp_path / "summary.csv"), "--output-png", str(tmp_path / "f.png"),
