@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.errors import readable_errors
 from kvsweep.io import atomic_path
 from kvsweep.results import LENGTH_FIELD
-from kvsweep.score import add_rouge, bootstrap_interval, load_results
+from kvsweep.score import add_rouge, baseline_of, bootstrap_interval, load_results
 
 POINT_COLUMNS = ["method_a", "method_b", "length_bucket", "n_docs", "density", "density_a", "density_b", "loss_a",
                  "loss_b", "difference",
@@ -51,28 +51,15 @@ def per_document_losses(results: pd.DataFrame, task: str) -> pd.DataFrame:
     `weight` (predicted tokens, or 1), the document's length and its KV counts."""
     if task == "summarization":
         results = add_rouge(results)
-    baseline = results[results.method == "baseline"].set_index("id")
-    if baseline.empty:
-        raise KvsweepError("no baseline results: the quality losses need method 'baseline'")
     rows = results[results.method != "baseline"].copy()
-    missing = sorted(set(rows.id) - set(baseline.index))
-    if missing:
-        raise KvsweepError(f"documents without a baseline result: {missing[:5]}")
-    base = baseline.loc[rows.id]
-    length = LENGTH_FIELD[task]
-    differ = sorted(set(rows.id[rows[length].to_numpy() != base[length].to_numpy()]))
-    if differ:
-        raise KvsweepError(
-            f"document(s) {differ[:5]} were read with another {length} than the baseline's: the results come "
-            "from different inputs (rerun the jobs of one of them)"
-        )
+    base = baseline_of(rows, results[results.method == "baseline"].set_index("id"))
     if task == "summarization":
         rows["loss"] = base.rougeL.to_numpy() - rows.rougeL.to_numpy()
         rows["weight"] = 1.0
     else:
         rows["loss"] = rows.nll_sum.to_numpy() - base.nll_sum.to_numpy()
         rows["weight"] = rows.n_predicted.astype(float)
-    rows["length"] = rows[length]
+    rows["length"] = rows[LENGTH_FIELD[task]]
     return rows
 
 

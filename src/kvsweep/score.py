@@ -84,26 +84,31 @@ def paired_mean_difference(values: np.ndarray, base: np.ndarray, n_resamples: in
     return bootstrap_interval((values, base), statistic, n_resamples, confidence, seed)
 
 
-def _configurations(results: pd.DataFrame):
-    """(method, threshold, its documents, the baseline's rows for the same documents). Documents are
-    paired by id, and must have been read at the same length as the baseline's (else the two
+def baseline_of(rows: pd.DataFrame, baseline: pd.DataFrame, label: str = "") -> pd.DataFrame:
+    """The baseline's rows (indexed by id) for the documents of `rows`, in their order. Documents
+    are paired by id, and must have been read at the same length as the baseline's (else the two
     results come from different inputs, e.g. shards prepared again in between)."""
-    baseline = results[results.method == "baseline"].set_index("id")
     if baseline.empty:
         raise KvsweepError("no baseline results: the paired differences need method 'baseline'")
-    length = next(field for field in LENGTH_FIELD.values() if field in results)
+    missing = sorted(set(rows.id) - set(baseline.index))
+    if missing:
+        raise KvsweepError(f"{label}documents without a baseline result: {missing[:5]}")
+    base = baseline.loc[rows.id]
+    length = next(field for field in LENGTH_FIELD.values() if field in rows)
+    differ = sorted(set(rows.id[rows[length].to_numpy() != base[length].to_numpy()]))
+    if differ:
+        raise KvsweepError(
+            f"{label}document(s) {differ[:5]} were read with another {length} than the baseline's: the results "
+            "come from different inputs (rerun the jobs of one of them)"
+        )
+    return base
+
+
+def _configurations(results: pd.DataFrame):
+    """(method, threshold, its documents, the baseline's rows for the same documents)."""
+    baseline = results[results.method == "baseline"].set_index("id")
     for (method, threshold), group in results.groupby(["method", results.threshold.fillna("")], sort=False):
-        missing = set(group.id) - set(baseline.index)
-        if missing:
-            raise KvsweepError(f"{method} at {threshold}: documents without a baseline result: {sorted(missing)[:5]}")
-        base = baseline.loc[group.id]
-        differ = group.id[group[length].to_numpy() != base[length].to_numpy()].tolist()
-        if differ:
-            raise KvsweepError(
-                f"{method} at {threshold}: document(s) {differ[:5]} were read with another {length} than the "
-                "baseline's: the results come from different inputs (rerun the jobs of one of them)"
-            )
-        yield method, threshold, group, base
+        yield method, threshold, group, baseline_of(group, baseline, f"{method} at {threshold}: ")
 
 
 def _densities(group: pd.DataFrame) -> dict:
