@@ -159,6 +159,7 @@ class Calibration:
     def __init__(self, model, documents: list[dict], press, chunk_size: int, batch_size: int, cuda_graphs=None):
         self.model, self.documents, self.press = model, documents, press
         self.chunk_size, self.batch_size, self.cuda_graphs = chunk_size, batch_size, cuda_graphs
+        self.record = {"chunk_size": chunk_size, "documents": [d["id"] for d in documents]}
 
     @classmethod
     def from_args(cls, args) -> "Calibration":
@@ -173,13 +174,7 @@ class Calibration:
         model = load_model(args.model, args.dtype, args.device)
         calibration = cls(model, documents, method.build(-math.inf, **settings), args.chunk_size, args.batch_size,
                           cuda_graphs_setting(args))  # fmt: skip
-        calibration.record = {
-            "method": args.method,
-            "settings": settings,
-            "model": args.model,
-            "chunk_size": args.chunk_size,
-            "documents": [d["id"] for d in documents],
-        }
+        calibration.record.update(method=args.method, settings=settings, model=args.model)
         return calibration
 
     def stream(self, threshold: float, **options) -> list[dict]:
