@@ -26,15 +26,13 @@ The same tables are made per document-length bucket, where H2O's position depend
 
 import argparse
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kvsweep.errors import readable_errors
 from kvsweep.io import atomic_path
-from kvsweep.results import LENGTH_FIELD
+from kvsweep.results import LENGTH_FIELD, read_calibrations
 from kvsweep.score import add_rouge, baseline_of, bootstrap_interval, load_results
 
 POINT_COLUMNS = ["method_a", "method_b", "length_bucket", "n_docs", "density", "density_a", "density_b", "loss_a",
@@ -203,14 +201,6 @@ def compare_methods(
     return pd.DataFrame(points, columns=POINT_COLUMNS), pd.DataFrame(areas, columns=AUC_COLUMNS)
 
 
-def read_targets(paths: list[str]) -> dict[str, list[float]]:
-    targets: dict[str, list[float]] = {}
-    for path in paths:
-        record = json.loads(Path(path).read_text())
-        targets.setdefault(record["method"], []).append(float(record["target_density"]))
-    return targets
-
-
 def markdown(points: pd.DataFrame, areas: pd.DataFrame, task: str, density: str) -> str:
     unit = "nats per token" if task == "perplexity" else "ROUGE-L points"
     lines = [
@@ -255,7 +245,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.comparison"):
         rows = per_document_losses(load_results(args.inputs, args.task), args.task)
-        points, areas = compare_methods(rows, read_targets(args.calibrations), args.density, args.grid,
+        targets: dict[str, list[float]] = {}
+        for record in read_calibrations(args.calibrations):
+            targets.setdefault(record["method"], []).append(float(record["target_density"]))
+        points, areas = compare_methods(rows, targets, args.density, args.grid,
                                         args.length_buckets, args.tolerance, args.n_resamples, args.confidence,
                                         args.seed)  # fmt: skip
         for table, path in ((points, args.output_csv), (areas, args.output_auc_csv)):

@@ -34,10 +34,8 @@ def missing_local_path(kind: str, name: str) -> KvsweepError | None:
 
 
 def cannot_load(kind: str, name: str, err: Exception, hint: str = "") -> KvsweepError:
-    """`kind 'name' could not be loaded as a local folder | hub id ...: first line of err.` + hint"""
-    missing = missing_local_path(kind, name)
-    if missing is not None:
-        return missing
+    """`kind 'name' could not be loaded as a local folder | hub id ...: first line of err.` + hint
+    (a missing local path is found before loading: `missing_local_path`)."""
     where = "local folder" if Path(name).exists() else "hub id (not in the local Hugging Face cache, or offline)"
     return KvsweepError(f"{kind} '{name}' could not be loaded as a {where}: {str(err).splitlines()[0]}{hint}")
 

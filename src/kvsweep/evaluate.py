@@ -10,9 +10,9 @@ input order, with id, n_tokens, nll_sum, n_predicted, kv_kept, kv_total, kv_kept
 kv_total_compressible. Summarization: input lines also hold "references" (the prompt is in
 input_ids); output lines hold id, generated (text), references, n_generated, n_prompt_tokens and the
 KV counts at the end of generation. Every line also holds `provenance`: the kvsweep commit, the
-torch / transformers / kvpress versions, the device and the dtype it was computed with. Finished documents are appended to OUT.jsonl.partial as they
-complete, so a killed or requeued job resumes where it stopped; OUT.jsonl appears (atomically)
-only at the end.
+torch / transformers / kvpress versions, the device and the dtype it was computed with. Finished
+documents are appended to OUT.jsonl.partial as they complete, so a killed or requeued job resumes
+where it stopped; OUT.jsonl appears (atomically) only at the end.
 """
 
 import argparse

@@ -9,8 +9,9 @@ For each task, DIR/<task>/shard000.jsonl ... in the engine's input format: perpl
 {"id", "input_ids"} (the report's tokens, truncated to max_length); summarization lines are
 {"id", "input_ids", "references"} (LongBench's prompt, cut in the middle of the report so that
 the whole model input fits max_length, and the reference summaries). DIR/<task>/documents.jsonl
-lists id, source index, tokens and whether each was truncated. With --skip-documents N the first N qualifying documents are left out
-(the calibration documents are the ones after the study's, so the two never overlap). The order is the source's and ids are stable: the id field if given,
+lists id, source index, tokens and whether each was truncated. With --skip-documents N the first
+N qualifying documents are left out (the calibration documents are the ones after the study's, so
+the two never overlap). The order is the source's and ids are stable: the id field if given,
 else "<split>-<index in the source>". Exactly ceil(max_documents / shard_size) shards are written,
 so the workflow knows its jobs before the data exists; if fewer documents qualify, the last shards
 hold fewer (or none) and the log says so.

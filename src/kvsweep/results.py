@@ -8,5 +8,15 @@ RESULT_FIELDS = {
                       "kv_kept_compressible", "kv_total_compressible"},
 }  # fmt: skip
 
+
+def read_calibrations(paths) -> list[dict]:
+    """The records of calibration jobs (calibration/<method>/<target>.json): method, target_density,
+    threshold (canonical), density, steps, documents."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(Path(path).read_text()) for path in paths]
+
+
 # A document's input length: two results with different lengths were computed on different inputs.
 LENGTH_FIELD = {"perplexity": "n_tokens", "summarization": "n_prompt_tokens"}

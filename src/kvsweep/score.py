@@ -13,7 +13,6 @@ come with a percentile bootstrap confidence interval over documents (scipy.stats
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from scipy import stats
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import atomic_path, read_jsonl
-from kvsweep.results import LENGTH_FIELD, RESULT_FIELDS
+from kvsweep.results import LENGTH_FIELD, RESULT_FIELDS, read_calibrations
 from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
 
 COLUMNS = ["method", "threshold", "target_density", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
@@ -177,8 +176,7 @@ def add_targets(table: pd.DataFrame, calibrations: list[str]) -> pd.DataFrame:
     """The target density each calibrated threshold was found for (several, if two targets landed
     on one threshold); empty for explicit thresholds. `kv_density_compressible` is what it reached."""
     found: dict[tuple[str, str], list[str]] = {}
-    for path in calibrations:
-        record = json.loads(Path(path).read_text())
+    for record in read_calibrations(calibrations):
         found.setdefault((record["method"], record["threshold"]), []).append(f"{record['target_density']:g}")
     targets = [";".join(found.get((m, t), [])) for m, t in zip(table.method, table.threshold, strict=True)]
     return table.assign(target_density=targets)
