@@ -6,7 +6,10 @@ kept / evicted state per (layer, KV head, position), and decisions made after ea
 forward pass. It shares no code with the engine.
 """
 
+import functools
+import hashlib
 import math
+import struct
 
 import numpy as np
 import torch
@@ -69,8 +72,78 @@ def surrogate_scores(layer_mlp, h):
     return out
 
 
-def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks):
-    """Return (nll_sum, kept counts dict, decision margins) for one document."""
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
+    x = ((x ^ (x >> 15)) * 0x1B873593) & MASK32
+    return x ^ (x >> 16)
+
+
+def random_score(seed, tokens, layer, head, position):
+    """Random eviction's score: 24 bits of a hash chain over (seed, document, layer, head, position),
+    the document named by the first 4 bytes (little-endian) of the SHA-256 of its int64 tokens."""
+    document = int.from_bytes(hashlib.sha256(struct.pack(f"<{len(tokens)}q", *tokens)).digest()[:4], "little")
+    h = mix32(seed & MASK32)
+    for value in (document, layer, head, position):
+        h = mix32((h ^ (value + 0x9E3779B9 + ((h << 6) & MASK32) + (h >> 2))) & MASK32)
+    return (h >> 8) / float(1 << 24)
+
+
+@functools.lru_cache(maxsize=None)
+def average_rope(position, n_future, d, theta):
+    """RoPE's rotation matrix averaged over positions [position, position + n_future)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    half = d // 2
+    total = np.zeros((d, d))
+    for t in range(position, position + n_future):
+        angles = np.concatenate([t * inv_freq, t * inv_freq])
+        rotation = np.diag(np.cos(angles))
+        for i in range(half):  # x rotated: x_i cos - x_{i+half} sin (i < half), x_i cos + x_{i-half} sin
+            rotation[i, i + half] = -np.sin(angles[i + half])
+            rotation[i + half, i] = np.sin(angles[i])
+        total += rotation
+    return total / n_future
+
+
+def expected_attention_scores(W, keys, values, state, queries, e, g, sinks, options):
+    """Expected Attention's score of every visible key j (sinks <= j < e) of KV head g: the softmax
+    over those keys of the expected logit of a future query, mean over the group's heads, times
+    ||v_j||. Query statistics: mean and (population) covariance of the pre-RoPE queries counted so
+    far, rotated by RoPE averaged over positions [e, e + n_future)."""
+    G = W.heads // W.kv_heads
+    d = W.head_dim
+    visible = [j for j in range(sinks, e) if state[g, j] != EVICTED]
+    if not visible:
+        return {}
+    rotation = average_rope(e, options["n_future_positions"], d, W.theta)
+    probs = np.zeros(len(visible))
+    for head in range(g * G, (g + 1) * G):
+        counted = np.array(queries[head]) if queries[head] else np.zeros((0, d))
+        mean = counted.mean(0) if len(counted) else np.zeros(d)
+        cov = (counted - mean).T @ (counted - mean) / len(counted) if len(counted) else np.zeros((d, d))
+        mean, cov = rotation @ mean, rotation @ cov @ rotation.T
+        logits = np.array([mean @ keys[j, g] / math.sqrt(d) for j in visible])
+        if options["use_covariance"]:
+            logits += np.array([keys[j, g] @ cov @ keys[j, g] / d / 2 for j in visible])
+        p = np.exp(logits - logits.max())
+        probs += p / p.sum() / G
+    if options["use_vnorm"]:
+        probs = probs * np.array([np.linalg.norm(values[j, g]) for j in visible])
+    return dict(zip(visible, probs, strict=True))
+
+
+EA_DEFAULTS = {"n_future_positions": 512, "use_covariance": True, "use_vnorm": True}
+ENTRY_SCORED = ("kvzap", "kvzap_no_sink", "knorm", "random", "streaming_llm")
+
+
+def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks, options=None):
+    """Return (nll_sum, kept counts dict, decision margins) for one document. `options`: random's
+    seed, Expected Attention's n_future_positions / use_covariance / use_vnorm."""
+    options = {"seed": 42, **EA_DEFAULTS, **(options or {})}
+    if method == "streaming_llm":  # every position scores 0 and is evicted: threshold +inf
+        threshold = math.inf
     n = len(tokens)
     G = W.heads // W.kv_heads
     scale = W.head_dim**-0.5
@@ -79,6 +152,7 @@ def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks
     state = [np.full((W.kv_heads, n), UNDECIDED) for _ in range(W.n_layers)]
     entry_score = [np.zeros((W.kv_heads, n)) for _ in range(W.n_layers)]
     received = [np.zeros((W.kv_heads, n)) for _ in range(W.n_layers)]
+    queries = [[[] for _ in range(W.heads)] for _ in range(W.n_layers)]  # pre-RoPE, positions >= sinks
     nll = 0.0
     margins = []
     embed = W.sd["model.embed_tokens.weight"]
@@ -94,12 +168,18 @@ def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks
             for i in range(len(x)):
                 p = s + i
                 for head in range(W.heads):
+                    if p >= sinks:
+                        queries[layer][head].append(q[i, head].copy())
                     q[i, head] = rope(q[i, head], p, W.theta)
                 for g in range(W.kv_heads):
                     keys[layer][p, g] = rope(k[i, g], p, W.theta)
                     values[layer][p, g] = v[i, g]
                     if method.startswith("kvzap"):
                         entry_score[layer][g, p] = surrogate_scores(W.surrogate[layer], h[i])[g]
+                    elif method == "knorm":
+                        entry_score[layer][g, p] = -np.linalg.norm(keys[layer][p, g])
+                    elif method == "random":
+                        entry_score[layer][g, p] = random_score(options["seed"], tokens, layer, g, p)
             attn = np.zeros((len(x), W.heads, W.head_dim))
             for i in range(len(x)):
                 p = s + i
@@ -133,14 +213,24 @@ def reference_stream(W: Weights, tokens, chunk, method, threshold, window, sinks
             continue
         for layer in range(W.n_layers):
             for g in range(W.kv_heads):
+                if method == "expected_attention":  # every score first: the softmax sees the cache as it is
+                    expected = expected_attention_scores(
+                        W, keys[layer], values[layer], state[layer], queries[layer], e, g, sinks, options
+                    )
                 for j in range(e - window):
                     if state[layer][g, j] != UNDECIDED:
                         continue
                     if j < sinks:
                         state[layer][g, j] = KEPT
                         continue
-                    score = entry_score[layer][g, j] if method.startswith("kvzap") else received[layer][g, j] / (e - j)
-                    margins.append(abs(score - threshold))
+                    if method in ENTRY_SCORED:
+                        score = entry_score[layer][g, j]
+                    elif method == "expected_attention":
+                        score = expected[j]
+                    else:  # h2o: mean attention received
+                        score = received[layer][g, j] / (e - j)
+                    if not math.isinf(threshold):
+                        margins.append(abs(score - threshold))
                     state[layer][g, j] = EVICTED if score < threshold else KEPT
 
     evicted = sum((st == EVICTED).sum() for st in state)

@@ -138,7 +138,7 @@ def test_calibration_reaches_each_target_within_tolerance(model, calibration_inp
             }
         )
         threshold = float(record["threshold"])
-        press = spec.build(threshold, **spec.resolve(threshold, given))
+        press = spec.build(threshold, spec.resolve(threshold, given))
         results = stream_nll(model, [d["input_ids"] for d in documents], 8, press)
         density = sum(r["kv_kept_compressible"] for r in results) / sum(r["kv_total_compressible"] for r in results)
         assert density == pytest.approx(record["density"], abs=1e-12)

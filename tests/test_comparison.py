@@ -22,12 +22,12 @@ def synthetic(losses: dict, noise: dict, lengths=None) -> pd.DataFrame:
     rows = []
     for doc in range(N_DOCS):
         n = 100 if lengths is None else lengths[doc] - 1
-        rows.append({**result(doc, 300.0, 200, n=n), "method": "baseline", "threshold": None})
+        rows.append({**result(doc, 300.0, 200, n=n), "method": "baseline", "value": None})
         for method, curve in losses.items():
             for k, (density, loss) in enumerate(sorted(curve.items())):
                 extra = (loss + noise[method][doc]) * n
                 rows.append({**result(doc, 300.0 + extra, round(200 * density), n=n), "method": method,
-                             "threshold": str(k)})  # fmt: skip
+                             "value": str(k)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -129,14 +129,15 @@ def test_curve_passes_through_the_baseline_at_density_one():
 def test_command_line_writes_the_tables(tmp_path):
     frame = synthetic({"h2o": {0.2: 0.02, 0.4: 0.01}, "kvzap": {0.3: 0.02}}, {"h2o": noise(9), "kvzap": noise(10)})
     paths = []
-    for (method, threshold), group in frame.groupby(["method", frame.threshold.fillna("none")]):
+    for (method, threshold), group in frame.groupby(["method", frame.value.fillna("none")]):
         path = tmp_path / "perplexity" / method / threshold / "shard000.jsonl"
         path.parent.mkdir(parents=True)
         path.write_text(
-            "".join(json.dumps(r) + "\n" for r in group.drop(columns=["method", "threshold"]).to_dict("records"))
+            "".join(json.dumps(r) + "\n" for r in group.drop(columns=["method", "value"]).to_dict("records"))
         )
         paths.append(str(path))
-    calibration = tmp_path / "0.3.json"
+    calibration = tmp_path / "calibration" / "kvzap" / "0.3.json"  # the method is its folder
+    calibration.parent.mkdir(parents=True)
     calibration.write_text(json.dumps({"method": "kvzap", "target_density": 0.35, "threshold": "0"}))
     out = {name: str(tmp_path / name) for name in ("c.csv", "a.csv", "c.md")}
     main(["--inputs", *paths, "--calibrations", str(calibration), "--grid", "0.5", "--length-buckets",

@@ -36,11 +36,11 @@ def test_canonical_threshold_is_one_path_per_value(spellings, canonical):
 def test_shipped_configs_are_valid_and_get_defaults():
     for name in ("config.yaml", "demo/config.yaml"):
         config = validate_config(shipped(name))
-        assert config["methods"]["baseline"] == {}
+        assert config["methods"]["baseline"] == {"type": "baseline"}
         assert config["bootstrap"]["n_resamples"] >= 100
     config = validate_config(shipped())
     assert config["model"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert config["methods"]["h2o"]["canonical_thresholds"] == ["0.0005"]
+    assert config["methods"]["h2o"]["canonical_values"] == ["0.0005"]
     assert config["methods"]["h2o"]["canonical_targets"] == [
         "0.1",
         "0.2",
@@ -75,6 +75,36 @@ def test_each_method_gets_only_its_own_settings():
     assert method_settings(config, "baseline") == {}
 
 
+def test_entries_name_a_type_and_variants_keep_their_defaults():
+    """`type:` runs one method under several names with other settings; a variant is a method
+    with other defaults; an entry's type defaults to its name."""
+    config = shipped()
+    config["methods"] = {
+        "baseline": None,
+        "h2o_w128": {"type": "h2o", "local_window": 128, "thresholds": [0.001]},
+        "h2o_w512": {"type": "h2o", "thresholds": [0.001]},
+        "observed_attention": {"thresholds": [0.001]},
+        "kvzap_no_sink": {"thresholds": [-5]},
+        "streaming_llm": {"sliding_windows": [256, 64]},
+        "ea": {"type": "expected_attention", "use_covariance": False, "thresholds": [0.01]},
+    }
+    config = validate_config(config)
+    assert method_settings(config, "h2o_w128") == {"local_window": 128, "sinks": 0}
+    assert method_settings(config, "h2o_w512") == {"local_window": 512, "sinks": 0}
+    assert method_settings(config, "observed_attention") == {"local_window": 128, "sinks": 0}
+    assert method_settings(config, "kvzap_no_sink")["sinks"] == 0
+    assert method_settings(config, "streaming_llm") == {"sliding_window": 128, "sinks": 4}
+    assert config["methods"]["streaming_llm"]["canonical_values"] == ["256", "64"]
+    assert method_settings(config, "ea") == {
+        "sliding_window": 128, "sinks": 4, "n_future_positions": 512, "use_covariance": False, "use_vnorm": True
+    }  # fmt: skip
+    assert config["methods"]["h2o_w128"]["type"] == "h2o" and config["methods"]["observed_attention"]["type"] == (
+        "observed_attention"
+    )
+    # Validating again changes nothing.
+    assert validate_config(copy.deepcopy(config)) == config
+
+
 def edit(path: str, value):
     config = shipped()
     target = config
@@ -100,13 +130,25 @@ BAD = [
     ("methods.h2o.target_densities", [0.3, 0.30], "methods.h2o.target_densities lists 0.3 twice"),
     ("methods.h2o.target_densities", [0.3, 1.0], "methods.h2o.target_densities[1]: 1.0 is greater than or equal to the maximum of 1"),
     ("methods.h2o.target_densities", [0], "methods.h2o.target_densities[0]: 0 is less than or equal to the minimum of 0"),
-    ("methods.baseline", {"target_densities": [0.5]}, "methods.baseline: 'baseline' takes no thresholds or target densities"),
+    ("methods.baseline", {"target_densities": [0.5]}, "methods.baseline: Additional properties are not allowed ('target_densities' was unexpected) (allowed keys: type)"),
     ("calibration.tolerance", 0, "calibration.tolerance: 0 is less than or equal to the minimum of 0"),
     ("comparison.density", "density", "comparison.density: 'density' is not allowed (allowed values: kv_density_compressible, kv_density)"),
     ("methods.h2o.thresholds", [], "methods.h2o.thresholds: [] should be non-empty"),
-    ("methods.snapkv", {"thresholds": [1]}, "unknown method 'snapkv'; known methods: baseline, kvzap, kvzap_no_sink, h2o"),
-    ("methods.baseline", {"thresholds": [1]}, "methods.baseline: 'baseline' takes no thresholds or target densities"),
-    ("methods.h2o.sliding_window", 64, "methods.h2o: method 'h2o' does not take sliding_window (its settings: local_window, sinks)"),
+    ("methods.snapkv", {"thresholds": [1]}, "methods.snapkv: unknown method 'snapkv' (known methods: baseline, kvzap, kvzap_no_sink, h2o, observed_attention, streaming_llm, random, expected_attention, knorm; another name needs `type:`)"),
+    ("methods.h2o_w128", {"type": "h2o_128", "thresholds": [1]}, "methods.h2o_w128.type: unknown method 'h2o_128'"),
+    ("methods.baseline", {"thresholds": [1]}, "methods.baseline: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: type)"),
+    ("methods.baseline", {"type": "h2o", "thresholds": [1]}, "methods.baseline: the entry named baseline must be the uncompressed baseline"),
+    ("methods.h2o.sliding_window", 64, "methods.h2o: Additional properties are not allowed ('sliding_window' was unexpected) (allowed keys: local_window, sinks, target_densities, thresholds, type)"),
+    ("methods.h2o.sinks", -1, "methods.h2o.sinks: -1 is less than the minimum of 0"),
+    ("methods.h2o.sinks", 2.5, "methods.h2o.sinks: 2.5 is not of type 'integer'"),
+    ("methods.expected_attention", {"thresholds": [0.1], "use_vnorm": "yes"}, "methods.expected_attention.use_vnorm: 'yes' is not of type 'boolean'"),
+    ("methods.kvzap.kvzap_type", "mlp", "methods.kvzap: Additional properties are not allowed ('kvzap_type' was unexpected)"),
+    ("methods.streaming_llm", {"thresholds": [0.1]}, "methods.streaming_llm: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: sinks, sliding_windows, type)"),
+    ("methods.streaming_llm", {"sliding_windows": [64, 64.0]}, "methods.streaming_llm.sliding_windows lists 64 twice (as 64 and 64.0)"),
+    ("methods.streaming_llm", {"sliding_windows": [64, 6.5]}, "methods.streaming_llm.sliding_windows[1]: 6.5 is not of type 'integer'"),
+    ("methods.streaming_llm", {"sliding_windows": [64, 64]}, "methods.streaming_llm.sliding_windows lists 64 twice"),
+    ("methods.streaming_llm", {"sinks": 4}, "methods.streaming_llm: 'streaming_llm' needs sliding_windows"),
+    ("methods.random", {"thresholds": [0.5], "seed": "x"}, "methods.random.seed: 'x' is not of type 'integer'"),
     ("methods.h2o.window", 64, "methods.h2o: Additional properties are not allowed ('window' was unexpected) (allowed keys:"),
     ("dataset.source", DELETE, "dataset: 'source' is a required property"),
     ("dataset.min_length", 10000, "dataset.min_length (10000) exceeds dataset.max_length (8192)"),
@@ -139,7 +181,7 @@ def test_a_method_needs_thresholds_or_target_densities(keep):
         if key != keep:
             del config["methods"]["kvzap"][key]
     if keep:
-        assert validate_config(config)["methods"]["kvzap"][f"canonical_{'targets' if keep != 'thresholds' else keep}"]
+        assert validate_config(config)["methods"]["kvzap"][f"canonical_{'targets' if keep != 'thresholds' else 'values'}"]
     else:
         with pytest.raises(KvsweepError, match="methods.kvzap: 'kvzap' needs thresholds, target_densities, or both"):
             validate_config(config)
@@ -183,4 +225,4 @@ def test_the_schema_is_found_after_a_non_editable_install(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(str(target))
-    assert "canonical_thresholds" in result.stdout
+    assert "local_window: 512" in result.stdout

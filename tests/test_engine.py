@@ -29,7 +29,7 @@ def build(method, threshold, settings, surrogate_dir):
     if method.startswith("kvzap"):
         settings = {**settings, "kvzap_surrogate": surrogate_dir}
     resolved = spec.resolve(threshold, settings)
-    return spec.build(threshold, **resolved), resolved
+    return spec.build(threshold, resolved), resolved
 
 
 @pytest.fixture(scope="module")

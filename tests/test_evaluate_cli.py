@@ -56,7 +56,7 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     assert lines[1]["n_tokens"] == 64  # truncated to --max-length
     method = get_method("kvzap")
     settings = method.resolve(0.0, {"sliding_window": 6, "kvzap_surrogate": surrogate_dir})
-    expected = stream_nll(model, [d["input_ids"][:64] for d in docs], 4, method.build(0.0, **settings))
+    expected = stream_nll(model, [d["input_ids"][:64] for d in docs], 4, method.build(0.0, settings))
     for line, exp in zip(lines, expected, strict=True):
         assert line["nll_sum"] == pytest.approx(exp["nll_sum"], rel=1e-5)
         assert line["kv_kept"] == exp["kv_kept"] < line["kv_total"]

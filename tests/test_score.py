@@ -34,7 +34,7 @@ def results(tmp_path):
 def test_aggregates_by_hand(results):
     table = summarize(results, n_resamples=500)
     assert list(table.columns) == COLUMNS
-    assert list(zip(table.method, table.threshold, strict=True)) == [
+    assert list(zip(table.method, table.value, strict=True)) == [
         ("baseline", ""),
         ("h2o", "1e-05"),
         ("h2o", "0.0003"),
@@ -50,12 +50,12 @@ def test_aggregates_by_hand(results):
 
 
 def test_bootstrap_interval(results):
-    table = summarize(results, n_resamples=2000, seed=1).set_index("threshold")
+    table = summarize(results, n_resamples=2000, seed=1).set_index("value")
     row = table.loc["0.0003"]
     assert row.delta_nll_ci_low < row.delta_nll < row.delta_nll_ci_high
     assert row.delta_nll_ci_low >= 0  # every document got worse or stayed
     # The same seed gives the same interval; the baseline's own difference is exactly 0.
-    again = summarize(results, n_resamples=2000, seed=1).set_index("threshold").loc["0.0003"]
+    again = summarize(results, n_resamples=2000, seed=1).set_index("value").loc["0.0003"]
     assert (again.delta_nll_ci_low, again.delta_nll_ci_high) == (row.delta_nll_ci_low, row.delta_nll_ci_high)
     assert table.loc[""].delta_nll_ci_low == table.loc[""].delta_nll_ci_high == 0
 
@@ -111,9 +111,9 @@ def test_compare_draws_an_interval_that_excludes_its_point(tmp_path):
     from kvsweep.compare import main
 
     table = pd.DataFrame([
-        {"method": "baseline", "threshold": "", "delta_nll": 0.0, "delta_nll_ci_low": 0.0, "delta_nll_ci_high": 0.0,
+        {"method": "baseline", "value": "", "delta_nll": 0.0, "delta_nll_ci_low": 0.0, "delta_nll_ci_high": 0.0,
          "ppl": 10.0, "kv_density": 1.0, "kv_density_compressible": 1.0},
-        {"method": "h2o", "threshold": "0.1", "delta_nll": 0.010, "delta_nll_ci_low": 0.012,
+        {"method": "h2o", "value": "0.1", "delta_nll": 0.010, "delta_nll_ci_low": 0.012,
          "delta_nll_ci_high": 0.020, "ppl": 10.1, "kv_density": 0.5, "kv_density_compressible": 0.45},
     ])  # fmt: skip
     table.to_csv(tmp_path / "summary.csv", index=False)

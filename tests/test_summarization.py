@@ -64,7 +64,7 @@ def press_for(method, threshold, surrogate_dir, window=4):
     given = (
         {"local_window": window} if method == "h2o" else {"sliding_window": window, "kvzap_surrogate": surrogate_dir}
     )
-    return spec.build(threshold, **spec.resolve(threshold, given))
+    return spec.build(threshold, spec.resolve(threshold, given))
 
 
 @pytest.mark.parametrize("chunk,key_bucket", [(1, None), (7, None), (1, 1), (7, 14)])

@@ -166,13 +166,13 @@ class Calibration:
         from kvsweep.modeling import load_model
 
         method, settings = resolve_method(args)
-        if not method.takes_threshold:
-            raise KvsweepError(f"method '{args.method}' takes no threshold: there is nothing to calibrate")
+        if not method.takes_targets:
+            raise KvsweepError(f"method '{args.method}' has no threshold along which density falls: nothing to calibrate")
         documents = load_shard(args.data, args.max_length)
         if not documents:
             raise KvsweepError(f"{args.data}: no calibration documents (too few documents qualify after the study's)")
         model = load_model(args.model, args.dtype, args.device)
-        calibration = cls(model, documents, method.build(-math.inf, **settings), args.chunk_size, args.batch_size,
+        calibration = cls(model, documents, method.build(-math.inf, settings), args.chunk_size, args.batch_size,
                           cuda_graphs_setting(args))  # fmt: skip
         calibration.record.update(method=args.method, settings=settings, model=args.model)
         return calibration

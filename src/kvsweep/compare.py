@@ -7,7 +7,7 @@
 Left: the quality difference to the baseline (NLL per token, or ROUGE-L points; with its
 bootstrap CI) against the KV density; middle: perplexity or ROUGE-L against the same; right (with
 --comparison): the difference between each pair of methods at common densities, with its paired
-CI. Points are labelled with their thresholds; the baseline is the point at density 1 and a
+CI. Points are labelled with their swept values (thresholds, or windows); the baseline is the point at density 1 and a
 dashed line.
 """
 
@@ -61,7 +61,7 @@ def plot_quality_vs_density(
         for _, row in rows.iterrows():
             for axis, y in ((left, row[quality]), (right, row[absolute])):
                 axis.annotate(
-                    str(row.threshold), (row[density], y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                    str(row.value), (row[density], y), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
     left.axhline(0, color="black", linestyle="--", linewidth=1)
     left.plot([1.0], [0.0], marker="*", markersize=12, color="black", linestyle="none", label="baseline")
@@ -108,7 +108,7 @@ def main(argv=None):
     parser.add_argument("--output-pdf", required=True)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.compare"):
-        table = pd.read_csv(args.summary, dtype={"threshold": str})
+        table = pd.read_csv(args.summary, dtype={"value": str})
         comparison = pd.read_csv(args.comparison) if args.comparison else None
         figure = plot_quality_vs_density(table, args.title, args.task, comparison, args.density)
         save_figure(figure, args.output_png, args.output_pdf)

@@ -45,7 +45,7 @@ DEFAULT_GRID = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
 def per_document_losses(results: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per (method, threshold, document): `loss` (against the baseline's same document),
+    """One row per (method, swept value, document): `loss` (against the baseline's same document),
     `weight` (predicted tokens, or 1), the document's length and its KV counts."""
     if task == "summarization":
         results = add_rouge(results)
@@ -81,7 +81,7 @@ class Curve:
 
     def __init__(self, rows: pd.DataFrame, density: str, documents: list[str]):
         densities, columns = [], []
-        for _, group in rows.groupby("threshold"):
+        for _, group in rows.groupby("value"):
             group = group.set_index("id").loc[documents]
             kept, total = (
                 f"kv_kept{density.removeprefix('kv_density')}",

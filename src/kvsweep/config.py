@@ -4,6 +4,7 @@ and listed once). Defaults from the schema are filled in. Every problem is one r
 that names the key and what is allowed."""
 
 import sys
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -11,18 +12,11 @@ import jsonschema
 import yaml
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.methods import get_method
+from kvsweep.methods import Method, all_methods, get_method
 from kvsweep.thresholds import canonical_threshold
 
 # Shipped inside the package, so that validation works from any install (workflow/schemas/ links here).
 SCHEMA = files("kvsweep") / "schemas" / "config.schema.yaml"
-
-# The keys of a method's block that are not settings of its jobs.
-LIST_KEYS = ("thresholds", "canonical_thresholds", "target_densities", "canonical_targets")
-
-# Settings that live under `model:` in the config but are passed to the KVzap methods.
-MODEL_LEVEL_SETTINGS = ("kvzap_surrogate", "kvzap_type")
-
 
 def _with_defaults(validator_class):
     """The jsonschema recipe for a validator that fills in `default` values as it validates."""
@@ -38,8 +32,9 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+def _describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    where = (prefix + where).lstrip(".")
     if error.validator == "additionalProperties":
         allowed = ", ".join(sorted(error.schema.get("properties", {}))) or "none"
         return f"{where or 'top level'}: {error.message} (allowed keys: {allowed})"
@@ -51,8 +46,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def validate_config(config: dict, schema_path=SCHEMA) -> dict:
-    """Validate `config` in place, fill defaults, and return it with canonical thresholds added
-    under each method as `canonical_thresholds`."""
+    """Validate `config` in place, fill defaults, and return it. Each method's block gets its `type`,
+    every setting's default, and its swept values and target densities in canonical spelling
+    (`canonical_values`, `canonical_targets`: their output paths)."""
     schema_path = Path(schema_path) if isinstance(schema_path, str) else schema_path
     schema = yaml.safe_load(schema_path.read_text())
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
@@ -60,22 +56,10 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
     if errors:
         raise KvsweepError(_describe(jsonschema.exceptions.best_match(errors)))
 
-    for name, settings in config["methods"].items():
-        settings = config["methods"][name] = settings or {}
-        method = get_method(name)
-        thresholds, targets = settings.get("thresholds"), settings.get("target_densities")
-        if not method.takes_threshold and (thresholds is not None or targets is not None):
-            raise KvsweepError(f"methods.{name}: '{name}' takes no thresholds or target densities")
-        if method.takes_threshold and not thresholds and not targets:
-            raise KvsweepError(f"methods.{name}: '{name}' needs thresholds, target_densities, or both")
-        extra = {k: v for k, v in settings.items() if k not in ("thresholds", "target_densities")}
-        try:
-            method.resolve(0.0 if method.takes_threshold else None, extra)
-        except KvsweepError as err:
-            raise KvsweepError(f"methods.{name}: {err}") from None
-        if method.takes_threshold:
-            settings["canonical_thresholds"] = _canonical_list(name, "thresholds", thresholds or [])
-            settings["canonical_targets"] = _canonical_list(name, "target_densities", targets or [])
+    for name in config["methods"]:
+        config["methods"][name] = _validate_method(name, config["methods"][name] or {})
+    if config["methods"].get("baseline", {}).get("type", "baseline") != "baseline":
+        raise KvsweepError("methods.baseline: the entry named baseline must be the uncompressed baseline (type: baseline)")
     if "baseline" not in config["methods"]:
         raise KvsweepError(
             "methods: 'baseline' is missing; every quality difference is paired with the uncompressed baseline "
@@ -89,27 +73,95 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
     return config
 
 
-def _canonical_list(method: str, key: str, values: list) -> list[str]:
+def method_block_schema(method: Method) -> dict:
+    """The JSON schema of a method's block in config.yaml, made from the method's declaration."""
+    properties = {"type": {"type": "string", "description": "the method this entry runs (default: its name)"}}
+    if method.sweep_key:
+        # A threshold is a number, or a string such as "5e-4" (YAML 1.1 reads 5e-4 without a dot as
+        # text) or "-inf", parsed and checked by kvsweep.thresholds; a swept setting is its own type.
+        values = {"type": ["number", "string"]} if method.takes_threshold else method.setting(method.sweep).schema()
+        properties[method.sweep_key] = {"type": "array", "minItems": 1, "items": values}
+    if method.takes_targets:
+        properties["target_densities"] = {
+            "description": "compressible KV densities to reach; the threshold of each is calibrated",
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        }
+    for setting in method.settings:
+        if not setting.model_level and setting.name != method.sweep:
+            properties[setting.name] = setting.schema()
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def method_of(config: dict, name: str) -> Method:
+    """The method a config entry runs: its `type`, or its own name."""
+    return get_method(config["methods"][name].get("type", name))
+
+
+def _validate_method(name: str, block: dict) -> dict:
+    """One entry of `methods:` checked against its method's declaration; returned with its type,
+    every setting's default, and its swept values and targets in canonical spelling."""
+    where = f"methods.{name}"
+    # Validating a validated config again gives the same config.
+    block = {k: v for k, v in block.items() if k not in ("canonical_values", "canonical_targets")}
+    kind = block.get("type", name)
+    methods = all_methods()
+    if kind not in methods:
+        key = f"{where}.type" if "type" in block else where
+        raise KvsweepError(
+            f"{key}: unknown method '{kind}' (known methods: {', '.join(methods)}; another name needs `type:`)"
+        )
+    method = methods[kind]
+    validator = _with_defaults(jsonschema.Draft202012Validator)(method_block_schema(method))
+    errors = sorted(validator.iter_errors(block), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise KvsweepError(_describe(jsonschema.exceptions.best_match(errors), where))
+    values, targets = block.get(method.sweep_key) if method.sweep_key else None, block.get("target_densities")
+    if method.sweep_key and not values and not targets:
+        needs = f"{method.sweep_key}, target_densities, or both" if method.takes_targets else method.sweep_key
+        raise KvsweepError(f"{where}: '{kind}' needs {needs}")
+    settings = {k: v for k, v in block.items() if k not in ("type", "target_densities", method.sweep_key)}
+    try:
+        resolved = method.resolve(0.0 if method.takes_threshold else None, settings)
+    except KvsweepError as err:
+        raise KvsweepError(f"{where}: {err}") from None
+    checked = {"type": kind}
+    if values:
+        checked[method.sweep_key] = values
+    if targets:
+        checked["target_densities"] = targets
+    for setting in method.settings:
+        if not setting.model_level and setting.name != method.sweep:
+            checked[setting.name] = resolved[setting.name]
+    if method.sweep_key:
+        canonical = canonical_threshold if method.takes_threshold else partial(method.setting(method.sweep).canonical, kind)
+        checked["canonical_values"] = _canonical_list(where, method.sweep_key, values or [], canonical)
+        checked["canonical_targets"] = _canonical_list(where, "target_densities", targets or [], canonical_threshold)
+    return checked
+
+
+def _canonical_list(where: str, key: str, values: list, canonical) -> list[str]:
     """Each value in its canonical spelling (its path), each once."""
-    canonical = {}
+    found = {}
     for i, value in enumerate(values):
         try:
-            text = canonical_threshold(value)
+            text = canonical(value)
         except KvsweepError as err:
-            raise KvsweepError(f"methods.{method}.{key}[{i}]: {err}") from None
-        if text in canonical:
-            raise KvsweepError(f"methods.{method}.{key} lists {text} twice (as {canonical[text]!r} and {value!r})")
-        canonical[text] = value
-    return list(canonical)
+            raise KvsweepError(f"{where}.{key}[{i}]: {err}") from None
+        if text in found:
+            raise KvsweepError(f"{where}.{key} lists {text} twice (as {found[text]!r} and {value!r})")
+        found[text] = value
+    return list(found)
 
 
 def method_settings(config: dict, name: str) -> dict:
-    """The settings one method's jobs receive: its own block, plus the KVzap surrogate for KVzap."""
-    method = get_method(name)
-    given = {k: v for k, v in config["methods"][name].items() if k not in LIST_KEYS}
-    for key in MODEL_LEVEL_SETTINGS:
-        if key in method.settings:
-            given[key] = config["model"].get(key)
+    """The settings one entry's jobs receive: its own block, plus the KVzap surrogate for KVzap."""
+    method = method_of(config, name)
+    given = {k: v for k, v in config["methods"][name].items() if k in method.defaults and k != method.sweep}
+    for setting in method.settings:
+        if setting.model_level:
+            given[setting.name] = config["model"].get(setting.name)
     return method.resolve(0.0 if method.takes_threshold else None, given)
 
 
@@ -131,7 +183,10 @@ def main(argv=None):
             config = yaml.safe_load(Path(argv[0]).read_text())
         except (OSError, yaml.YAMLError) as err:
             raise KvsweepError(f"{argv[0]}: {err}") from None
-        print(yaml.safe_dump(validate_config(config), sort_keys=False))
+        config = validate_config(config)
+        for block in config["methods"].values():  # the paths' spelling: not something to edit
+            block.pop("canonical_values", None), block.pop("canonical_targets", None)
+        print(yaml.safe_dump(config, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluation of one shard under one method and threshold: streaming perplexity or summarization.
 
     python -m kvsweep.evaluate --model M --data SHARD.jsonl --method NAME [--threshold T]
-        [--sliding-window W | --local-window W] [--sinks S] [--kvzap-surrogate P] [--kvzap-type mlp]
+        [method settings: --sliding-window W --sinks S ...; python -m kvsweep.methods lists them]
         --chunk-size C --max-length N --batch-size B --device cpu|cuda --dtype float32|bfloat16
         [--task perplexity | --task summarization --max-new-tokens 512] --output OUT.jsonl
 
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
-from kvsweep.methods import get_method
+from kvsweep.methods import all_settings, get_method
 from kvsweep.results import RESULT_FIELDS
 
 
@@ -34,13 +34,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments that choose the model, the data and the method: shared with eviction_map."""
     parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
     parser.add_argument("--data", required=True, help="shard: JSONL of {id, input_ids}")
-    parser.add_argument("--method", required=True)
+    parser.add_argument("--method", required=True, help="a method of kvsweep.methods (python -m kvsweep.methods)")
     parser.add_argument("--threshold", type=float, help="eviction threshold (not for baseline); -inf evicts nothing")
-    parser.add_argument("--sliding-window", type=int, help="kvzap: protected recent tokens")
-    parser.add_argument("--local-window", type=int, help="h2o: protected recent tokens")
-    parser.add_argument("--sinks", type=int, help="first tokens never evicted")
-    parser.add_argument("--kvzap-surrogate", help="KVzap surrogate: hub id or folder (default: derived from --model)")
-    parser.add_argument("--kvzap-type", help="KVzap surrogate type: mlp or linear")
+    # One flag per method setting, from the methods' declarations; a method refuses settings it lacks.
+    for setting in all_settings().values():
+        parser.add_argument(setting.flag, type=setting.parse, help=f"{setting.help} (default: the method's)")
     parser.add_argument("--chunk-size", type=int, required=True)
     parser.add_argument("--max-length", type=int, required=True, help="documents are truncated to this many tokens")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -76,14 +74,8 @@ def resolve_method(args):
     if args.max_length < 2:
         raise KvsweepError("--max-length must be at least 2")
     method = get_method(args.method)
-    given = {
-        "sliding_window": args.sliding_window,
-        "local_window": args.local_window,
-        "sinks": args.sinks,
-        "kvzap_surrogate": args.kvzap_surrogate,
-        "kvzap_type": args.kvzap_type,
-    }
-    return method, method.resolve(args.threshold, {k: v for k, v in given.items() if v is not None})
+    given = {name: getattr(args, name) for name in all_settings() if getattr(args, name) is not None}
+    return method, method.resolve(args.threshold, given)
 
 
 def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dict]:
@@ -209,7 +201,7 @@ def run(args) -> None:
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
-    press = method.build(args.threshold, **settings) if method.takes_threshold else None
+    press = method.build(args.threshold, settings)
     evaluate_batch = _batch_evaluator(args, model, press)
 
     # Start the checkpoint afresh from what is kept (a line cut short by a kill is dropped), so

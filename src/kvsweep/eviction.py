@@ -20,9 +20,44 @@ Per layer, `LayerEviction` holds:
   when it was decided, NaN until then.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def document_key(tokens) -> int:
+    """A 32-bit name of a document, from its tokens: the same wherever and with whatever it runs."""
+    return int.from_bytes(hashlib.sha256(np.asarray(tokens, dtype="<i8").tobytes()).digest()[:4], "little")
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finalizer (xor-shift-multiply). Every product stays below 2**63."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _combine(h: torch.Tensor, value) -> torch.Tensor:
+    return _mix32((h ^ (value + 0x9E3779B9 + ((h << 6) & _MASK32) + (h >> 2))) & _MASK32)
+
+
+def random_uniform(
+    seed: int, document_keys: torch.Tensor, layer: int, heads: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Uniform numbers in [0, 1) (24 bits), one per (document, KV head, position): a hash of (seed,
+    document key, layer, head, position), so independent of how documents are batched or chunked.
+    `document_keys`: (batch,); `heads`: (kv_heads,); `positions`: (batch, n). Returns (batch,
+    kv_heads, n) float32."""
+    h = _mix32(torch.full_like(document_keys, seed & _MASK32))
+    h = _combine(h, document_keys & _MASK32)[:, None, None]
+    h = _combine(h, layer)
+    h = _combine(h, heads.to(h.dtype)[None, :, None])
+    h = _combine(h, positions.clamp(min=0)[:, None, :] & _MASK32)
+    return (h >> 8).to(torch.float32) / float(1 << 24)
 
 
 @dataclass
@@ -42,13 +77,16 @@ class BatchLayout:
     query_slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (q,) long
     slots: tuple[int, int] = (0, 0)
     max_gap: int = 0  # the most padding slots any document has before its last token (python int)
+    document_keys: torch.Tensor | None = None  # (batch,) long: `document_key` of each document
 
     @classmethod
-    def right_padded(cls, lengths: torch.Tensor, capacity: int) -> "BatchLayout":
-        slots = torch.arange(capacity, device=lengths.device)
+    def right_padded(cls, documents: list[list[int]], capacity: int, device) -> "BatchLayout":
+        lengths = torch.tensor([len(doc) for doc in documents], device=device)
+        slots = torch.arange(capacity, device=device)
         position = torch.where(slots[None, :] < lengths[:, None], slots[None, :], -1)
         zeros = torch.zeros_like(lengths)
-        return cls(position=position, tokens_before=zeros, tokens_after=zeros.clone())
+        keys = torch.tensor([document_key(doc) for doc in documents], dtype=torch.long, device=device)
+        return cls(position=position, tokens_before=zeros, tokens_after=zeros.clone(), document_keys=keys)
 
     def read(self, tokens_before: torch.Tensor, tokens_after: torch.Tensor) -> None:
         """Before a forward pass: each document's token count before and after it (in place)."""
@@ -63,6 +101,7 @@ class LayerEviction:
     entry_scores: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32
     attention_received: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32
     decision_scores: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32, NaN until decided
+    scorer_state: dict | None = None  # what a scorer keeps across passes (Expected Attention's query sums)
 
     @classmethod
     def allocate(

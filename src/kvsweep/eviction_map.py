@@ -58,7 +58,7 @@ def main(argv=None):
         from kvsweep.stream_nll import stream_nll
 
         model = load_model(args.model, args.dtype, args.device)
-        press = method.build(args.threshold, **settings) if method.takes_threshold else None
+        press = method.build(args.threshold, settings)
         doc = documents[0]
         result = stream_nll(
             model,

@@ -42,7 +42,7 @@ def stream_generate(
 
     # The baseline needs the masked attention too, to hide the padding between prompt and answer.
     press = press if press is not None else StreamingThresholdPress.mask_only()
-    layout = BatchLayout.right_padded(lengths, capacity)
+    layout = BatchLayout.right_padded(prompts, capacity, device)
     layout.max_gap = width - int(min(len(p) for p in prompts))
     rows = torch.arange(batch, device=device)
     next_logits = torch.zeros((batch, model.config.get_text_config().vocab_size), device=device)

@@ -10,12 +10,13 @@ RESULT_FIELDS = {
 
 
 def read_calibrations(paths) -> list[dict]:
-    """The records of calibration jobs (calibration/<method>/<target>.json): method, target_density,
-    threshold (canonical), density, steps, documents."""
+    """The records of calibration jobs (calibration/<method>/<target>.json): method (the config
+    entry, from the path: the record names the method it ran), target_density, threshold
+    (canonical), density, steps, documents."""
     import json
     from pathlib import Path
 
-    return [json.loads(Path(path).read_text()) for path in paths]
+    return [{**json.loads(Path(path).read_text()), "method": Path(path).parent.name} for path in paths]
 
 
 # A document's input length: two results with different lengths were computed on different inputs.

@@ -1,10 +1,10 @@
-"""Score evaluation results: one row per (method, threshold).
+"""Score evaluation results: one row per (method, swept value).
 
     python -m kvsweep.score [--task perplexity|summarization]
-        --inputs results/RUN/TASK/METHOD/THRESHOLD/shardNNN.jsonl ...
+        --inputs results/RUN/TASK/METHOD/VALUE/shardNNN.jsonl ... [--swept streaming_llm=sliding_window]
         --output-csv summary.csv --output-md summary.md [--n-resamples 2000 --confidence 0.95 --seed 0]
 
-Each input's method and threshold are read from its path. Perplexity, per configuration:
+Each input's method and swept value (a threshold, or the setting `--swept` names) are read from its path. Perplexity, per configuration:
 exp(sum NLL / sum predicted tokens), mean NLL, token-weighted KV densities (overall and in the
 compressible region), and the paired NLL difference to `baseline` on the same documents.
 Summarization: mean ROUGE-L as LongBench computes it, ROUGE-1/2/Lsum from rouge-score, the KV
@@ -25,21 +25,25 @@ from kvsweep.io import atomic_path, read_jsonl
 from kvsweep.results import LENGTH_FIELD, RESULT_FIELDS, read_calibrations
 from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
 
-COLUMNS = ["method", "threshold", "target_density", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
+COLUMNS = ["method", "swept", "value", "target_density", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
            "kv_density", "kv_density_compressible", "n_docs", "n_tokens"]  # fmt: skip
-SUMMARIZATION_COLUMNS = ["method", "threshold", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
+SUMMARIZATION_COLUMNS = ["method", "swept", "value", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
                          "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density", "kv_density_compressible",
                          "n_docs", "mean_generated_tokens"]  # fmt: skip
 
 
-def load_results(paths: list[str], task: str = "perplexity") -> pd.DataFrame:
-    """Every result line of the inputs, with its method and threshold (read from the path:
-    <task>/<method>/<threshold>/shardNNN.jsonl). A corrupted file is one message naming it."""
+def load_results(paths: list[str], task: str = "perplexity", swept: dict[str, str] | None = None) -> pd.DataFrame:
+    """Every result line of the inputs, with its method and swept value (read from the path:
+    <task>/<method>/<value>/shardNNN.jsonl) and what that value is (`swept`: "threshold" unless
+    `swept` names another setting for the method, e.g. streaming_llm's sliding_window). A
+    corrupted file is one message naming it."""
+    swept = swept or {}
     rows = []
     for path in paths:
-        method, threshold = Path(path).parts[-3], Path(path).parts[-2]
+        method, value = Path(path).parts[-3], Path(path).parts[-2]
+        axis = "" if value == "none" else swept.get(method, "threshold")
         for record in read_jsonl(path, required=tuple(sorted(RESULT_FIELDS[task]))):
-            rows.append({**record, "method": method, "threshold": None if threshold == "none" else threshold})
+            rows.append({**record, "method": method, "swept": axis, "value": None if value == "none" else value})
     if not rows:
         raise KvsweepError("no evaluated documents in the inputs")
     return pd.DataFrame(rows)
@@ -104,10 +108,10 @@ def baseline_of(rows: pd.DataFrame, baseline: pd.DataFrame, label: str = "") -> 
 
 
 def _configurations(results: pd.DataFrame):
-    """(method, threshold, its documents, the baseline's rows for the same documents)."""
+    """(method, swept value, its documents, the baseline's rows for the same documents)."""
     baseline = results[results.method == "baseline"].set_index("id")
-    for (method, threshold), group in results.groupby(["method", results.threshold.fillna("")], sort=False):
-        yield method, threshold, group, baseline_of(group, baseline, f"{method} at {threshold}: ")
+    for (method, value), group in results.groupby(["method", results.value.fillna("")], sort=False):
+        yield method, value, group, baseline_of(group, baseline, f"{method} at {value}: ")
 
 
 def _densities(group: pd.DataFrame) -> dict:
@@ -119,15 +123,15 @@ def _densities(group: pd.DataFrame) -> dict:
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
-    """Baseline first, then by method and numeric threshold."""
-    order = table.threshold.map(lambda t: float(t) if t else -math.inf)
+    """Baseline first, then by method and numeric value."""
+    order = table.value.map(lambda t: float(t) if t else -math.inf)
     table = table.assign(_base=table.method != "baseline", _t=order).sort_values(["_base", "method", "_t"])
     return table.drop(columns=["_base", "_t"]).reset_index(drop=True)
 
 
 def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
     rows = []
-    for method, threshold, group, base in _configurations(results):
+    for method, value, group, base in _configurations(results):
         delta, low, high = paired_delta(
             group.nll_sum.to_numpy(),
             base.nll_sum.to_numpy(),
@@ -138,7 +142,7 @@ def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float 
         )
         nll = group.nll_sum.sum() / group.n_predicted.sum()
         rows.append({
-            "method": method, "threshold": threshold, "ppl": math.exp(nll), "nll": nll,
+            "method": method, "swept": group.swept.iloc[0], "value": value, "ppl": math.exp(nll), "nll": nll,
             "delta_nll": delta, "delta_nll_ci_low": low, "delta_nll_ci_high": high,
             **_densities(group), "n_docs": len(group), "n_tokens": int(group.n_predicted.sum()),
         })  # fmt: skip
@@ -159,12 +163,12 @@ def summarize_summarization(
 ) -> pd.DataFrame:
     results = add_rouge(results)
     rows = []
-    for method, threshold, group, base in _configurations(results):
+    for method, value, group, base in _configurations(results):
         delta, low, high = paired_mean_difference(
             group.rougeL.to_numpy(), base.rougeL.to_numpy(), n_resamples, confidence, seed
         )
         rows.append({
-            "method": method, "threshold": threshold,
+            "method": method, "swept": group.swept.iloc[0], "value": value,
             **{key: group[key].mean() for key in ("rougeL", "rouge1", "rouge2", "rougeLsum")},
             "delta_rougeL": delta, "delta_rougeL_ci_low": low, "delta_rougeL_ci_high": high,
             **_densities(group), "n_docs": len(group), "mean_generated_tokens": group.n_generated.mean(),
@@ -178,7 +182,7 @@ def add_targets(table: pd.DataFrame, calibrations: list[str]) -> pd.DataFrame:
     found: dict[tuple[str, str], list[str]] = {}
     for record in read_calibrations(calibrations):
         found.setdefault((record["method"], record["threshold"]), []).append(f"{record['target_density']:g}")
-    targets = [";".join(found.get((m, t), [])) for m, t in zip(table.method, table.threshold, strict=True)]
+    targets = [";".join(found.get((m, t), [])) for m, t in zip(table.method, table.value, strict=True)]
     return table.assign(target_density=targets)
 
 
@@ -188,12 +192,25 @@ PROVENANCE_FIELDS = ["kvsweep", "torch", "transformers", "kvpress", "device", "d
 def provenance_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per (method, threshold): what its documents were computed with, and how many each way."""
     if "provenance" not in results:
-        return pd.DataFrame(columns=["method", "threshold", *PROVENANCE_FIELDS, "n_docs"])
+        return pd.DataFrame(columns=["method", "value", *PROVENANCE_FIELDS, "n_docs"])
     fields = pd.DataFrame([p if isinstance(p, dict) else {} for p in results.provenance], index=results.index)
     fields = fields.reindex(columns=PROVENANCE_FIELDS).fillna("unrecorded")
-    table = pd.concat([results[["method"]], results.threshold.fillna(""), fields], axis=1)
+    table = pd.concat([results[["method"]], results.value.fillna(""), fields], axis=1)
     counts = table.groupby(list(table.columns), sort=False).size().rename("n_docs").reset_index()
     return _ordered(counts)
+
+
+def add_swept_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swept", nargs="*", default=[], help="METHOD=SETTING for a method that sweeps a setting, not a threshold"
+    )
+
+
+def swept_of(args) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in args.swept]
+    if any(len(pair) != 2 for pair in pairs):
+        raise KvsweepError(f"--swept takes METHOD=SETTING pairs, got {args.swept}")
+    return dict(pairs)
 
 
 def write_tables(table: pd.DataFrame, csv_path: str, md_path: str) -> None:
@@ -211,13 +228,14 @@ def main(argv=None):
     parser.add_argument("--output-md", required=True)
     parser.add_argument("--calibrations", nargs="*", default=[], help="calibration JSONs: the target of each threshold")
     parser.add_argument("--output-provenance", help="CSV: per configuration, the code, libraries and device used")
+    add_swept_argument(parser)
     parser.add_argument("--n-resamples", type=int, default=2000)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.score"):
         scorer = summarize if args.task == "perplexity" else summarize_summarization
-        results = load_results(args.inputs, args.task)
+        results = load_results(args.inputs, args.task, swept_of(args))
         table = add_targets(scorer(results, args.n_resamples, args.confidence, args.seed), args.calibrations)
         write_tables(table, args.output_csv, args.output_md)
         if args.output_provenance:

@@ -49,7 +49,7 @@ def stream_nll(
     input_ids = right_padded_ids(documents, width + 1, device)
 
     nll = torch.zeros(batch, dtype=torch.float64, device=device)
-    layout = BatchLayout.right_padded(lengths, width)
+    layout = BatchLayout.right_padded(documents, width, device)
     press = press if press is not None else StreamingThresholdPress.mask_only()
     with press(model):
         press.begin(model, layout)

@@ -24,9 +24,8 @@ _uses_conda = "conda" in str(workflow.deployment_settings.deployment_method).low
 _job_path = "" if _uses_conda else f"export PATH={_shell_text(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from kvsweep.config import method_settings, validate_config  # noqa: E402
+from kvsweep.config import method_of, method_settings, validate_config  # noqa: E402
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
-from kvsweep.methods import get_method  # noqa: E402
 from kvsweep.prepare import n_shards  # noqa: E402
 
 
@@ -47,9 +46,10 @@ if Path(RESULTS).resolve().parent != Path("results").resolve():
     _stop(f"run: '{config['run']}' would put outputs outside results/")
 DEMO_ASSETS = f"{RESULTS}/demo_assets"
 SHARDS = [f"{i:03d}" for i in range(n_shards(config["dataset"]["max_documents"], config["dataset"]["shard_size"]))]
+# Entries of `methods:` (a path's {method}); each runs the method its `type` names.
 METHODS = list(config["methods"])
-COMPRESSED = [m for m in METHODS if get_method(m).takes_threshold]
-USES_SURROGATE = any("kvzap_surrogate" in get_method(m).settings for m in METHODS)
+COMPRESSED = [m for m in METHODS if method_of(config, m).sweep is not None]
+USES_SURROGATE = any("kvzap_surrogate" in method_of(config, m).defaults for m in METHODS)
 
 # A local model, surrogate or data file that does not exist is found now, not by 250 failed jobs
 # (unless the workflow makes it: the demo's assets).
@@ -63,12 +63,12 @@ for _key, _value, _used in (
             _stop(_missing)
 
 
-# A threshold (or target density) in a path is always written in its canonical form; baseline's
-# threshold is "none".
+# The swept value in a path (a threshold, or the window of streaming_llm) and a target density are
+# always written in their canonical form; baseline's value is "none".
 wildcard_constraints:
     task="perplexity|summarization",
     method="|".join(METHODS),
-    threshold=r"none|-?inf|-?[0-9][0-9.e+-]*",
+    value=r"none|-?inf|-?[0-9][0-9.e+-]*",
     target=r"[0-9][0-9.e-]*",
     shard=r"\d{3}",
 
@@ -100,19 +100,19 @@ def surrogate_input(wildcards):
     return local_input(settings["kvzap_surrogate"]) if "kvzap_surrogate" in settings else []
 
 
-def thresholds(method):
-    """The explicit thresholds of a method (baseline: "none")."""
-    return config["methods"][method]["canonical_thresholds"] if get_method(method).takes_threshold else ["none"]
+def swept_values(method):
+    """The explicit values an entry sweeps: thresholds, or windows (baseline: "none")."""
+    return config["methods"][method]["canonical_values"] if method in COMPRESSED else ["none"]
 
 
 def configurations():
-    """Every (method, explicit threshold) of the study, baseline once."""
-    return [(m, t) for m in METHODS for t in thresholds(m)]
+    """Every (method, explicit value) of the study, baseline once."""
+    return [(m, v) for m in METHODS for v in swept_values(m)]
 
 
 def evaluation_outputs(task):
     """The evaluations at explicit thresholds: known before any job runs."""
-    return [f"{RESULTS}/{task}/{m}/{t}/shard{s}.jsonl" for m, t in configurations() for s in SHARDS]
+    return [f"{RESULTS}/{task}/{m}/{v}/shard{s}.jsonl" for m, v in configurations() for s in SHARDS]
 
 
 def calibration_outputs():
@@ -144,17 +144,18 @@ def scored_inputs():
 
 def eviction_map_calibration(method):
     """For a method with target densities only: the calibration of its middle target."""
-    if thresholds(method):
+    if swept_values(method):
         return []
     targets = sorted(config["methods"][method]["canonical_targets"], key=float)
     return [f"{RESULTS}/calibration/{method}/{targets[len(targets) // 2]}.json"]
 
 
 def eviction_map_arguments(method):
-    """The method's middle explicit threshold, or the threshold its middle target's calibration found."""
-    if not thresholds(method):
-        return options(calibration=eviction_map_calibration(method)[0], **method_settings(config, method))
-    values = sorted(thresholds(method), key=float)
+    """The method's middle explicit value, or the threshold its middle target's calibration found."""
+    if not swept_values(method):
+        calibration = options(calibration=eviction_map_calibration(method)[0])
+        return method_arguments(method, "none") + calibration
+    values = sorted(swept_values(method), key=float)
     return method_arguments(method, values[len(values) // 2])
 
 
@@ -177,9 +178,23 @@ def options(**values):
     return [f"--{key.replace('_', '-')}={value}" for key, value in values.items() if value is not None]
 
 
-def method_arguments(method, threshold):
-    """Arguments of one method's job: its threshold and only its own settings."""
-    return options(threshold=None if threshold == "none" else threshold, **method_settings(config, method))
+def method_arguments(method, value):
+    """Arguments of one entry's job: the method it runs, its swept value (a threshold, or the
+    setting the method sweeps) and only its own settings."""
+    runs = method_of(config, method)
+    settings = method_settings(config, method)
+    threshold = None
+    if value != "none" and runs.takes_threshold:
+        threshold = value
+    elif value != "none":
+        settings[runs.sweep] = value
+    return options(method=runs.name, threshold=threshold, **settings)
+
+
+def swept_arguments():
+    """METHOD=SETTING for each entry that sweeps a setting rather than a threshold."""
+    runs = {m: method_of(config, m) for m in COMPRESSED}
+    return [f"{m}={method.sweep}" for m, method in runs.items() if not method.takes_threshold]
 
 
 def task_arguments(task):
@@ -249,8 +264,9 @@ def reported_config():
     shown = {key: value for key, value in config.items() if key not in ("batch_size", "cuda_graphs")}
     shown["methods"] = {}
     for name, settings in config["methods"].items():
-        settings = {k: v for k, v in settings.items() if k not in ("thresholds", "target_densities")}
-        for key, canonical in (("thresholds", "canonical_thresholds"), ("target_densities", "canonical_targets")):
+        sweep_key = method_of(config, name).sweep_key
+        settings = {k: v for k, v in settings.items() if k not in (sweep_key, "target_densities")}
+        for key, canonical in ((sweep_key, "canonical_values"), ("target_densities", "canonical_targets")):
             values = settings.pop(canonical, [])
             if values:
                 settings[key] = [float(value) for value in values]

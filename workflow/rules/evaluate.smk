@@ -1,6 +1,6 @@
-# One job per (task, method, threshold, shard): streaming perplexity, or summarization (the report
-# streamed into the cache, then greedy generation), under eviction. The threshold is in
-# the path in canonical form, and each job's params hold only its own method's settings, so an
+# One job per (task, method, value, shard): streaming perplexity, or summarization (the report
+# streamed into the cache, then greedy generation), under eviction. The swept value (a threshold,
+# or streaming_llm's window) is in the path in canonical form, and each job's params hold only its own method's settings, so an
 # edit of config.yaml reruns exactly the jobs it changes.
 
 
@@ -10,23 +10,23 @@ rule evaluate:
         model=local_input(config["model"]["name"]),
         surrogate=surrogate_input,
     output:
-        f"{RESULTS}/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.jsonl",
+        f"{RESULTS}/{{task}}/{{method}}/{{value}}/shard{{shard}}.jsonl",
     params:
         engine=engine_arguments(),
         task=lambda wildcards: task_arguments(wildcards.task),
-        method=lambda wildcards: method_arguments(wildcards.method, wildcards.threshold),
+        method=lambda wildcards: method_arguments(wildcards.method, wildcards.value),
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["runtime"],
         **gpu_resources(),
         **speed_resources(),
     log:
-        f"{RESULTS}/logs/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.log",
+        f"{RESULTS}/logs/{{task}}/{{method}}/{{value}}/shard{{shard}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/{{task}}/{{method}}/{{threshold}}/shard{{shard}}.tsv"
+        f"{RESULTS}/benchmarks/{{task}}/{{method}}/{{value}}/shard{{shard}}.tsv"
     conda:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep.evaluate {params.engine:q} --batch-size={resources.batch_size:q} "
         "--cuda-graphs={resources.cuda_graphs:q} {params.task:q} --data={input.shard:q} "
-        "--method={wildcards.method:q} {params.method:q} --output={output:q} 2> {log:q}"
+        "{params.method:q} --output={output:q} 2> {log:q}"

@@ -1,4 +1,4 @@
-# Per task and (method, threshold): quality (perplexity, or ROUGE), KV densities, and the paired
+# Per task and (method, swept value): quality (perplexity, or ROUGE), KV densities, and the paired
 # difference to baseline with a bootstrap CI, as CSV and Markdown; then every compressed method
 # against every other at equal KV density (comparison.csv, comparison_auc.csv, comparison.md).
 
@@ -22,6 +22,7 @@ rule score:
         ),
     params:
         bootstrap=options(**config["bootstrap"]),
+        swept=swept_arguments(),
     log:
         f"{RESULTS}/logs/score_{{task}}.log",
     benchmark:
@@ -31,7 +32,7 @@ rule score:
     shell:
         "python -m kvsweep.score --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
         "--calibrations {input.calibrations:q} --output-csv={output.csv:q} --output-md={output.md:q} "
-        "--output-provenance={output.provenance:q} {params.bootstrap:q} > {log:q} 2>&1"
+        "--output-provenance={output.provenance:q} {params.bootstrap:q} --swept {params.swept:q} > {log:q} 2>&1"
 
 
 rule comparison:

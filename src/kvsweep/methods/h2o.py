@@ -1,15 +1,22 @@
-from kvsweep.methods import Method
-from kvsweep.presses import H2OScorer, StreamingThresholdPress
+from kvsweep.methods import Method, Setting, sinks
 
 
-def build_h2o(threshold: float, local_window: int, sinks: int) -> StreamingThresholdPress:
+def build_h2o(threshold: float, local_window: int, sinks: int):
+    from kvsweep.presses import H2OScorer, StreamingThresholdPress
+
     return StreamingThresholdPress(H2OScorer(), threshold=threshold, sliding_window_size=local_window, sinks=sinks)
 
 
 H2O = Method(
     name="h2o",
-    description="H2O: evict keys whose mean received attention is below the threshold",
-    build=build_h2o,
-    settings={"local_window": 512, "sinks": 0},
+    description="H2O (Zhang et al. 2023): evict keys whose mean received attention is below the threshold",
+    builder="kvsweep.methods.h2o:build_h2o",
+    settings=(Setting("local_window", 512, "most recent tokens, not yet decided (H2O's local window)"), sinks(0)),
     window_setting="local_window",
+    swept_meaning="mean attention received",
+)
+
+# The old system's "observed attention": H2O's score with the DMS window instead of H2O's.
+OBSERVED_ATTENTION = H2O.variant(
+    "observed_attention", "H2O's score (mean attention received) with a 128-token window", local_window=128
 )

@@ -1,25 +1,31 @@
-from kvsweep.methods import Method
-from kvsweep.presses import KVzapSurrogatePress, StreamingThresholdPress
+from kvsweep.methods import Method, Setting, sinks, sliding_window
 
 
-def build_kvzap(
-    threshold: float, sliding_window: int, sinks: int, kvzap_surrogate: str | None, kvzap_type: str
-) -> StreamingThresholdPress:
+def build_kvzap(threshold: float, sliding_window: int, sinks: int, kvzap_surrogate: str | None, kvzap_type: str):
+    from kvsweep.presses import KVzapSurrogatePress, StreamingThresholdPress
+
     scorer = KVzapSurrogatePress(model_type=kvzap_type, surrogate=kvzap_surrogate)
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
 
 
-def kvzap_method(name: str, sinks: int, description: str) -> Method:
-    """KVzap variants differ only in how many sink tokens they protect by default."""
-    return Method(
-        name=name,
-        description=description,
-        build=build_kvzap,
-        settings={"sliding_window": 128, "sinks": sinks, "kvzap_surrogate": None, "kvzap_type": "mlp"},
-        window_setting="sliding_window",
-        choices={"kvzap_type": ("mlp", "linear")},
-    )
+KVZAP = Method(
+    name="kvzap",
+    description="KVzap (arXiv 2601.07891): a per-layer surrogate's log-scale importance score, on entry",
+    builder="kvsweep.methods.kvzap:build_kvzap",
+    settings=(
+        sliding_window(128),
+        sinks(4),
+        Setting(
+            "kvzap_surrogate",
+            None,
+            "hub id or folder of the surrogate (null: nvidia/KVzap-<type>-<model>)",
+            kind=str,
+            model_level=True,
+        ),
+        Setting("kvzap_type", "mlp", "surrogate type", kind=str, choices=("mlp", "linear"), model_level=True),
+    ),
+    window_setting="sliding_window",
+    swept_meaning="surrogate score (log scale)",
+)
 
-
-KVZAP = kvzap_method("kvzap", sinks=4, description="KVzap surrogate scores, 4 sink tokens protected")
-KVZAP_NO_SINK = kvzap_method("kvzap_no_sink", sinks=0, description="KVzap surrogate scores, no sink tokens")
+KVZAP_NO_SINK = KVZAP.variant("kvzap_no_sink", "KVzap with no sink tokens", sinks=0)

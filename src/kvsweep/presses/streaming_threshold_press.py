@@ -62,6 +62,11 @@ class StreamingThresholdPress(DMSPress):
     def accumulates_attention(self) -> bool:
         return getattr(self.press, "accumulates_attention", False)
 
+    @property
+    def observes_queries(self) -> bool:
+        """Scorers that keep statistics of the queries streamed so far (Expected Attention)."""
+        return getattr(self.press, "observes_queries", False)
+
     def begin(self, model: nn.Module, layout: BatchLayout) -> None:
         """Allocate fresh eviction state for a batch laid out in the cache as `layout`."""
         config = model.config.get_text_config()
@@ -73,6 +78,8 @@ class StreamingThresholdPress(DMSPress):
                 accumulate_attention=self.press is not None and self.accumulates_attention,
                 record_decisions=self.press is not None and self.record_decisions,
             )
+            if self.press is not None and hasattr(self.press, "allocate"):
+                state.scorer_state = self.press.allocate(module, layout)
             self.layers[module.layer_idx] = state
             setattr(module, STATE_ATTRIBUTE, state)
 
@@ -99,12 +106,17 @@ class StreamingThresholdPress(DMSPress):
         hidden_states = kwargs["hidden_states"]
         slots = layout.query_slots  # the cache slots this pass wrote
 
+        keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
         if self.scores_on_entry:
-            keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
+            # Scorers that need them (random eviction) read the positions and their own state here.
+            where = {**kwargs, "positions": layout.position.index_select(1, slots), "scorer_state": state.scorer_state}
             new_scores = self.press.score(
-                module, hidden_states, keys.index_select(2, slots), values.index_select(2, slots), None, kwargs
+                module, hidden_states, keys.index_select(2, slots), values.index_select(2, slots), None, where
             )
             state.entry_scores.index_copy_(2, slots, new_scores.float())
+        if self.observes_queries:
+            counted = layout.position.index_select(1, slots) >= self.sinks
+            self.press.observe(module, hidden_states, state.scorer_state, counted.float())
 
         # Positions p that become decided in this pass: tokens_before - W <= p < tokens_after - W.
         # The pass's queries lie in slots [s, e) within the python bounds `layout.slots`; a slot
@@ -123,7 +135,7 @@ class StreamingThresholdPress(DMSPress):
         )
         if self.scores_on_entry:
             scores = state.entry_scores[:, :, lo:hi]
-        else:
+        elif self.accumulates_attention:
             n_queries = layout.tokens_after[:, None] - position
             scores = self.press.score(
                 module,
@@ -133,6 +145,18 @@ class StreamingThresholdPress(DMSPress):
                 state.attention_received[:, :, lo:hi],
                 {**kwargs, "n_queries": n_queries},
             )
+        else:  # scored at decision time from the cache as it is now (Expected Attention)
+            seen = layout.position[:, :last]
+            written = (seen >= self.sinks) & (seen < layout.tokens_after[:, None])
+            visible = written[:, None, :] & ~state.evicted[:, :, :last]
+            context = {
+                **kwargs,
+                "slot_range": (lo, hi),
+                "visible": visible,
+                "scorer_state": state.scorer_state,
+                "tokens": layout.tokens_after,
+            }
+            scores = self.press.score(module, hidden_states, keys[:, :, :last], values[:, :, :last], None, context)
         state.evicted[:, :, lo:hi] |= deciding[:, None, :] & (scores < self.threshold)
         if state.decision_scores is not None:
             recorded = state.decision_scores[:, :, lo:hi]

@@ -1,0 +1,161 @@
+"""The reference-point methods (StreamingLLM, random, Expected Attention, key norm, observed
+attention) against the independent float64 reference (tests/reference.py), and their own
+invariants: random's decisions do not depend on the batch, StreamingLLM keeps exactly sinks +
+window, random at 0 is the baseline and at 1 is StreamingLLM."""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+
+from kvsweep.methods import get_method
+from kvsweep.stream_nll import stream_nll
+
+from conftest import random_documents, tiny_llama
+from reference import Weights, reference_stream
+
+WINDOW, SINKS = 6, 2
+DOCUMENTS = random_documents([40, 29, 35], seed=5)
+# Expected Attention averages RoPE over fewer future positions here, to keep the reference quick.
+SETTINGS = {
+    "streaming_llm": {"sliding_window": WINDOW, "sinks": SINKS},
+    "random": {"sliding_window": WINDOW, "sinks": SINKS, "seed": 7},
+    "expected_attention": {"sliding_window": WINDOW, "sinks": SINKS, "n_future_positions": 32},
+    "knorm": {"sliding_window": WINDOW, "sinks": SINKS},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def weights(model):
+    return Weights(model)
+
+
+def press_of(method, threshold, settings):
+    spec = get_method(method)
+    resolved = spec.resolve(threshold if spec.takes_threshold else None, settings)
+    return spec.build(threshold if spec.takes_threshold else None, resolved), resolved
+
+
+@functools.cache
+def threshold_between_scores(method: str) -> float:
+    """A threshold halfway between two neighbouring decision scores near their median (scores when
+    nothing is evicted): it evicts a good share and lies away from every score."""
+    if method == "random":
+        return 0.5
+    spec = get_method(method)
+    settings = spec.resolve(0.0, SETTINGS[method])
+    press = spec.build(-math.inf, settings)
+    press.record_decisions = True
+    results = stream_nll(tiny_llama(), DOCUMENTS, 5, press, return_decision_scores=True)
+    scores = np.sort(np.concatenate([r["decision_scores"].ravel() for r in results]))
+    middle = len(scores) // 2
+    return float((scores[middle] + scores[middle + 1]) / 2)
+
+
+@functools.cache
+def reference(method: str, chunk: int, doc: int):
+    options = SETTINGS[method]
+    threshold = None if method == "streaming_llm" else threshold_between_scores(method)
+    return reference_stream(
+        Weights(tiny_llama()), DOCUMENTS[doc], chunk, method, threshold, WINDOW, SINKS, options=options
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("chunk", [1, 5, 32])
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_matches_reference(model, method, chunk, batch):
+    threshold = None if method == "streaming_llm" else threshold_between_scores(method)
+    groups = [list(range(len(DOCUMENTS)))] if batch == 3 else [[i] for i in range(len(DOCUMENTS))]
+    for group in groups:
+        press, _ = press_of(method, threshold, SETTINGS[method])
+        results = stream_nll(model, [DOCUMENTS[i] for i in group], chunk, press)
+        for i, result in zip(group, results, strict=True):
+            nll, counts, margins = reference(method, chunk, i)
+            if margins:
+                assert min(margins) > 1e-6, "threshold too close to a score: the comparison would be fragile"
+            assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
+            assert {k: result[k] for k in counts} == counts
+            evicted = 1 - counts["kv_kept_compressible"] / counts["kv_total_compressible"]
+            assert 0.2 <= evicted <= 1.0 if method == "streaming_llm" else 0.2 <= evicted <= 0.8, evicted
+
+
+def evicted_masks(model, method, threshold, settings, documents, chunk=5):
+    press, _ = press_of(method, threshold, settings)
+    return [r["evicted"] for r in stream_nll(model, documents, chunk, press, return_evicted=True)]
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_random_decisions_do_not_depend_on_the_batch(model, chunk):
+    settings = SETTINGS["random"]
+    together = evicted_masks(model, "random", 0.5, settings, DOCUMENTS, chunk)
+    other_company = evicted_masks(model, "random", 0.5, settings, [DOCUMENTS[2], DOCUMENTS[0]], chunk + 2)
+    alone = [evicted_masks(model, "random", 0.5, settings, [doc], chunk)[0] for doc in DOCUMENTS]
+    for mask, single in zip(together, alone, strict=True):
+        assert np.array_equal(mask, single)
+    assert np.array_equal(other_company[0], alone[2]) and np.array_equal(other_company[1], alone[0])
+    # Another seed gives other decisions.
+    reseeded = evicted_masks(model, "random", 0.5, {**settings, "seed": 8}, DOCUMENTS, chunk)
+    assert not np.array_equal(reseeded[0], together[0])
+
+
+@pytest.mark.parametrize("window,sinks", [(6, 2), (0, 4), (10, 0)])
+def test_streaming_llm_keeps_exactly_sinks_and_window(model, window, sinks):
+    press, _ = press_of("streaming_llm", None, {"sliding_window": window, "sinks": sinks})
+    results = stream_nll(model, DOCUMENTS, 3, press, return_evicted=True)
+    for doc, result in zip(DOCUMENTS, results, strict=True):
+        kept = ~result["evicted"]
+        n = len(doc)
+        expected = np.zeros(n, dtype=bool)
+        expected[:sinks] = True
+        expected[max(n - window, 0) :] = True
+        assert (kept == expected).all()
+
+
+def test_random_at_0_is_baseline_and_at_1_is_streaming_llm(model):
+    baseline = stream_nll(model, DOCUMENTS, 5)
+    settings = SETTINGS["random"]
+    at_zero = stream_nll(model, DOCUMENTS, 5, press_of("random", 0.0, settings)[0])
+    at_one = stream_nll(model, DOCUMENTS, 5, press_of("random", 1.0, settings)[0], return_evicted=True)
+    streaming = press_of("streaming_llm", None, {"sliding_window": WINDOW, "sinks": SINKS})[0]
+    streaming_llm = stream_nll(model, DOCUMENTS, 5, streaming, return_evicted=True)
+    for base, zero, one, stream in zip(baseline, at_zero, at_one, streaming_llm, strict=True):
+        assert zero["nll_sum"] == pytest.approx(base["nll_sum"], rel=1e-6) and zero["kv_kept"] == zero["kv_total"]
+        assert np.array_equal(one["evicted"], stream["evicted"])
+        assert one["nll_sum"] == pytest.approx(stream["nll_sum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["expected_attention", "knorm"])
+def test_threshold_minus_inf_is_baseline(model, method):
+    baseline = stream_nll(model, DOCUMENTS, 4)
+    press, _ = press_of(method, -math.inf, SETTINGS[method])
+    for base, result in zip(baseline, stream_nll(model, DOCUMENTS, 4, press), strict=True):
+        assert result["nll_sum"] == pytest.approx(base["nll_sum"], rel=1e-6)
+        assert result["kv_kept"] == result["kv_total"]
+
+
+@pytest.mark.parametrize("method", ["expected_attention", "knorm", "random"])
+def test_density_falls_as_threshold_rises(model, method):
+    middle = threshold_between_scores(method)
+    spread = abs(middle) + 1.0
+    densities = []
+    for threshold in np.linspace(middle - spread, middle + spread, 7):
+        press, _ = press_of(method, float(threshold), SETTINGS[method])
+        results = stream_nll(model, DOCUMENTS, 8, press)
+        densities.append(sum(r["kv_kept"] for r in results) / sum(r["kv_total"] for r in results))
+    assert densities == sorted(densities, reverse=True) and densities[0] > densities[-1], densities
+
+
+def test_observed_attention_is_h2o_with_the_dms_window(model):
+    observed, h2o = get_method("observed_attention"), get_method("h2o")
+    assert observed.defaults == {**h2o.defaults, "local_window": 128}
+    press_a, _ = press_of("observed_attention", 0.06, {"local_window": WINDOW})
+    press_b, _ = press_of("h2o", 0.06, {"local_window": WINDOW})
+    a, b = stream_nll(model, DOCUMENTS, 5, press_a), stream_nll(model, DOCUMENTS, 5, press_b)
+    assert a == b
