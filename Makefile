@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Override on a GPU machine to get its CUDA build, e.g. `make test TORCH=torch==2.14.1`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo demo-methods test lint clean-demo
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(BIN)/activate
 
 demo: setup
 	$(BIN)/snakemake --configfile demo/config.yaml --cores 2
+
+# Every method (H2O, KVzap and the reference points) on the same demo, perplexity only.
+demo-methods: setup
+	$(BIN)/snakemake --configfile demo/methods.yaml --cores 2
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -91,7 +91,7 @@ def random_score(seed, tokens, layer, head, position):
     return (h >> 8) / float(1 << 24)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def average_rope(position, n_future, d, theta):
     """RoPE's rotation matrix averaged over positions [position, position + n_future)."""
     inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)

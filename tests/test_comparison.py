@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvsweep.comparison import Curve, compare_methods, interpolation_weights, main, ordered_pairs, per_document_losses
+from kvsweep.comparison import (
+    Curve,
+    compare_methods,
+    interpolation_weights,
+    main,
+    not_along_the_axis,
+    ordered_pairs,
+    per_document_losses,
+)
 
 N_DOCS = 24
 
@@ -146,3 +154,22 @@ def test_command_line_writes_the_tables(tmp_path):
     assert list(pd.read_csv(out["c.csv"]).density) == [0.35, 0.5]  # the target density joins the grid
     assert "## Area under the quality-loss curve" in (tmp_path / "c.md").read_text()
     assert len(pd.read_csv(out["a.csv"])) == 1
+
+
+def test_methods_whose_points_do_not_spread_along_the_axis_are_left_out():
+    """StreamingLLM keeps nothing of its compressible region at any window: on the compressible
+    density it has no curve (on the whole cache's density it has)."""
+
+    def row(method, value, kept_c, kept):
+        return {"method": method, "value": value, "kv_kept_compressible": kept_c, "kv_total_compressible": 100,
+                "kv_kept": kept, "kv_total": 200}  # fmt: skip
+
+    rows = pd.DataFrame(
+        [row("streaming_llm", "64", 0, 70), row("streaming_llm", "192", 0, 120)]
+        + [row("h2o", "0.1", 30, 130), row("h2o", "0.2", 60, 160)]
+        + [row("one_point_twice", "1", 50, 150), row("one_point_twice", "2", 50, 150)]
+    )
+    left_out = not_along_the_axis(rows, "kv_density_compressible")
+    assert sorted(left_out) == ["one_point_twice", "streaming_llm"]
+    assert "64: 0" in left_out["streaming_llm"] and "compare on kv_density" in left_out["streaming_llm"]
+    assert sorted(not_along_the_axis(rows, "kv_density")) == ["one_point_twice"]

@@ -63,6 +63,18 @@ def test_shipped_configs_are_valid_and_get_defaults():
     )
 
 
+def test_the_commented_reference_methods_of_the_shipped_study_are_valid():
+    """config.yaml lists the old system's reference points commented out; uncommented, they are a
+    valid study (this keeps the comment from rotting)."""
+    text = (ROOT / "config.yaml").read_text()
+    uncommented = "\n".join(
+        line.replace("  # ", "  ", 1) if line.startswith("  # ") else line for line in text.splitlines()
+    )
+    methods = validate_config(yaml.safe_load(uncommented))["methods"]
+    assert {"streaming_llm", "random", "knorm", "expected_attention", "observed_attention"} <= set(methods)
+    assert methods["streaming_llm"]["canonical_values"] == ["256", "512", "1024", "2048", "4096"]
+
+
 def test_each_method_gets_only_its_own_settings():
     config = validate_config(shipped())
     assert method_settings(config, "h2o") == {"local_window": 512, "sinks": 0}
@@ -181,7 +193,9 @@ def test_a_method_needs_thresholds_or_target_densities(keep):
         if key != keep:
             del config["methods"]["kvzap"][key]
     if keep:
-        assert validate_config(config)["methods"]["kvzap"][f"canonical_{'targets' if keep != 'thresholds' else 'values'}"]
+        assert validate_config(config)["methods"]["kvzap"][
+            f"canonical_{'targets' if keep != 'thresholds' else 'values'}"
+        ]
     else:
         with pytest.raises(KvsweepError, match="methods.kvzap: 'kvzap' needs thresholds, target_densities, or both"):
             validate_config(config)

@@ -224,7 +224,7 @@ def test_static_passes_refuse_what_they_cannot_run(model):
     from kvsweep.static_passes import StaticPasses, default_bucket
 
     assert [default_bucket(c) for c in (1, 3, 16, 128)] == [256, 258, 256, 2048]  # whole chunks, >= 16 of them
-    layout = BatchLayout.right_padded(torch.tensor([10]), 12)
+    layout = BatchLayout.right_padded([list(range(10))], 12, "cpu")
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         StaticPasses(model, layout, 3, key_bucket=4, cuda_graphs=True)
     passes = StaticPasses(model, layout, 3, key_bucket=4)  # on the CPU: eager

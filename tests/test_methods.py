@@ -4,17 +4,27 @@ invariants: random's decisions do not depend on the batch, StreamingLLM keeps ex
 window, random at 0 is the baseline and at 1 is StreamingLLM."""
 
 import functools
+import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from kvsweep.methods import get_method
+from kvsweep import expected_attention_kernel
+from kvsweep.methods import get_method, method_table
 from kvsweep.stream_nll import stream_nll
 
 from conftest import random_documents, tiny_llama
 from reference import Weights, reference_stream
 
+ROOT = Path(__file__).resolve().parents[1]
 WINDOW, SINKS = 6, 2
 DOCUMENTS = random_documents([40, 29, 35], seed=5)
 # Expected Attention averages RoPE over fewer future positions here, to keep the reference quick.
@@ -24,16 +34,6 @@ SETTINGS = {
     "expected_attention": {"sliding_window": WINDOW, "sinks": SINKS, "n_future_positions": 32},
     "knorm": {"sliding_window": WINDOW, "sinks": SINKS},
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def weights(model):
-    return Weights(model)
 
 
 def press_of(method, threshold, settings):
@@ -159,3 +159,67 @@ def test_observed_attention_is_h2o_with_the_dms_window(model):
     press_b, _ = press_of("h2o", 0.06, {"local_window": WINDOW})
     a, b = stream_nll(model, DOCUMENTS, 5, press_a), stream_nll(model, DOCUMENTS, 5, press_b)
     assert a == b
+
+
+def test_adding_a_method_as_the_readme_says(tmp_path, model_dir):
+    """The README's "Adding a method": its code block as one new file, plus one line in the
+    registry, is a method that the table lists, a config accepts and `kvsweep.evaluate` runs."""
+    readme = (ROOT / "README.md").read_text().split("## Adding a method")[1]
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "kvsweep", src / "kvsweep", ignore=shutil.ignore_patterns("__pycache__"))
+    (src / code.splitlines()[0].removeprefix("# src/")).write_text(code)
+    registry = src / "kvsweep" / "methods" / "registry.py"
+    registry.write_text(registry.read_text().replace('    "knorm",\n', '    "knorm",\n    "value_norm",\n'))
+    env = {**os.environ, "PYTHONPATH": str(src)}
+
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    assert "| `value_norm` | `thresholds` | `sliding_window` (128), `sinks` (0) |" in run("kvsweep.methods")
+    config = yaml.safe_load((ROOT / "demo" / "config.yaml").read_text())
+    config["methods"] = {"baseline": None, "value_norm": {"thresholds": [0.5], "sinks": 2}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    assert (
+        "value_norm:\n    type: value_norm\n    thresholds:\n    - 0.5\n    sliding_window: 128\n    sinks: 2"
+        in run("kvsweep.config", "study.yaml")
+    )
+    documents = random_documents([30, 21], seed=3)
+    (tmp_path / "shard.jsonl").write_text("".join(json.dumps({"id": str(i), "input_ids": d}) + "\n"
+                                                  for i, d in enumerate(documents)))  # fmt: skip
+    # Above every value norm: everything outside the 2 sinks and the 4-token window goes.
+    run("kvsweep.evaluate", "--model", str(model_dir), "--data", "shard.jsonl", "--method", "value_norm",
+        "--threshold", "1e9", "--sliding-window", "4", "--sinks", "2", "--chunk-size", "3", "--max-length", "64",
+        "--device", "cpu", "--dtype", "float32", "--output", "out.jsonl")  # fmt: skip
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for doc, result in zip(documents, results, strict=True):
+        assert result["kv_kept"] == result["kv_total"] // len(doc) * 6
+
+
+def test_the_readme_lists_the_methods_as_declared():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- methods table: python -m kvsweep.methods -->\n")[1].split("\n<!-- end of methods")[0]
+    assert table == method_table()
+
+
+@pytest.mark.parametrize("logits", ["triton", "torch"])
+def test_expected_attention_logits_either_way_match_reference(model, monkeypatch, logits):
+    """The logits of every key come from the Triton kernel where it runs (on the CPU through
+    Triton's interpreter), else from torch ops; both hold the reference."""
+    calls = []
+    if logits == "torch":
+        monkeypatch.setattr(expected_attention_kernel, "available", lambda keys: False)
+    else:
+        if expected_attention_kernel.triton is None:
+            pytest.skip("Triton is not installed")
+        kernel = expected_attention_kernel.expected_logits
+        monkeypatch.setattr(expected_attention_kernel, "expected_logits", lambda *a: calls.append(1) or kernel(*a))
+    threshold = threshold_between_scores("expected_attention")
+    press, _ = press_of("expected_attention", threshold, SETTINGS["expected_attention"])
+    for i, result in enumerate(stream_nll(model, DOCUMENTS, 5, press)):
+        nll, counts, _ = reference("expected_attention", 5, i)
+        assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
+        assert {k: result[k] for k in counts} == counts
+    assert bool(calls) == (logits == "triton")

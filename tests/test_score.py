@@ -6,7 +6,11 @@ import math
 import pytest
 
 from kvsweep.errors import KvsweepError
-from kvsweep.score import COLUMNS, load_results, summarize
+from kvsweep.score import load_results
+from kvsweep.tasks import get_task
+
+summarize = get_task("perplexity").summarize
+COLUMNS = list(get_task("perplexity").summary_columns)
 
 
 def write(tmp_path, method, threshold, docs):

@@ -68,16 +68,16 @@ def test_demo_through_slurm_matches_a_local_run(cluster, demo_run, tmp_path):
     # Every evaluation job went through sbatch: one plugin log per SLURM job id, apart from the rules' logs.
     evaluation_logs = sorted((tmp_path / "logs" / "slurm" / "rule_evaluate").rglob("*.log"))
     job_ids = {int(log.stem) for log in evaluation_logs}
-    assert len(job_ids) == 8, evaluation_logs  # 2 shards x (baseline + 3 methods x 1 threshold)
+    assert len(job_ids) == 3, evaluation_logs  # 1 shard x (baseline + 2 methods x 1 threshold)
     submitted = {int(j) for j in re.findall(r"submitted with SLURM jobid (\d+)", result.stdout + result.stderr)}
-    assert job_ids <= submitted and len(submitted) == 8 + 3  # and one eviction map per method
+    assert job_ids <= submitted and len(submitted) == 3 + 2  # and one eviction map per method
     assert all("Finished jobid" in log.read_text() for log in evaluation_logs)
 
     summary = "results/demo/perplexity/summary.csv"
-    on_slurm = pd.read_csv(tmp_path / summary, keep_default_na=False, dtype={"threshold": str})
-    local = pd.read_csv(local_dir / summary, keep_default_na=False, dtype={"threshold": str})
-    local = local.merge(on_slurm[["method", "threshold"]], on=["method", "threshold"])
-    assert len(local) == len(on_slurm) == 4
+    on_slurm = pd.read_csv(tmp_path / summary, keep_default_na=False, dtype={"value": str})
+    local = pd.read_csv(local_dir / summary, keep_default_na=False, dtype={"value": str})
+    local = local.merge(on_slurm[["method", "value"]], on=["method", "value"])
+    assert len(local) == len(on_slurm) == 3
     # Same numbers up to float summation order (jobs may use other thread counts).
     pd.testing.assert_frame_equal(on_slurm, local, rtol=1e-6)
     assert (tmp_path / "results/demo/perplexity/figures/quality_vs_density.png").stat().st_size > 5000

@@ -16,7 +16,8 @@ from kvsweep.generate import stream_generate
 from kvsweep.methods import get_method
 from kvsweep.prompts import summarization_prompt_ids
 from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
-from kvsweep.score import load_results, summarize_summarization
+from kvsweep.score import load_results
+from kvsweep.tasks import get_task
 
 from conftest import random_documents
 
@@ -276,7 +277,9 @@ def test_summarization_command_line_and_scores(model, surrogate_dir, word_tokeni
     expected = stream_generate(model, [docs[0]["input_ids"]], 8, 6)[0]["generated_ids"]
     assert lines[0]["generated"] == word_tokenizer.decode(expected, skip_special_tokens=True).strip()
 
-    table = summarize_summarization(load_results([str(base_out), str(h2o_out)], "summarization"), n_resamples=200)
+    table = get_task("summarization").summarize(
+        load_results([str(base_out), str(h2o_out)], "summarization"), n_resamples=200
+    )
     assert list(table.method) == ["baseline", "h2o"] and (table.n_docs == 3).all()
     by_hand = pd.Series([longbench_rouge_l(x["generated"], x["references"]) for x in lines]).mean()
     assert table.rougeL.iloc[0] == pytest.approx(by_hand)

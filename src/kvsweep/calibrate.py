@@ -167,7 +167,9 @@ class Calibration:
 
         method, settings = resolve_method(args)
         if not method.takes_targets:
-            raise KvsweepError(f"method '{args.method}' has no threshold along which density falls: nothing to calibrate")
+            raise KvsweepError(
+                f"method '{args.method}' has no threshold along which density falls: nothing to calibrate"
+            )
         documents = load_shard(args.data, args.max_length)
         if not documents:
             raise KvsweepError(f"{args.data}: no calibration documents (too few documents qualify after the study's)")

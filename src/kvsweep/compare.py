@@ -21,13 +21,11 @@ import pandas as pd
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import atomic_path
+from kvsweep.tasks import all_tasks, get_task
 
-TASK_AXES = {
-    # task: (difference column, its label, absolute column, its label)
-    "perplexity": ("delta_nll", "ΔNLL vs baseline (nats/token)", "ppl", "perplexity"),
-    "summarization": ("delta_rougeL", "ΔROUGE-L vs baseline (points)", "rougeL", "ROUGE-L F1 (LongBench, x100)"),
-}
-
+# The pairwise panel shows the first pairs of comparison.csv (H2O against KVzap first); every pair
+# is in the table.
+MAX_PAIRS = 6
 
 DENSITY_LABELS = {
     "kv_density_compressible": "compressible KV density (kept / evictable)",
@@ -44,7 +42,8 @@ def plot_quality_vs_density(
 ):
     """Quality loss and quality against density per method; with `comparison`, a third panel:
     the difference between each pair of methods (all documents) against the same density."""
-    quality, label, absolute, absolute_label = TASK_AXES[task]
+    spec = get_task(task)
+    quality, label, absolute, absolute_label = spec.difference, spec.difference_label, spec.quality, spec.quality_label
     baseline = table[table.method == "baseline"]
     if baseline.empty:
         raise KvsweepError("the summary has no baseline row")
@@ -60,9 +59,7 @@ def plot_quality_vs_density(
         right.plot(rows[density], rows[absolute], marker="o", color=line.get_color(), label=method)
         for _, row in rows.iterrows():
             for axis, y in ((left, row[quality]), (right, row[absolute])):
-                axis.annotate(
-                    str(row.value), (row[density], y), textcoords="offset points", xytext=(4, 4), fontsize=7
-                )
+                axis.annotate(str(row.value), (row[density], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     left.axhline(0, color="black", linestyle="--", linewidth=1)
     left.plot([1.0], [0.0], marker="*", markersize=12, color="black", linestyle="none", label="baseline")
     reference = baseline[absolute].iloc[0]
@@ -82,12 +79,14 @@ def plot_quality_vs_density(
 def plot_pairwise_differences(axis, comparison: pd.DataFrame, task: str, density: str) -> None:
     """method_a's loss minus method_b's at common densities (all documents), with the paired
     bootstrap interval: below 0, method_a loses less."""
-    unit = "nats/token" if task == "perplexity" else "ROUGE-L points"
-    for (a, b), rows in comparison[comparison.length_bucket == "all"].groupby(["method_a", "method_b"], sort=False):
+    unit = get_task(task).loss_unit
+    pairs = list(comparison[comparison.length_bucket == "all"].groupby(["method_a", "method_b"], sort=False))
+    for (a, b), rows in pairs[:MAX_PAIRS]:
         (line,) = axis.plot(rows.density, rows.difference, marker="o", label=f"{a} - {b}")
         axis.vlines(rows.density, rows.difference_ci_low, rows.difference_ci_high, color=line.get_color())
     axis.axhline(0, color="black", linestyle="--", linewidth=1)
-    axis.set(xlabel=DENSITY_LABELS[density], ylabel=f"loss of a - loss of b ({unit})", title="Method against method")
+    shown = "Method against method" + (f" (first {MAX_PAIRS} of {len(pairs)} pairs)" if len(pairs) > MAX_PAIRS else "")
+    axis.set(xlabel=DENSITY_LABELS[density], ylabel=f"loss of a - loss of b ({unit})", title=shown)
 
 
 def save_figure(fig, *paths: str) -> None:
@@ -102,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--summary", required=True)
     parser.add_argument("--comparison", help="comparison.csv of kvsweep.comparison: adds the pairwise panel")
     parser.add_argument("--density", default="kv_density_compressible", choices=list(DENSITY_LABELS))
-    parser.add_argument("--task", default="perplexity", choices=list(TASK_AXES))
+    parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     parser.add_argument("--title", default="H2O vs KVzap: streaming perplexity under KV eviction")
     parser.add_argument("--output-png", required=True)
     parser.add_argument("--output-pdf", required=True)

@@ -26,14 +26,16 @@ The same tables are made per document-length bucket, where H2O's position depend
 
 import argparse
 import itertools
+import sys
 
 import numpy as np
 import pandas as pd
 
 from kvsweep.errors import readable_errors
 from kvsweep.io import atomic_path
-from kvsweep.results import LENGTH_FIELD, read_calibrations
-from kvsweep.score import add_rouge, baseline_of, bootstrap_interval, load_results
+from kvsweep.results import read_calibrations
+from kvsweep.score import baseline_of, bootstrap_interval, load_results
+from kvsweep.tasks import all_tasks, get_task
 
 POINT_COLUMNS = ["method_a", "method_b", "length_bucket", "n_docs", "density", "density_a", "density_b", "loss_a",
                  "loss_b", "difference",
@@ -45,19 +47,15 @@ DEFAULT_GRID = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
 def per_document_losses(results: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per (method, swept value, document): `loss` (against the baseline's same document),
-    `weight` (predicted tokens, or 1), the document's length and its KV counts."""
-    if task == "summarization":
-        results = add_rouge(results)
+    """One row per (method, swept value, document): `loss` (the task's quality loss against the
+    baseline's same document), `weight` (predicted tokens, or 1), the document's length and its
+    KV counts."""
+    task = get_task(task)
     rows = results[results.method != "baseline"].copy()
     base = baseline_of(rows, results[results.method == "baseline"].set_index("id"))
-    if task == "summarization":
-        rows["loss"] = base.rougeL.to_numpy() - rows.rougeL.to_numpy()
-        rows["weight"] = 1.0
-    else:
-        rows["loss"] = rows.nll_sum.to_numpy() - base.nll_sum.to_numpy()
-        rows["weight"] = rows.n_predicted.astype(float)
-    rows["length"] = rows[LENGTH_FIELD[task]]
+    loss, weight = task.document_losses(rows, base)
+    rows["loss"], rows["weight"] = loss, weight
+    rows["length"] = rows[task.length_field]
     return rows
 
 
@@ -201,17 +199,34 @@ def compare_methods(
     return pd.DataFrame(points, columns=POINT_COLUMNS), pd.DataFrame(areas, columns=AUC_COLUMNS)
 
 
-def markdown(points: pd.DataFrame, areas: pd.DataFrame, task: str, density: str) -> str:
-    unit = "nats per token" if task == "perplexity" else "ROUGE-L points"
+def not_along_the_axis(rows: pd.DataFrame, density: str) -> dict[str, str]:
+    """Methods whose configurations do not spread along the density axis, with the reason: no
+    curve through them can be compared. StreamingLLM on the compressible density is one: every
+    position outside its sinks and window goes, so its compressible density is 0 at any window
+    (`kv_density`, the whole cache, is the axis on which it compares)."""
+    suffix = density.removeprefix("kv_density")
+    left_out = {}
+    for method, group in rows.groupby("method"):
+        sums = group.groupby("value")[[f"kv_kept{suffix}", f"kv_total{suffix}"]].sum()
+        values = (sums.iloc[:, 0] / sums.iloc[:, 1]).round(9)
+        if (values == 0).all() or values.duplicated().any():
+            shown = ", ".join(f"{v}: {d:g}" for v, d in values.items())
+            left_out[method] = f"its configurations do not spread along {density} ({shown}); compare on kv_density"
+    return left_out
+
+
+def markdown(points: pd.DataFrame, areas: pd.DataFrame, task: str, density: str, left_out=None) -> str:
+    unit = get_task(task).loss_unit
     lines = [
         f"# {task}: method against method at equal KV density ({density})",
         "",
         f"`difference` = loss of method_a minus loss of method_b, in {unit} (loss: against the baseline on the "
         "same documents; below 0 means method_a loses less). Interval: paired percentile bootstrap over documents.",
         "",
-        "## At common densities",
-        "",
     ]
+    if left_out:
+        lines += ["Left out: " + "; ".join(f"`{m}`: {why}" for m, why in left_out.items()) + ".", ""]
+    lines += ["## At common densities", ""]
     for bucket, table in points.groupby("length_bucket", sort=False):
         lines += [
             f"### documents: {bucket}",
@@ -226,7 +241,7 @@ def markdown(points: pd.DataFrame, areas: pd.DataFrame, task: str, density: str)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.comparison", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="perplexity", choices=sorted(LENGTH_FIELD))
+    parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     parser.add_argument("--inputs", nargs="+", required=True)
     parser.add_argument("--calibrations", nargs="*", default=[])
     parser.add_argument(
@@ -245,6 +260,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.comparison"):
         rows = per_document_losses(load_results(args.inputs, args.task), args.task)
+        left_out = not_along_the_axis(rows, args.density)
+        for method, why in left_out.items():
+            print(f"comparison: {method} left out: {why}", file=sys.stderr)
+        rows = rows[~rows.method.isin(left_out)]
         targets: dict[str, list[float]] = {}
         for record in read_calibrations(args.calibrations):
             targets.setdefault(record["method"], []).append(float(record["target_density"]))
@@ -255,7 +274,7 @@ def main(argv=None):
             with atomic_path(path) as tmp:
                 table.to_csv(tmp, index=False)
         with atomic_path(args.output_md) as tmp:
-            tmp.write_text(markdown(points, areas, args.task, args.density))
+            tmp.write_text(markdown(points, areas, args.task, args.density, left_out))
         print(points.to_string(index=False))
 
 

@@ -13,10 +13,12 @@ import yaml
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.methods import Method, all_methods, get_method
+from kvsweep.tasks import all_tasks
 from kvsweep.thresholds import canonical_threshold
 
 # Shipped inside the package, so that validation works from any install (workflow/schemas/ links here).
 SCHEMA = files("kvsweep") / "schemas" / "config.schema.yaml"
+
 
 def _with_defaults(validator_class):
     """The jsonschema recipe for a validator that fills in `default` values as it validates."""
@@ -45,12 +47,23 @@ def _describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     return f"{where or 'top level'}: {error.message}"
 
 
+def with_declarations(schema: dict) -> dict:
+    """The config schema with what the registries declare: the known tasks, and each task's
+    settings block (methods' blocks are checked one by one: `method_block_schema`)."""
+    tasks = all_tasks()
+    schema["properties"]["tasks"]["items"] = {"enum": list(tasks)}
+    for task in tasks.values():
+        if task.settings:
+            schema["properties"][task.name] = task.settings_schema()
+    return schema
+
+
 def validate_config(config: dict, schema_path=SCHEMA) -> dict:
     """Validate `config` in place, fill defaults, and return it. Each method's block gets its `type`,
     every setting's default, and its swept values and target densities in canonical spelling
     (`canonical_values`, `canonical_targets`: their output paths)."""
     schema_path = Path(schema_path) if isinstance(schema_path, str) else schema_path
-    schema = yaml.safe_load(schema_path.read_text())
+    schema = with_declarations(yaml.safe_load(schema_path.read_text()))
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -59,7 +72,9 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
     for name in config["methods"]:
         config["methods"][name] = _validate_method(name, config["methods"][name] or {})
     if config["methods"].get("baseline", {}).get("type", "baseline") != "baseline":
-        raise KvsweepError("methods.baseline: the entry named baseline must be the uncompressed baseline (type: baseline)")
+        raise KvsweepError(
+            "methods.baseline: the entry named baseline must be the uncompressed baseline (type: baseline)"
+        )
     if "baseline" not in config["methods"]:
         raise KvsweepError(
             "methods: 'baseline' is missing; every quality difference is paired with the uncompressed baseline "
@@ -135,7 +150,11 @@ def _validate_method(name: str, block: dict) -> dict:
         if not setting.model_level and setting.name != method.sweep:
             checked[setting.name] = resolved[setting.name]
     if method.sweep_key:
-        canonical = canonical_threshold if method.takes_threshold else partial(method.setting(method.sweep).canonical, kind)
+        canonical = (
+            canonical_threshold
+            if method.takes_threshold
+            else partial(method.setting(method.sweep).canonical, f"method '{kind}'")
+        )
         checked["canonical_values"] = _canonical_list(where, method.sweep_key, values or [], canonical)
         checked["canonical_targets"] = _canonical_list(where, "target_densities", targets or [], canonical_threshold)
     return checked

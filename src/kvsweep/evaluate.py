@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
 from kvsweep.methods import all_settings, get_method
-from kvsweep.results import RESULT_FIELDS
+from kvsweep.tasks import all_tasks, get_task, task_settings
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +60,9 @@ def cuda_graphs_setting(args) -> bool | None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.evaluate", description=__doc__.split("\n\n")[0])
     add_engine_arguments(parser)
-    parser.add_argument("--task", default="perplexity", choices=["perplexity", "summarization"])
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="summarization: tokens generated at most")
+    parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
+    for setting in task_settings().values():  # each task's own settings, from its declaration
+        parser.add_argument(setting.flag, type=setting.parse, default=setting.default, help=setting.help)
     parser.add_argument("--output", required=True)
     return parser.parse_args(argv)
 
@@ -79,12 +80,11 @@ def resolve_method(args):
 
 
 def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dict]:
-    """A shard's documents, checked. Perplexity documents are cut to `max_length` tokens (the end of
-    a report is dropped). A summarization prompt is never cut here: its end holds the question and
-    the assistant's header, so prepare fits it into max_length, and a longer one is an error."""
-    documents = read_jsonl(
-        path, required=("id", "input_ids", "references") if task == "summarization" else ("id", "input_ids")
-    )
+    """A shard's documents, checked. A document longer than `max_length` is cut (perplexity: the
+    end of a report is dropped) unless its task refuses it (a summarization prompt: its end holds
+    the question, so prepare fits it into max_length)."""
+    spec = get_task(task)
+    documents = read_jsonl(path, required=spec.shard_fields)
     seen = set()
     for doc in documents:
         doc_id, ids = str(doc["id"]), doc["input_ids"]
@@ -95,12 +95,9 @@ def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dic
             raise KvsweepError(f"{path}: document '{doc_id}': input_ids must be a list of token ids (integers >= 0)")
         if len(ids) < 2:
             raise KvsweepError(f"{path}: document '{doc_id}' has {len(ids)} token(s); at least 2 are needed")
-        if task == "summarization" and len(ids) > max_length:
-            raise KvsweepError(
-                f"{path}: document '{doc_id}': the prompt has {len(ids)} tokens, more than --max-length {max_length}; "
-                "cutting it would drop the question at its end (prepare the shard with the same max_length)"
-            )
-        doc["id"], doc["input_ids"] = doc_id, ids[:max_length]
+        doc["id"] = doc_id
+        spec.check_document(doc, max_length, path)
+        doc["input_ids"] = ids[:max_length]
     return documents
 
 
@@ -122,7 +119,7 @@ def _fingerprint(args, settings, documents: list[dict]) -> str:
     device and the kvsweep commit."""
     from kvsweep.provenance import source_revision, weights_identity
 
-    names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "device", "task", "max_new_tokens")
+    names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "device", "task", *task_settings())
     key = {k: getattr(args, k, None) for k in names}
     # The committed code (a fix between two attempts must not be mixed with results from before it);
     # uncommitted edits are left out, or editing config.yaml would discard every checkpoint.
@@ -175,8 +172,8 @@ def _load_checkpoint(path: Path, fingerprint: str, documents: list[dict], fields
 
 def run(args) -> None:
     method, settings = resolve_method(args)
-    if args.max_new_tokens < 1:
-        raise KvsweepError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for setting in task_settings().values():
+        setattr(args, setting.name, setting.check(setting.flag, getattr(args, setting.name)))
     output = ensure_parent(args.output)
     documents = load_shard(args.data, args.max_length, args.task)
     if not documents:
@@ -196,13 +193,13 @@ def run(args) -> None:
 
     checkpoint = output.with_name(output.name + ".partial")
     fingerprint = _fingerprint(args, settings, documents)
-    done = _load_checkpoint(checkpoint, fingerprint, documents, RESULT_FIELDS[args.task])
+    done = _load_checkpoint(checkpoint, fingerprint, documents, get_task(args.task).result_fields)
     todo = sorted((d for d in documents if d["id"] not in done), key=lambda d: -len(d["input_ids"]))
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
     press = method.build(args.threshold, settings)
-    evaluate_batch = _batch_evaluator(args, model, press)
+    evaluate_batch = get_task(args.task).evaluator(args, model, press)
 
     # Start the checkpoint afresh from what is kept (a line cut short by a kill is dropped), so
     # that the lines appended below never follow a fragment.
@@ -222,42 +219,6 @@ def run(args) -> None:
 
     write_jsonl_atomic(output, (done[d["id"]] for d in documents))
     checkpoint.unlink()
-
-
-def _batch_evaluator(args, model, press):
-    """documents -> per-document results, for the task."""
-    graphs = cuda_graphs_setting(args)
-    if args.task == "perplexity":
-        from kvsweep import stream_nll
-
-        return lambda batch: stream_nll.stream_nll(
-            model, [d["input_ids"] for d in batch], args.chunk_size, press, cuda_graphs=graphs
-        )
-
-    from kvsweep import generate
-    from kvsweep.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(args.model)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
-        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    )
-
-    def summarize(batch):
-        results = generate.stream_generate(
-            model, [d["input_ids"] for d in batch], args.chunk_size, args.max_new_tokens, press, eos, graphs
-        )
-        return [
-            {
-                "generated": tokenizer.decode(result.pop("generated_ids"), skip_special_tokens=True).strip(),
-                "references": doc["references"],
-                "n_prompt_tokens": len(doc["input_ids"]),
-                **result,
-            }
-            for doc, result in zip(batch, results, strict=True)
-        ]
-
-    return summarize
 
 
 def main(argv=None):

@@ -69,7 +69,10 @@ def main(argv=None):
             cuda_graphs=cuda_graphs_setting(args),
         )[0]
         density = result["kv_kept"] / result["kv_total"]
-        title = f"{args.method} at threshold {args.threshold:g}: document {doc['id']}, KV density {density:.2f}"
+        swept = (
+            f"threshold {args.threshold:g}" if method.takes_threshold else f"{method.sweep} {settings[method.sweep]}"
+        )
+        title = f"{args.method} at {swept}: document {doc['id']}, KV density {density:.2f}"
         fig = plot_eviction_map(result["evicted"], title, settings.get("sinks", 0), method.window(settings))
         save_figure(fig, args.output_png, args.output_pdf)
 

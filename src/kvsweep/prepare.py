@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import read_jsonl, write_jsonl_atomic
+from kvsweep.tasks import all_tasks, get_task
 
 
 def n_shards(max_documents: int, shard_size: int) -> int:
@@ -52,7 +53,7 @@ def load_records(source: str, split: str, subset: str | None = None):
     yield from dataset
 
 
-def _text(value, source: str, index: int, field: str) -> str:
+def checked_text(value, source: str, index: int, field: str) -> str:
     """A field's text, which must be a string of valid Unicode (JSON can carry lone surrogates such
     as \\ud800, which no tokenizer takes)."""
     if not isinstance(value, str):
@@ -67,20 +68,12 @@ def _text(value, source: str, index: int, field: str) -> str:
     return value
 
 
-def _shard_line(task: str, doc: dict) -> dict:
-    """The engine's input for a task: the report's tokens, or the prompt and the references."""
-    if task == "perplexity":
-        return {"id": doc["id"], "input_ids": doc["input_ids"]}
-    return {"id": doc["id"], "input_ids": doc["prompt_ids"], "references": doc["references"]}
-
-
 def prepare(args) -> dict:
     from kvsweep.modeling import load_tokenizer
-    from kvsweep.prompts import summarization_prompt_ids
 
     tokenizer = load_tokenizer(args.tokenizer)
-    summarize = "summarization" in args.tasks
-    kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0, "prompts_truncated": 0}
+    tasks = [get_task(name) for name in args.tasks]
+    kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0}
     passed = 0  # qualifying documents left to the study (--skip-documents)
     progress = tqdm(total=args.max_documents, unit="doc", file=sys.stderr, desc="prepare")
     for index, record in enumerate(load_records(args.source, args.split, args.subset)):
@@ -93,7 +86,7 @@ def prepare(args) -> dict:
             )
         if args.id_field and args.id_field not in record:
             raise KvsweepError(f"{args.source}, record {index}: no id field '{args.id_field}'")
-        text = _text(record[args.text_field], args.source, index, args.text_field)
+        text = checked_text(record[args.text_field], args.source, index, args.text_field)
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) < args.min_length:
             stats["skipped_short"] += 1
@@ -105,19 +98,8 @@ def prepare(args) -> dict:
         stats["truncated"] += truncated
         doc_id = str(record[args.id_field]) if args.id_field else f"{args.split}-{index:05d}"
         doc = {"id": doc_id, "index": index, "input_ids": ids[: args.max_length], "truncated": truncated}
-        if summarize:
-            references = record.get(args.summary_field)
-            if isinstance(references, str):
-                references = [references]
-            if not references or not all(isinstance(r, str) and r.strip() for r in references):
-                raise KvsweepError(
-                    f"{args.source}, record {index}: no reference summary in field '{args.summary_field}'"
-                )
-            for reference in references:
-                _text(reference, args.source, index, args.summary_field)
-            doc["prompt_ids"], prompt_truncated = summarization_prompt_ids(tokenizer, text, args.max_length)
-            doc["references"] = references
-            stats["prompts_truncated"] += prompt_truncated
+        for task in tasks:
+            task.prepare_document(doc, record, text, tokenizer, args, stats, index)
         kept.append(doc)
         progress.update()
     progress.close()
@@ -137,11 +119,11 @@ def prepare(args) -> dict:
     count = n_shards(args.max_documents, args.shard_size)
     for shard in range(count):
         docs = kept[shard * args.shard_size : (shard + 1) * args.shard_size]
-        for task in args.tasks:
-            write_jsonl_atomic(out / task / f"shard{shard:03d}.jsonl", (_shard_line(task, d) for d in docs))
-    for task in args.tasks:
+        for task in tasks:
+            write_jsonl_atomic(out / task.name / f"shard{shard:03d}.jsonl", (task.shard_line(d) for d in docs))
+    for task in tasks:
         write_jsonl_atomic(
-            out / task / "documents.jsonl",
+            out / task.name / "documents.jsonl",
             (
                 {"id": d["id"], "index": d["index"], "n_tokens": len(d["input_ids"]), "truncated": d["truncated"]}
                 for d in kept
@@ -153,12 +135,9 @@ def prepare(args) -> dict:
         f"{args.min_length} tokens, truncated {stats['truncated']} to {args.max_length} tokens; {count} shard(s)",
         file=sys.stderr,
     )
-    if summarize:
-        print(
-            f"prepare: {stats['prompts_truncated']} summarization prompt(s) longer than {args.max_length} tokens were "
-            "truncated in the middle of the report (LongBench's rule)",
-            file=sys.stderr,
-        )
+    for task in tasks:
+        if (message := task.report(stats, args)) is not None:
+            print(message, file=sys.stderr)
     if stats["kept"] < args.max_documents:
         print(f"prepare: only {stats['kept']} of the {args.max_documents} documents asked for qualify", file=sys.stderr)
     return stats
@@ -183,7 +162,7 @@ def parse_args(argv=None):
         default=0,
         help="leave out the first N qualifying documents (calibration documents follow the study's)",
     )
-    parser.add_argument("--tasks", nargs="+", default=["perplexity"], choices=["perplexity", "summarization"])
+    parser.add_argument("--tasks", nargs="+", default=["perplexity"], choices=list(all_tasks()))
     parser.add_argument("--output-dir", required=True)
     return parser.parse_args(argv)
 

@@ -1,12 +1,5 @@
-"""The result lines of evaluation jobs: their fields per task, and the length fields that tell
-whether two methods read the same document."""
-
-RESULT_FIELDS = {
-    "perplexity": {"id", "n_tokens", "nll_sum", "n_predicted", "kv_kept", "kv_total", "kv_kept_compressible",
-                   "kv_total_compressible"},
-    "summarization": {"id", "generated", "references", "n_generated", "n_prompt_tokens", "kv_kept", "kv_total",
-                      "kv_kept_compressible", "kv_total_compressible"},
-}  # fmt: skip
+"""The records of the calibration jobs, as score and comparison read them (a result line's fields
+are its task's: `kvsweep.tasks`)."""
 
 
 def read_calibrations(paths) -> list[dict]:
@@ -17,7 +10,3 @@ def read_calibrations(paths) -> list[dict]:
     from pathlib import Path
 
     return [{**json.loads(Path(path).read_text()), "method": Path(path).parent.name} for path in paths]
-
-
-# A document's input length: two results with different lengths were computed on different inputs.
-LENGTH_FIELD = {"perplexity": "n_tokens", "summarization": "n_prompt_tokens"}

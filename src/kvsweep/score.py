@@ -4,12 +4,11 @@
         --inputs results/RUN/TASK/METHOD/VALUE/shardNNN.jsonl ... [--swept streaming_llm=sliding_window]
         --output-csv summary.csv --output-md summary.md [--n-resamples 2000 --confidence 0.95 --seed 0]
 
-Each input's method and swept value (a threshold, or the setting `--swept` names) are read from its path. Perplexity, per configuration:
-exp(sum NLL / sum predicted tokens), mean NLL, token-weighted KV densities (overall and in the
-compressible region), and the paired NLL difference to `baseline` on the same documents.
-Summarization: mean ROUGE-L as LongBench computes it, ROUGE-1/2/Lsum from rouge-score, the KV
-densities at the end of generation, and the paired ROUGE-L difference to `baseline`. Differences
-come with a percentile bootstrap confidence interval over documents (scipy.stats.bootstrap, paired).
+Each input's method and swept value (a threshold, or the setting `--swept` names) are read from
+its path. What a row holds is the task's (`kvsweep.tasks`: perplexity and the paired NLL
+difference to `baseline`; summarization: ROUGE and the paired ROUGE-L difference), with the
+token-weighted KV densities. Differences come with a percentile bootstrap confidence interval
+over documents (scipy.stats.bootstrap, paired), from the helpers here.
 """
 
 import argparse
@@ -22,14 +21,8 @@ from scipy import stats
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import atomic_path, read_jsonl
-from kvsweep.results import LENGTH_FIELD, RESULT_FIELDS, read_calibrations
-from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
-
-COLUMNS = ["method", "swept", "value", "target_density", "ppl", "nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high",
-           "kv_density", "kv_density_compressible", "n_docs", "n_tokens"]  # fmt: skip
-SUMMARIZATION_COLUMNS = ["method", "swept", "value", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
-                         "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density", "kv_density_compressible",
-                         "n_docs", "mean_generated_tokens"]  # fmt: skip
+from kvsweep.results import read_calibrations
+from kvsweep.tasks import all_tasks, get_task
 
 
 def load_results(paths: list[str], task: str = "perplexity", swept: dict[str, str] | None = None) -> pd.DataFrame:
@@ -42,7 +35,7 @@ def load_results(paths: list[str], task: str = "perplexity", swept: dict[str, st
     for path in paths:
         method, value = Path(path).parts[-3], Path(path).parts[-2]
         axis = "" if value == "none" else swept.get(method, "threshold")
-        for record in read_jsonl(path, required=tuple(sorted(RESULT_FIELDS[task]))):
+        for record in read_jsonl(path, required=tuple(sorted(get_task(task).result_fields))):
             rows.append({**record, "method": method, "swept": axis, "value": None if value == "none" else value})
     if not rows:
         raise KvsweepError("no evaluated documents in the inputs")
@@ -97,7 +90,7 @@ def baseline_of(rows: pd.DataFrame, baseline: pd.DataFrame, label: str = "") -> 
     if missing:
         raise KvsweepError(f"{label}documents without a baseline result: {missing[:5]}")
     base = baseline.loc[rows.id]
-    length = next(field for field in LENGTH_FIELD.values() if field in rows)
+    length = next(task.length_field for task in all_tasks().values() if task.length_field in rows)
     differ = sorted(set(rows.id[rows[length].to_numpy() != base[length].to_numpy()]))
     if differ:
         raise KvsweepError(
@@ -107,14 +100,14 @@ def baseline_of(rows: pd.DataFrame, baseline: pd.DataFrame, label: str = "") -> 
     return base
 
 
-def _configurations(results: pd.DataFrame):
+def configurations(results: pd.DataFrame):
     """(method, swept value, its documents, the baseline's rows for the same documents)."""
     baseline = results[results.method == "baseline"].set_index("id")
     for (method, value), group in results.groupby(["method", results.value.fillna("")], sort=False):
         yield method, value, group, baseline_of(group, baseline, f"{method} at {value}: ")
 
 
-def _densities(group: pd.DataFrame) -> dict:
+def densities(group: pd.DataFrame) -> dict:
     compressible = group.kv_total_compressible.sum()
     return {
         "kv_density": group.kv_kept.sum() / group.kv_total.sum(),
@@ -122,58 +115,11 @@ def _densities(group: pd.DataFrame) -> dict:
     }
 
 
-def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+def ordered(table: pd.DataFrame) -> pd.DataFrame:
     """Baseline first, then by method and numeric value."""
     order = table.value.map(lambda t: float(t) if t else -math.inf)
     table = table.assign(_base=table.method != "baseline", _t=order).sort_values(["_base", "method", "_t"])
     return table.drop(columns=["_base", "_t"]).reset_index(drop=True)
-
-
-def summarize(results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    rows = []
-    for method, value, group, base in _configurations(results):
-        delta, low, high = paired_delta(
-            group.nll_sum.to_numpy(),
-            base.nll_sum.to_numpy(),
-            group.n_predicted.to_numpy(),
-            n_resamples,
-            confidence,
-            seed,
-        )
-        nll = group.nll_sum.sum() / group.n_predicted.sum()
-        rows.append({
-            "method": method, "swept": group.swept.iloc[0], "value": value, "ppl": math.exp(nll), "nll": nll,
-            "delta_nll": delta, "delta_nll_ci_low": low, "delta_nll_ci_high": high,
-            **_densities(group), "n_docs": len(group), "n_tokens": int(group.n_predicted.sum()),
-        })  # fmt: skip
-    return _ordered(pd.DataFrame(rows, columns=COLUMNS))
-
-
-def add_rouge(results: pd.DataFrame) -> pd.DataFrame:
-    """Per-document ROUGE of the generated summary against its references."""
-    scores = [
-        {"rougeL": longbench_rouge_l(g, refs), **rouge_score_f1(g, refs)}
-        for g, refs in zip(results.generated, results.references, strict=True)
-    ]
-    return pd.concat([results.reset_index(drop=True), pd.DataFrame(scores)], axis=1)
-
-
-def summarize_summarization(
-    results: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> pd.DataFrame:
-    results = add_rouge(results)
-    rows = []
-    for method, value, group, base in _configurations(results):
-        delta, low, high = paired_mean_difference(
-            group.rougeL.to_numpy(), base.rougeL.to_numpy(), n_resamples, confidence, seed
-        )
-        rows.append({
-            "method": method, "swept": group.swept.iloc[0], "value": value,
-            **{key: group[key].mean() for key in ("rougeL", "rouge1", "rouge2", "rougeLsum")},
-            "delta_rougeL": delta, "delta_rougeL_ci_low": low, "delta_rougeL_ci_high": high,
-            **_densities(group), "n_docs": len(group), "mean_generated_tokens": group.n_generated.mean(),
-        })  # fmt: skip
-    return _ordered(pd.DataFrame(rows, columns=SUMMARIZATION_COLUMNS))
 
 
 def add_targets(table: pd.DataFrame, calibrations: list[str]) -> pd.DataFrame:
@@ -197,7 +143,7 @@ def provenance_table(results: pd.DataFrame) -> pd.DataFrame:
     fields = fields.reindex(columns=PROVENANCE_FIELDS).fillna("unrecorded")
     table = pd.concat([results[["method"]], results.value.fillna(""), fields], axis=1)
     counts = table.groupby(list(table.columns), sort=False).size().rename("n_docs").reset_index()
-    return _ordered(counts)
+    return ordered(counts)
 
 
 def add_swept_argument(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +168,7 @@ def write_tables(table: pd.DataFrame, csv_path: str, md_path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="perplexity", choices=["perplexity", "summarization"])
+    parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     parser.add_argument("--inputs", nargs="+", required=True)
     parser.add_argument("--output-csv", required=True)
     parser.add_argument("--output-md", required=True)
@@ -234,7 +180,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.score"):
-        scorer = summarize if args.task == "perplexity" else summarize_summarization
+        scorer = get_task(args.task).summarize
         results = load_results(args.inputs, args.task, swept_of(args))
         table = add_targets(scorer(results, args.n_resamples, args.confidence, args.seed), args.calibrations)
         write_tables(table, args.output_csv, args.output_md)

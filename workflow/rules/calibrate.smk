@@ -48,7 +48,7 @@ rule calibration_probe:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep.calibrate probe {params.engine:q} --batch-size={resources.batch_size:q} "
-        "--cuda-graphs={resources.cuda_graphs:q} --data={input.shard:q} "
+        "--cuda-graphs={resources.cuda_graphs:q} --data={input.shard:q} --method={wildcards.method:q} "
         "{params.method:q} --output={output:q} 2> {log:q}"
 
 
@@ -77,5 +77,5 @@ checkpoint calibrate:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep.calibrate search {params.engine:q} --batch-size={resources.batch_size:q} "
-        "--cuda-graphs={resources.cuda_graphs:q} --data={input.shard:q} "
+        "--cuda-graphs={resources.cuda_graphs:q} --data={input.shard:q} --method={wildcards.method:q} "
         "{params.method:q} --probe={input.probe:q} {params.search:q} --output={output:q} 2> {log:q}"

@@ -26,6 +26,7 @@ shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPAT
 
 from kvsweep.config import method_of, method_settings, validate_config  # noqa: E402
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
+from kvsweep.tasks import all_tasks, get_task  # noqa: E402
 from kvsweep.prepare import n_shards  # noqa: E402
 
 
@@ -66,7 +67,7 @@ for _key, _value, _used in (
 # The swept value in a path (a threshold, or the window of streaming_llm) and a target density are
 # always written in their canonical form; baseline's value is "none".
 wildcard_constraints:
-    task="perplexity|summarization",
+    task="|".join(all_tasks()),
     method="|".join(METHODS),
     value=r"none|-?inf|-?[0-9][0-9.e+-]*",
     target=r"[0-9][0-9.e-]*",
@@ -153,8 +154,7 @@ def eviction_map_calibration(method):
 def eviction_map_arguments(method):
     """The method's middle explicit value, or the threshold its middle target's calibration found."""
     if not swept_values(method):
-        calibration = options(calibration=eviction_map_calibration(method)[0])
-        return method_arguments(method, "none") + calibration
+        return options(calibration=eviction_map_calibration(method)[0]) + method_arguments(method, "none")
     values = sorted(swept_values(method), key=float)
     return method_arguments(method, values[len(values) // 2])
 
@@ -188,7 +188,10 @@ def method_arguments(method, value):
         threshold = value
     elif value != "none":
         settings[runs.sweep] = value
-    return options(method=runs.name, threshold=threshold, **settings)
+    # The shell passes --method=<entry name>; an entry of another method's type names its method
+    # here, after it (the last --method counts). Entries named after their method keep the params
+    # of earlier kvsweep versions, so upgrading reruns none of their jobs.
+    return options(method=runs.name if runs.name != method else None, threshold=threshold, **settings)
 
 
 def swept_arguments():
@@ -198,9 +201,8 @@ def swept_arguments():
 
 
 def task_arguments(task):
-    if task == "summarization":
-        return options(task=task, max_new_tokens=config["summarization"]["max_new_tokens"])
-    return options(task=task)
+    """The task and its own settings (its block in config.yaml)."""
+    return options(task=task, **{s.name: config[task][s.name] for s in get_task(task).settings})
 
 
 def engine_arguments():
@@ -222,7 +224,7 @@ def prepare_arguments(task):
         split=dataset["split"],
         subset=dataset["subset"],
         text_field=dataset["text_field"],
-        summary_field=dataset["summary_field"] if task == "summarization" else None,
+        summary_field=dataset["summary_field"] if get_task(task).reads_summary_field else None,
         id_field=dataset["id_field"],
         tokenizer=config["model"]["name"],
         max_documents=dataset["max_documents"],

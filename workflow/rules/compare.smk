@@ -58,5 +58,5 @@ rule eviction_map:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep.eviction_map {params.engine:q} --cuda-graphs={resources.cuda_graphs:q} "
-        "--data={input.shard:q} "
+        "--data={input.shard:q} --method={wildcards.method:q} "
         "{params.method:q} --output-png={output.png:q} --output-pdf={output.pdf:q} 2> {log:q}"

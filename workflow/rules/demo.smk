@@ -11,6 +11,8 @@ rule demo_assets:
         documents=20,
         train_steps=150,
         output_dir=lambda wildcards, output: os.path.dirname(output.data),
+    # Every other job waits for these assets: training may take the cores (scaled down to --cores).
+    threads: 2
     log:
         f"{RESULTS}/logs/demo_assets.log",
     benchmark:

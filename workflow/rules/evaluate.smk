@@ -1,7 +1,7 @@
 # One job per (task, method, value, shard): streaming perplexity, or summarization (the report
 # streamed into the cache, then greedy generation), under eviction. The swept value (a threshold,
-# or streaming_llm's window) is in the path in canonical form, and each job's params hold only its own method's settings, so an
-# edit of config.yaml reruns exactly the jobs it changes.
+# or streaming_llm's window) is in the path in canonical form, and each job's params hold only its
+# own method's settings, so an edit of config.yaml reruns exactly the jobs it changes.
 
 
 rule evaluate:
@@ -29,4 +29,4 @@ rule evaluate:
     shell:
         "python -m kvsweep.evaluate {params.engine:q} --batch-size={resources.batch_size:q} "
         "--cuda-graphs={resources.cuda_graphs:q} {params.task:q} --data={input.shard:q} "
-        "{params.method:q} --output={output:q} 2> {log:q}"
+        "--method={wildcards.method:q} {params.method:q} --output={output:q} 2> {log:q}"

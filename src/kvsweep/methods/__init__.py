@@ -12,6 +12,7 @@ node with the light dependencies only; a builder imports the GPU stack when a jo
 Adding a method is one file in this folder defining a `Method`, and one entry in `registry.py`.
 """
 
+import argparse
 import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,14 +51,15 @@ class Setting:
             schema["minimum"] = self.minimum
         return {**schema, "description": self.help}
 
-    def check(self, method: str, value) -> Any:
-        """`value` if it is a valid value of this setting, else one readable error."""
+    def check(self, owner: str, value) -> Any:
+        """`value` if it is a valid value of this setting, else one readable error that names
+        `owner` (e.g. "method 'h2o'")."""
         if value is None and self.default is None:
             return value
         if self.choices:
             if value not in self.choices:
                 raise KvsweepError(
-                    f"method '{method}': {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+                    f"{owner}: {self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
                 )
             return value
         ok = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
@@ -67,25 +69,27 @@ class Setting:
             ok, value = True, int(value)
         if not ok:
             what = {int: "a whole number", float: "a number", bool: "true or false", str: "a text"}[self.kind]
-            raise KvsweepError(f"method '{method}': {self.name} must be {what}, got {value!r}")
+            raise KvsweepError(f"{owner}: {self.name} must be {what}, got {value!r}")
         if self.minimum is not None and self.kind in (int, float) and value < self.minimum:
-            raise KvsweepError(f"method '{method}': {self.name} must be >= {self.minimum:g}, got {value!r}")
+            raise KvsweepError(f"{owner}: {self.name} must be >= {self.minimum:g}, got {value!r}")
         return value
 
-    def canonical(self, method: str, value) -> str:
+    def canonical(self, owner: str, value) -> str:
         """The value's one spelling in an output path (64 and 64.0 are the same window)."""
-        return str(self.check(method, value))
+        return str(self.check(owner, value))
 
     def parse(self, text: str):
-        """A command-line value, converted to the setting's type (checked later by `check`)."""
+        """A command-line value, converted to the setting's type (checked later by `check`); a
+        value of another type is argparse's usage error, naming the flag."""
         if self.kind is bool:
             if text.lower() not in ("true", "false"):
-                raise KvsweepError(f"{self.flag} must be true or false, got {text!r}")
+                raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
             return text.lower() == "true"
         try:
             return self.kind(text)
         except ValueError:
-            raise KvsweepError(f"{self.flag}: {text!r} is not {self.kind.__name__}") from None
+            what = {int: "a whole number", float: "a number", str: "a text"}[self.kind]
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ class Method:
             allowed = ", ".join(sorted(self._by_name)) or "none"
             raise KvsweepError(f"method '{self.name}' does not take {', '.join(unknown)} (its settings: {allowed})")
         resolved = {**self.defaults, **{key: value for key, value in given.items() if value is not None}}
-        return {key: self._by_name[key].check(self.name, value) for key, value in resolved.items()}
+        return {key: self._by_name[key].check(f"method '{self.name}'", value) for key, value in resolved.items()}
 
     def window(self, settings: dict[str, Any]) -> int:
         return settings[self.window_setting] if self.window_setting else 0
@@ -215,8 +219,10 @@ def method_table() -> str:
         "|---|---|---|---|",
     ]
     for method in all_methods().values():
-        swept = "-" if method.sweep is None else f"`{method.sweep_key}`" + (
-            f": {method.swept_meaning}" if method.swept_meaning else ""
+        swept = (
+            "-"
+            if method.sweep is None
+            else f"`{method.sweep_key}`" + (f": {method.swept_meaning}" if method.swept_meaning else "")
         )
         settings = ", ".join(
             f"`{s.name}` ({'from `model:`' if s.model_level else _shown(s.default)})" for s in method.settings
@@ -228,4 +234,3 @@ def method_table() -> str:
 
 def _shown(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-

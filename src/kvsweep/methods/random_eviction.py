@@ -4,7 +4,9 @@ from kvsweep.methods import Method, Setting, sinks, sliding_window
 def build_random(threshold: float, sliding_window: int, sinks: int, seed: int):
     from kvsweep.presses import RandomScorer, StreamingThresholdPress
 
-    return StreamingThresholdPress(RandomScorer(seed=seed), threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
+    return StreamingThresholdPress(
+        RandomScorer(seed=seed), threshold=threshold, sliding_window_size=sliding_window, sinks=sinks
+    )
 
 
 RANDOM = Method(

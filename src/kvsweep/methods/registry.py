@@ -1,24 +1,22 @@
-"""Name -> method. One entry per method (a variant is a method too)."""
+"""The method files of the registry, one line each; every `Method` a file declares (a method and
+its named variants) is registered under its name, in the order of the files."""
 
-from kvsweep.methods.baseline import BASELINE
-from kvsweep.methods.expected_attention import EXPECTED_ATTENTION
-from kvsweep.methods.h2o import H2O, OBSERVED_ATTENTION
-from kvsweep.methods.knorm import KNORM
-from kvsweep.methods.kvzap import KVZAP, KVZAP_NO_SINK
-from kvsweep.methods.random_eviction import RANDOM
-from kvsweep.methods.streaming_llm import STREAMING_LLM
+import importlib
 
-METHODS = {
-    method.name: method
-    for method in (
-        BASELINE,
-        KVZAP,
-        KVZAP_NO_SINK,
-        H2O,
-        OBSERVED_ATTENTION,
-        STREAMING_LLM,
-        RANDOM,
-        EXPECTED_ATTENTION,
-        KNORM,
-    )
-}
+from kvsweep.methods import Method
+
+FILES = (
+    "baseline",
+    "kvzap",
+    "h2o",
+    "streaming_llm",
+    "random_eviction",
+    "expected_attention",
+    "knorm",
+)
+
+METHODS: dict[str, Method] = {}
+for _file in FILES:
+    for _value in vars(importlib.import_module(f"kvsweep.methods.{_file}")).values():
+        if isinstance(_value, Method):
+            METHODS.setdefault(_value.name, _value)

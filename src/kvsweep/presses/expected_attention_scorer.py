@@ -1,13 +1,15 @@
 """Expected Attention, streamed: the attention future queries are expected to pay to each key."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from kvpress import ExpectedAttentionPress
 from kvpress.utils import get_prerope_query_states
 from torch import nn
+
+from kvsweep import expected_attention_kernel
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
     scores_on_entry: ClassVar[bool] = False
     accumulates_attention: ClassVar[bool] = False
     observes_queries: ClassVar[bool] = True
+    _rotation: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def allocate(self, module: nn.Module, layout) -> dict[str, torch.Tensor]:
         """Running sums of the layer's pre-RoPE queries, per document and query head."""
@@ -65,33 +68,65 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
         half[d // 2 :, : d // 2], half[: d // 2, d // 2 :] = eye[: d // 2, : d // 2], -eye[: d // 2, : d // 2]
         return cos[:, None, :] * eye + sin[:, None, :] * half
 
+    def rotation(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """`average_rope`, computed by the first layer of each pass and reused by the others (they
+        share the model's rotary embedding and the documents' lengths)."""
+        if module.layer_idx == 0 or self._rotation is None:
+            self._rotation = self.average_rope(module, tokens)
+        return self._rotation
+
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         """`keys`, `values`: the cache over slots [0, hi); returns the scores of slots [lo, hi)
         (`kwargs["slot_range"]`). `kwargs["visible"]` (batch, KV heads, hi) marks the keys the
         softmax runs over; `kwargs["scorer_state"]` holds the running query sums;
         `kwargs["tokens"]` each document's tokens so far."""
         stats, visible, (lo, hi) = kwargs["scorer_state"], kwargs["visible"], kwargs["slot_range"]
+        batch, kv_heads, n, d = keys.shape
+        group = stats["sum"].shape[1] // kv_heads
         count = stats["count"].clamp(min=1)[:, None, None]
         mean = stats["sum"] / count  # (batch, heads, d)
-        rotation = self.average_rope(module, kwargs["tokens"])[:, None]  # (batch, 1, d, d)
-        batch, kv_heads, n, d = keys.shape
-        group = mean.shape[1] // kv_heads
-        # The products over every key run in the cache's precision when it is 16-bit (accumulated
-        # in float32 by the matmul; the sums below in float32): in float32 they would cost the
-        # GPU more than the model's own pass. Keys stay grouped: (batch, kv_heads, 1, n, d).
-        work = keys.dtype if keys.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        grouped = keys.to(work)[:, :, None]
-        mean = (rotation @ mean[..., None]).view(batch, kv_heads, group, d, 1)
-        logits = (grouped @ mean.to(work)).squeeze(-1).float() / math.sqrt(d)  # (batch, kv_heads, group, n)
+        rotation = self.rotation(module, kwargs["tokens"])[:, None]  # (batch, 1, d, d)
+        mean = (rotation @ mean[..., None]).squeeze(-1) / math.sqrt(d)  # (batch, heads, d)
+        covariance = None
         if stats["outer"] is not None:
             covariance = stats["outer"] / count[..., None] - mean_outer(stats["sum"] / count)
-            covariance = (rotation @ covariance @ rotation.transpose(-1, -2)).view(batch, kv_heads, group, d, d)
-            logits = logits + ((grouped @ covariance.to(work)) * grouped).sum(-1, dtype=torch.float32) / d / 2
-        logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).mean(2)[:, :, lo:hi]
+            covariance = rotation @ covariance @ rotation.transpose(-1, -2) / (2 * d)  # (batch, heads, d, d)
+        if expected_attention_kernel.available(keys):
+            logits = expected_attention_kernel.expected_logits(
+                keys,
+                mean.view(batch, kv_heads, group, d),
+                None if covariance is None else covariance.view(batch, kv_heads, group, d, d),
+            )
+        else:
+            logits = expected_logits_torch(keys, mean, covariance)
+        logits = logits.view(batch, kv_heads, n, group).masked_fill(~visible[..., None], float("-inf"))
+        probs = torch.softmax(logits, dim=2).mean(-1)[:, :, lo:hi]
         if self.use_vnorm:
             probs = (probs + self.epsilon) * values[:, :, lo:hi].float().norm(dim=-1)
         return probs
+
+
+def expected_logits_torch(keys: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor | None) -> torch.Tensor:
+    """What `kvsweep.expected_attention_kernel` computes, with torch ops (no Triton): (batch,
+    kv_heads, n, group) float32. mean (batch, heads, d); covariance (batch, heads, d, d) or None.
+    Products over every key run in the cache's precision when it is 16-bit (as kvpress's score
+    does); K S is written whole (group x the size of the keys)."""
+    batch, kv_heads, n, d = keys.shape
+    group = mean.shape[1] // kv_heads
+    work = keys.dtype if keys.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+    def per_group(matrix: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, d, w) -> (batch * kv_heads, d, group * w): one matrix per KV group."""
+        w = matrix.shape[-1]
+        grouped = matrix.reshape(batch, kv_heads, group, d, w).permute(0, 1, 3, 2, 4)
+        return grouped.reshape(batch * kv_heads, d, group * w).to(work)
+
+    flat = keys.reshape(batch * kv_heads, n, d).to(work)
+    logits = flat @ per_group(mean[..., None])  # (batch * kv_heads, n, group)
+    if covariance is not None:
+        spread = (flat @ per_group(covariance)).view(batch * kv_heads, n, group, d)
+        logits = logits + (spread @ flat[..., None]).squeeze(-1)
+    return logits.float().view(batch, kv_heads, n, group)
 
 
 def mean_outer(mean: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""Summarization (LongBench's GovReport prompt): the report streamed into the evicting cache, then
+greedy generation; ROUGE against the reference summaries."""
+
+from kvsweep.errors import KvsweepError
+from kvsweep.methods import Setting
+from kvsweep.tasks import KV_FIELDS, Task
+
+COLUMNS = ("method", "swept", "value", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
+           "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density", "kv_density_compressible", "n_docs",
+           "mean_generated_tokens")  # fmt: skip
+
+
+def prepare_document(doc, record, text, tokenizer, args, stats, index) -> None:
+    """The prompt (fitted into max_length, question kept) and the reference summaries."""
+    from kvsweep.prepare import checked_text
+    from kvsweep.prompts import summarization_prompt_ids
+
+    references = record.get(args.summary_field)
+    if isinstance(references, str):
+        references = [references]
+    if not references or not all(isinstance(r, str) and r.strip() for r in references):
+        raise KvsweepError(f"{args.source}, record {index}: no reference summary in field '{args.summary_field}'")
+    for reference in references:
+        checked_text(reference, args.source, index, args.summary_field)
+    doc["prompt_ids"], truncated = summarization_prompt_ids(tokenizer, text, args.max_length)
+    doc["references"] = references
+    stats["prompts_truncated"] = stats.get("prompts_truncated", 0) + truncated
+
+
+def report(stats: dict, args) -> str:
+    return (
+        f"prepare: {stats.get('prompts_truncated', 0)} summarization prompt(s) longer than {args.max_length} tokens "
+        "were truncated in the middle of the report (LongBench's rule)"
+    )
+
+
+def shard_line(doc: dict) -> dict:
+    return {"id": doc["id"], "input_ids": doc["prompt_ids"], "references": doc["references"]}
+
+
+def check_document(doc: dict, max_length: int, path: str) -> None:
+    """A prompt is never cut: its end holds the question and the assistant's header."""
+    if len(doc["input_ids"]) > max_length:
+        raise KvsweepError(
+            f"{path}: document '{doc['id']}': the prompt has {len(doc['input_ids'])} tokens, more than --max-length "
+            f"{max_length}; cutting it would drop the question at its end (prepare the shard with the same max_length)"
+        )
+
+
+def evaluator(args, model, press):
+    from kvsweep import generate
+    from kvsweep.evaluate import cuda_graphs_setting
+    from kvsweep.modeling import load_tokenizer
+
+    graphs = cuda_graphs_setting(args)
+    tokenizer = load_tokenizer(args.model)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    )
+
+    def summarize_batch(batch):
+        results = generate.stream_generate(
+            model, [d["input_ids"] for d in batch], args.chunk_size, args.max_new_tokens, press, eos, graphs
+        )
+        return [
+            {
+                "generated": tokenizer.decode(result.pop("generated_ids"), skip_special_tokens=True).strip(),
+                "references": doc["references"],
+                "n_prompt_tokens": len(doc["input_ids"]),
+                **result,
+            }
+            for doc, result in zip(batch, results, strict=True)
+        ]
+
+    return summarize_batch
+
+
+def add_rouge(results):
+    """Per-document ROUGE of the generated summary against its references."""
+    import pandas as pd
+
+    from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
+
+    scores = [
+        {"rougeL": longbench_rouge_l(g, refs), **rouge_score_f1(g, refs)}
+        for g, refs in zip(results.generated, results.references, strict=True)
+    ]
+    return pd.concat([results.reset_index(drop=True), pd.DataFrame(scores)], axis=1)
+
+
+def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0):
+    """Per configuration: mean ROUGE-L as LongBench computes it, ROUGE-1/2/Lsum from rouge-score,
+    the paired ROUGE-L difference to the baseline (bootstrap CI), and the KV densities at the end
+    of generation."""
+    import pandas as pd
+
+    from kvsweep.score import configurations, densities, ordered, paired_mean_difference
+
+    results = add_rouge(results)
+    rows = []
+    for method, value, group, base in configurations(results):
+        delta, low, high = paired_mean_difference(
+            group.rougeL.to_numpy(), base.rougeL.to_numpy(), n_resamples, confidence, seed
+        )
+        rows.append({
+            "method": method, "swept": group.swept.iloc[0], "value": value,
+            **{key: group[key].mean() for key in ("rougeL", "rouge1", "rouge2", "rougeLsum")},
+            "delta_rougeL": delta, "delta_rougeL_ci_low": low, "delta_rougeL_ci_high": high,
+            **densities(group), "n_docs": len(group), "mean_generated_tokens": group.n_generated.mean(),
+        })  # fmt: skip
+    return ordered(pd.DataFrame(rows, columns=list(COLUMNS)))
+
+
+def document_losses(rows, base):
+    """The baseline's ROUGE-L minus this configuration's, each document weighing the same."""
+    rows, base = add_rouge(rows), add_rouge(base.reset_index())
+    return base.rougeL.to_numpy() - rows.rougeL.to_numpy(), [1.0] * len(rows)
+
+
+SUMMARIZATION = Task(
+    name="summarization",
+    description="the LongBench GovReport prompt streamed into the evicting cache, then greedy generation; ROUGE",
+    shard_fields=("id", "input_ids", "references"),
+    result_fields=frozenset({"id", "generated", "references", "n_generated", "n_prompt_tokens"}) | KV_FIELDS,
+    length_field="n_prompt_tokens",
+    difference="delta_rougeL",
+    difference_label="ΔROUGE-L vs baseline (points)",
+    quality="rougeL",
+    quality_label="ROUGE-L F1 (LongBench, x100)",
+    loss_unit="ROUGE-L points",
+    prepare_document=prepare_document,
+    shard_line=shard_line,
+    check_document=check_document,
+    evaluator=evaluator,
+    summarize=summarize,
+    document_losses=document_losses,
+    summary_columns=COLUMNS,
+    settings=(Setting("max_new_tokens", 512, "tokens generated at most per summary", minimum=1),),
+    reads_summary_field=True,
+    report=report,
+)
