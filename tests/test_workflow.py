@@ -395,3 +395,45 @@ def test_after_snakemake_is_killed_the_documented_commands_finish_the_run(demo_r
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert all(json.loads(line)["nll_sum"] > 0 for line in output.read_text().splitlines())
     assert (tmp_path / "results" / "demo" / "perplexity" / "summary.csv").exists()
+
+
+def test_windows_and_typed_entries_rerun_only_what_changed(demo_run, tmp_path):
+    """streaming_llm sweeps its window and `type:` runs a method under another name; the summary
+    says what was swept, and adding a window (or respelling one) plans only what changed."""
+    workdir, config = demo_run
+    shutil.copytree(workdir / "results" / "demo" / "demo_assets", tmp_path / "results" / "demo" / "demo_assets")
+    study = copy.deepcopy(config)
+    study["tasks"] = ["perplexity"]
+    study["methods"] = {
+        "baseline": None,
+        "streaming_llm": {"sliding_windows": [64], "sinks": 4},
+        "h2o_w64": {"type": "h2o", "thresholds": [0.005], "local_window": 64},
+    }
+    snakemake(tmp_path, write_config(tmp_path, study), "--cores", "2")
+    table = pd.read_csv(tmp_path / "results" / "demo" / "perplexity" / "summary.csv", keep_default_na=False)
+    rows = {row.method: row for row in table.itertuples()}
+    assert (rows["streaming_llm"].swept, str(rows["streaming_llm"].value)) == ("sliding_window", "64")
+    assert (rows["h2o_w64"].swept, str(rows["h2o_w64"].value)) == ("threshold", "0.005")
+    # A window of 64 and 4 sinks keep 68 positions of each document (of up to 512 tokens).
+    assert 0 < rows["streaming_llm"].kv_density < 0.6 and rows["streaming_llm"].kv_density_compressible == 0
+    assert "`streaming_llm`: its configurations do not spread along kv_density_compressible" in (
+        tmp_path / "results" / "demo" / "perplexity" / "comparison.md"
+    ).read_text()
+
+    wider = copy.deepcopy(study)
+    wider["methods"]["streaming_llm"]["sliding_windows"] = [64.0, 128]
+    jobs = planned_jobs(tmp_path, write_config(tmp_path, wider, "wider.yaml"))
+    assert [(w["method"], w["value"]) for rule, w in jobs if rule == "evaluate"] == [("streaming_llm", "128")]
+    shell = snakemake(tmp_path, write_config(tmp_path, wider, "wider.yaml"), "-n", "--printshellcmds").stdout
+    assert "--method=streaming_llm --sliding-window=128 --sinks=4" in shell
+    respelled = copy.deepcopy(study)
+    respelled["methods"]["streaming_llm"]["sliding_windows"] = [64.0]
+    respelled["methods"]["h2o_w64"]["thresholds"] = ["5.0e-3"]
+    assert planned_jobs(tmp_path, write_config(tmp_path, respelled, "respelled.yaml")) == []
+    # A typed entry passes its method after the entry's name; an edit of its window reruns it alone.
+    h2o_wider = copy.deepcopy(study)
+    h2o_wider["methods"]["h2o_w64"]["local_window"] = 96
+    shell = snakemake(tmp_path, write_config(tmp_path, h2o_wider, "h2o.yaml"), "-n", "--printshellcmds").stdout
+    assert "--method=h2o_w64 --method=h2o --threshold=0.005 --local-window=96 --sinks=0" in shell
+    jobs = planned_jobs(tmp_path, write_config(tmp_path, h2o_wider, "h2o.yaml"))
+    assert {w["method"] for rule, w in jobs if rule in ("evaluate", "eviction_map")} == {"h2o_w64"}
