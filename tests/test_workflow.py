@@ -416,9 +416,10 @@ def test_windows_and_typed_entries_rerun_only_what_changed(demo_run, tmp_path):
     assert (rows["h2o_w64"].swept, str(rows["h2o_w64"].value)) == ("threshold", "0.005")
     # A window of 64 and 4 sinks keep 68 positions of each document (of up to 512 tokens).
     assert 0 < rows["streaming_llm"].kv_density < 0.6 and rows["streaming_llm"].kv_density_compressible == 0
-    assert "`streaming_llm`: its configurations do not spread along kv_density_compressible" in (
-        tmp_path / "results" / "demo" / "perplexity" / "comparison.md"
-    ).read_text()
+    assert (
+        "`streaming_llm`: its configurations do not spread along kv_density_compressible"
+        in (tmp_path / "results" / "demo" / "perplexity" / "comparison.md").read_text()
+    )
 
     wider = copy.deepcopy(study)
     wider["methods"]["streaming_llm"]["sliding_windows"] = [64.0, 128]
