@@ -168,6 +168,8 @@ def test_methods_whose_points_do_not_spread_along_the_axis_are_left_out():
         [row("streaming_llm", "64", 0, 70), row("streaming_llm", "192", 0, 120)]
         + [row("h2o", "0.1", 30, 130), row("h2o", "0.2", 60, 160)]
         + [row("one_point_twice", "1", 50, 150), row("one_point_twice", "2", 50, 150)]
+        # Two thresholds that both evict nothing, and a third that does: a curve all the same.
+        + [row("kvzap", "-inf", 100, 200), row("kvzap", "-20", 100, 200), row("kvzap", "0", 40, 140)]
     )
     left_out = not_along_the_axis(rows, "kv_density_compressible")
     assert sorted(left_out) == ["one_point_twice", "streaming_llm"]

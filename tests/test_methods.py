@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from kvsweep import expected_attention_kernel
@@ -155,12 +156,16 @@ def test_density_falls_as_threshold_rises(model, method):
 
 
 def test_observed_attention_is_h2o_with_the_dms_window(model):
+    """At its defaults, observed_attention is H2O with a 128-token window (not H2O's 512)."""
     observed, h2o = get_method("observed_attention"), get_method("h2o")
     assert observed.defaults == {**h2o.defaults, "local_window": 128}
-    press_a, _ = press_of("observed_attention", 0.06, {"local_window": WINDOW})
-    press_b, _ = press_of("h2o", 0.06, {"local_window": WINDOW})
-    a, b = stream_nll(model, DOCUMENTS, 5, press_a), stream_nll(model, DOCUMENTS, 5, press_b)
-    assert a == b
+    documents = random_documents([300, 220], seed=6)
+    at_default, _ = press_of("observed_attention", 0.01, {})
+    h2o_128, _ = press_of("h2o", 0.01, {"local_window": 128})
+    h2o_512, _ = press_of("h2o", 0.01, {})
+    default, same = stream_nll(model, documents, 16, at_default), stream_nll(model, documents, 16, h2o_128)
+    assert default == same and default[0]["kv_kept"] < default[0]["kv_total"]
+    assert stream_nll(model, documents, 16, h2o_512)[0]["kv_kept"] == default[0]["kv_total"]  # 512 > 300
 
 
 def test_adding_a_method_as_the_readme_says(tmp_path, model_dir):
@@ -225,3 +230,30 @@ def test_expected_attention_logits_either_way_match_reference(model, monkeypatch
         assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
         assert {k: result[k] for k in counts} == counts
     assert bool(calls) == (logits == "triton")
+
+
+def test_expected_attention_statistics_keep_a_small_spread_around_a_large_mean(monkeypatch):
+    """Queries with a large mean and a small spread, streamed one per pass: the running covariance
+    is the float64 one. (The raw sums of q and q q' in float32 lose it: checked below on the same
+    queries, so the input is one that tells the two apart.)"""
+    from kvsweep.presses import expected_attention_scorer as module
+
+    rng = np.random.default_rng(0)
+    queries = (30 + 0.3 * rng.standard_normal((4096, 4))).astype(np.float32)
+    monkeypatch.setattr(module, "get_prerope_query_states", lambda attention, hidden: hidden[:, None])
+    scorer = module.ExpectedAttentionScorer()
+    layout = type("Layout", (), {"position": torch.zeros(1, 1)})()
+    attention = type("Attention", (), {"config": type("Config", (), {"num_attention_heads": 1})(), "head_dim": 4})()
+    stats = scorer.allocate(attention, layout)
+    for q in torch.from_numpy(queries):
+        scorer.observe(attention, q[None, None, :], stats, torch.ones(1, 1))
+    expected = np.cov(queries.astype(np.float64), rowvar=False, bias=True)
+    covariance = (stats["spread"] / stats["count"]).double().numpy()[0, 0]
+    assert np.abs(covariance - expected).max() / np.abs(expected).max() < 1e-3
+    assert np.allclose(stats["mean"].double().numpy()[0, 0], queries.astype(np.float64).mean(0), rtol=1e-5)
+    raw_sum, raw_outer = torch.zeros(4), torch.zeros(4, 4)
+    for q in torch.from_numpy(queries):
+        raw_sum += q
+        raw_outer += q[:, None] * q[None, :]
+    raw = (raw_outer / 4096 - (raw_sum / 4096)[:, None] * (raw_sum / 4096)[None, :]).double().numpy()
+    assert np.abs(raw - expected).max() / np.abs(expected).max() > 1e-2

@@ -62,9 +62,9 @@ def greedy_reference(model, prompt, max_new_tokens):
 
 def press_for(method, threshold, surrogate_dir, window=4):
     spec = get_method(method)
-    given = (
-        {"local_window": window} if method == "h2o" else {"sliding_window": window, "kvzap_surrogate": surrogate_dir}
-    )
+    given = {"local_window": window} if "local_window" in spec.defaults else {"sliding_window": window}
+    if "kvzap_surrogate" in spec.defaults:
+        given["kvzap_surrogate"] = surrogate_dir
     return spec.build(threshold, spec.resolve(threshold, given))
 
 
@@ -76,7 +76,7 @@ def test_baseline_generation_equals_plain_greedy_decoding(model, chunk, key_buck
         assert result["kv_kept"] == result["kv_total"] == 2 * 2 * (len(prompt) + 10 - 1)
 
 
-@pytest.mark.parametrize("method", ["kvzap", "kvzap_no_sink", "h2o"])
+@pytest.mark.parametrize("method", ["kvzap", "kvzap_no_sink", "h2o", "random", "expected_attention", "knorm"])
 def test_threshold_minus_inf_generates_the_baseline_tokens(model, surrogate_dir, method):
     prompts = random_documents([33, 20, 26], seed=6)
     baseline = stream_generate(model, prompts, 8, 12)
@@ -84,7 +84,12 @@ def test_threshold_minus_inf_generates_the_baseline_tokens(model, surrogate_dir,
     assert [r["generated_ids"] for r in result] == [b["generated_ids"] for b in baseline]
 
 
-@pytest.mark.parametrize("method,threshold", [("kvzap", 0.0), ("h2o", 0.06), (None, None)])
+# Random eviction names a document by its prompt and positions its generated tokens as alone;
+# Expected Attention's statistics and RoPE average follow each document's own length.
+@pytest.mark.parametrize(
+    "method,threshold",
+    [("kvzap", 0.0), ("h2o", 0.06), ("random", 0.5), ("expected_attention", 0.1), ("knorm", -3.0), (None, None)],
+)
 def test_batch_of_three_generates_what_batch_one_does(model, surrogate_dir, method, threshold):
     prompts = random_documents([41, 19, 30], seed=7)
 

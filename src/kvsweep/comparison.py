@@ -2,7 +2,7 @@
 methods at common densities, with a paired bootstrap interval over documents, and each method's
 area under its quality-loss curve.
 
-    python -m kvsweep.comparison --task perplexity --inputs results/RUN/TASK/METHOD/THRESHOLD/shardNNN.jsonl ...
+    python -m kvsweep.comparison --task perplexity --inputs results/RUN/TASK/METHOD/VALUE/shardNNN.jsonl ...
         [--calibrations results/RUN/calibration/METHOD/TARGET.json ...] [--density kv_density_compressible]
         [--grid 0.1 0.2 ...] [--length-buckets 4096 8192] --output-csv comparison.csv
         --output-auc-csv comparison_auc.csv --output-md comparison.md [--n-resamples 2000 --confidence 0.95 --seed 0]
@@ -200,8 +200,8 @@ def compare_methods(
 
 
 def not_along_the_axis(rows: pd.DataFrame, density: str) -> dict[str, str]:
-    """Methods whose configurations do not spread along the density axis, with the reason: no
-    curve through them can be compared. StreamingLLM on the compressible density is one: every
+    """Methods whose configurations do not spread along the density axis (all at 0, or several
+    all at one density), with the reason: no curve through them can be compared. StreamingLLM on the compressible density is one: every
     position outside its sinks and window goes, so its compressible density is 0 at any window
     (`kv_density`, the whole cache, is the axis on which it compares)."""
     suffix = density.removeprefix("kv_density")
@@ -209,7 +209,7 @@ def not_along_the_axis(rows: pd.DataFrame, density: str) -> dict[str, str]:
     for method, group in rows.groupby("method"):
         sums = group.groupby("value")[[f"kv_kept{suffix}", f"kv_total{suffix}"]].sum()
         values = (sums.iloc[:, 0] / sums.iloc[:, 1]).round(9)
-        if (values == 0).all() or values.duplicated().any():
+        if (values == 0).all() or (len(values) > 1 and values.nunique() == 1):
             shown = ", ".join(f"{v}: {d:g}" for v, d in values.items())
             left_out[method] = f"its configurations do not spread along {density} ({shown}); compare on kv_density"
     return left_out

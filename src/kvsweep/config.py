@@ -122,6 +122,12 @@ def _validate_method(name: str, block: dict) -> dict:
     block = {k: v for k, v in block.items() if k not in ("canonical_values", "canonical_targets")}
     kind = block.get("type", name)
     methods = all_methods()
+    if not isinstance(kind, str):
+        raise KvsweepError(f"{where}.type: {kind!r} is not a method name (known methods: {', '.join(methods)})")
+    if kind == "baseline" and name != "baseline":
+        raise KvsweepError(
+            f"{where}.type: only the entry named baseline is the uncompressed baseline (every difference is paired with it)"
+        )
     if kind not in methods:
         key = f"{where}.type" if "type" in block else where
         raise KvsweepError(

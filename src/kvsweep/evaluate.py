@@ -1,4 +1,5 @@
-"""Evaluation of one shard under one method and threshold: streaming perplexity or summarization.
+"""Evaluation of one shard under one method and its swept value (a threshold, or streaming_llm's
+window): streaming perplexity or summarization.
 
     python -m kvsweep.evaluate --model M --data SHARD.jsonl --method NAME [--threshold T]
         [method settings: --sliding-window W --sinks S ...; python -m kvsweep.methods lists them]
@@ -35,7 +36,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
     parser.add_argument("--data", required=True, help="shard: JSONL of {id, input_ids}")
     parser.add_argument("--method", required=True, help="a method of kvsweep.methods (python -m kvsweep.methods)")
-    parser.add_argument("--threshold", type=float, help="eviction threshold (not for baseline); -inf evicts nothing")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="eviction threshold (not for baseline or streaming_llm, whose sweep is --sliding-window); -inf evicts nothing",
+    )
     # One flag per method setting, from the methods' declarations; a method refuses settings it lacks.
     for setting in all_settings().values():
         parser.add_argument(setting.flag, type=setting.parse, help=f"{setting.help} (default: the method's)")

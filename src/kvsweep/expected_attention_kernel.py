@@ -69,7 +69,9 @@ if triton is not None:
         HAS_COVARIANCE: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         block, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // kv_heads, bh % kv_heads
+        # 64-bit offsets: a cache of more than 2**31 elements (long contexts, large batches) is indexed whole.
+        b, h = (bh // kv_heads).to(tl.int64), (bh % kv_heads).to(tl.int64)
+        block = block.to(tl.int64)
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
         inside = rows < n

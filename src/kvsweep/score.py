@@ -136,7 +136,7 @@ PROVENANCE_FIELDS = ["kvsweep", "torch", "transformers", "kvpress", "device", "d
 
 
 def provenance_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, threshold): what its documents were computed with, and how many each way."""
+    """Per (method, swept value): what its documents were computed with, and how many each way."""
     if "provenance" not in results:
         return pd.DataFrame(columns=["method", "value", *PROVENANCE_FIELDS, "n_docs"])
     fields = pd.DataFrame([p if isinstance(p, dict) else {} for p in results.provenance], index=results.index)

@@ -112,7 +112,7 @@ def configurations():
 
 
 def evaluation_outputs(task):
-    """The evaluations at explicit thresholds: known before any job runs."""
+    """The evaluations at explicit values (thresholds, windows): known before any job runs."""
     return [f"{RESULTS}/{task}/{m}/{v}/shard{s}.jsonl" for m, v in configurations() for s in SHARDS]
 
 
@@ -134,8 +134,8 @@ def calibrated_outputs(task):
 
 
 def scored_inputs():
-    """Evaluations at explicit thresholds (known at once), at calibrated thresholds (known once
-    the calibrations have run), and the calibrations themselves (which target each threshold met)."""
+    """Evaluations at explicit values (known at once), at calibrated thresholds (known once the
+    calibrations have run), and the calibrations themselves (which target each threshold met)."""
     return {
         "explicit": lambda wildcards: evaluation_outputs(wildcards.task),
         "calibrated": lambda wildcards: calibrated_outputs(wildcards.task),
@@ -268,9 +268,15 @@ def reported_config():
     for name, settings in config["methods"].items():
         sweep_key = method_of(config, name).sweep_key
         settings = {k: v for k, v in settings.items() if k not in (sweep_key, "target_densities")}
-        for key, canonical in ((sweep_key, "canonical_values"), ("target_densities", "canonical_targets")):
+        # Windows are whole numbers; thresholds and targets are numbers (-inf included).
+        runs = method_of(config, name)
+        as_number = runs.setting(runs.sweep).kind if runs.sweep_key and not runs.takes_threshold else float
+        for key, canonical, kind in (
+            (sweep_key, "canonical_values", as_number),
+            ("target_densities", "canonical_targets", float),
+        ):
             values = settings.pop(canonical, [])
             if values:
-                settings[key] = [float(value) for value in values]
+                settings[key] = [kind(value) for value in values]
         shown["methods"][name] = settings
     return shown

@@ -33,6 +33,7 @@ class Setting:
     help: str
     kind: type = int
     minimum: float | None = 0
+    maximum: float | None = None
     choices: tuple = ()
     # Given under `model:` in the config (the KVzap surrogate belongs to the model, not the method).
     model_level: bool = False
@@ -49,6 +50,8 @@ class Setting:
         schema = {"type": [kinds[self.kind], "null"] if self.default is None else kinds[self.kind]}
         if self.minimum is not None and self.kind in (int, float):
             schema["minimum"] = self.minimum
+        if self.maximum is not None and self.kind in (int, float):
+            schema["maximum"] = self.maximum
         return {**schema, "description": self.help}
 
     def check(self, owner: str, value) -> Any:
@@ -72,6 +75,8 @@ class Setting:
             raise KvsweepError(f"{owner}: {self.name} must be {what}, got {value!r}")
         if self.minimum is not None and self.kind in (int, float) and value < self.minimum:
             raise KvsweepError(f"{owner}: {self.name} must be >= {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and self.kind in (int, float) and value > self.maximum:
+            raise KvsweepError(f"{owner}: {self.name} must be <= {self.maximum:g}, got {value!r}")
         return value
 
     def canonical(self, owner: str, value) -> str:

@@ -26,7 +26,7 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
     Where the statistics come from (kvpress computes them from the queries of one prefill, which a
     stream does not have): the queries of every position the document has streamed so far, except
     the first `n_sink` (set to the method's sinks; kvpress too leaves out the first queries, whose
-    outliers would dominate), accumulated pass by pass as running sums of q and q q' per query
+    outliers would dominate), merged pass by pass into a running mean and covariance per query
     head. They are therefore defined at any chunk size, chunk 1 included (one query per pass). A
     key is scored when it is decided, after the pass in which it leaves the window, with the
     statistics and the visible keys of that moment. Before any query has been counted the
@@ -39,22 +39,34 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
     _rotation: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def allocate(self, module: nn.Module, layout) -> dict[str, torch.Tensor]:
-        """Running sums of the layer's pre-RoPE queries, per document and query head."""
+        """Running statistics of the layer's pre-RoPE queries, per document and query head: count,
+        mean, and the sum of squared deviations from the mean (the covariance times the count)."""
         heads, dim = module.config.num_attention_heads, module.head_dim
         batch, device = layout.position.shape[0], layout.position.device
         return {
             "count": torch.zeros(batch, device=device),
-            "sum": torch.zeros(batch, heads, dim, device=device),
-            "outer": torch.zeros(batch, heads, dim, dim, device=device) if self.use_covariance else None,
+            "mean": torch.zeros(batch, heads, dim, device=device),
+            "spread": torch.zeros(batch, heads, dim, dim, device=device) if self.use_covariance else None,
         }
 
     def observe(self, module: nn.Module, hidden_states: torch.Tensor, stats: dict, counted: torch.Tensor) -> None:
-        """Add the pass's queries to the sums; `counted` (batch, q) is 1 for a query that counts."""
-        queries = get_prerope_query_states(module, hidden_states).float() * counted[:, None, :, None]
-        stats["count"] += counted.sum(1)
-        stats["sum"] += queries.sum(2)
-        if stats["outer"] is not None:
-            stats["outer"] += queries.transpose(2, 3) @ queries
+        """Merge the pass's queries into the statistics; `counted` (batch, q) is 1 for a query that
+        counts. Centred per pass and merged (Chan et al.'s pairwise update), so a query dimension
+        with a large mean and a small spread keeps its variance in float32 at any chunk size (the
+        raw sums of q and q q' would cancel)."""
+        queries = get_prerope_query_states(module, hidden_states).float()
+        weight = counted[:, None, :, None]
+        before, added = stats["count"], counted.sum(1)
+        total = before + added
+        pass_mean = (queries * weight).sum(2) / added.clamp(min=1)[:, None, None]
+        shift = pass_mean - stats["mean"]  # (batch, heads, d)
+        share = (added / total.clamp(min=1))[:, None, None]
+        if stats["spread"] is not None:
+            centred = (queries - pass_mean[:, :, None, :]) * weight
+            merged = (before * share[:, 0, 0])[:, None, None, None] * shift[..., :, None] * shift[..., None, :]
+            stats["spread"] += centred.transpose(2, 3) @ centred + merged
+        stats["mean"] += shift * share
+        stats["count"].copy_(total)
 
     def average_rope(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, d, d): RoPE's rotation averaged over positions [tokens, tokens + n_future)."""
@@ -78,19 +90,22 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         """`keys`, `values`: the cache over slots [0, hi); returns the scores of slots [lo, hi)
         (`kwargs["slot_range"]`). `kwargs["visible"]` (batch, KV heads, hi) marks the keys the
-        softmax runs over; `kwargs["scorer_state"]` holds the running query sums;
+        softmax runs over; `kwargs["scorer_state"]` holds the running query statistics;
         `kwargs["tokens"]` each document's tokens so far."""
         stats, visible, (lo, hi) = kwargs["scorer_state"], kwargs["visible"], kwargs["slot_range"]
         batch, kv_heads, n, d = keys.shape
-        group = stats["sum"].shape[1] // kv_heads
+        group = stats["mean"].shape[1] // kv_heads
         count = stats["count"].clamp(min=1)[:, None, None]
-        mean = stats["sum"] / count  # (batch, heads, d)
         rotation = self.rotation(module, kwargs["tokens"])[:, None]  # (batch, 1, d, d)
-        mean = (rotation @ mean[..., None]).squeeze(-1) / math.sqrt(d)  # (batch, heads, d)
+        mean = (rotation @ stats["mean"][..., None]).squeeze(-1) / math.sqrt(d)  # (batch, heads, d)
         covariance = None
-        if stats["outer"] is not None:
-            covariance = stats["outer"] / count[..., None] - mean_outer(stats["sum"] / count)
-            covariance = rotation @ covariance @ rotation.transpose(-1, -2) / (2 * d)  # (batch, heads, d, d)
+        if stats["spread"] is not None:
+            # Rotated in the keys' precision, the precision the logits multiply it in (float32
+            # d x d products per head and pass cost a 16-bit model more than the rest of the score).
+            work = keys.dtype if keys.dtype in (torch.bfloat16, torch.float16) else torch.float32
+            turn = rotation.to(work)
+            covariance = (turn @ (stats["spread"] / count[..., None]).to(work) @ turn.transpose(-1, -2)).float()
+            covariance = covariance / (2 * d)  # (batch, heads, d, d)
         if expected_attention_kernel.available(keys):
             logits = expected_attention_kernel.expected_logits(
                 keys,
@@ -127,7 +142,3 @@ def expected_logits_torch(keys: torch.Tensor, mean: torch.Tensor, covariance: to
         spread = (flat @ per_group(covariance)).view(batch * kv_heads, n, group, d)
         logits = logits + (spread @ flat[..., None]).squeeze(-1)
     return logits.float().view(batch, kv_heads, n, group)
-
-
-def mean_outer(mean: torch.Tensor) -> torch.Tensor:
-    return mean[..., :, None] * mean[..., None, :]

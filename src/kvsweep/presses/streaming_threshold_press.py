@@ -24,7 +24,9 @@ class StreamingThresholdPress(DMSPress):
 
     The score comes from the wrapped kvpress `ScorerPress` (`press`): either once, when the token
     enters the cache (`scores_on_entry`, e.g. KVzap: the surrogate applied to the layer's input
-    hidden state), or at decision time from the attention accumulated so far (H2O).
+    hidden state; random, key norm, StreamingLLM), or at decision time: from the attention
+    accumulated so far (`accumulates_attention`, H2O), or from the cache as it is then, over every
+    visible key (Expected Attention, whose scorer also `observes_queries` on every pass).
 
     Extends kvpress's `DMSPress` (Dynamic Memory Sparsification, https://arxiv.org/abs/2506.05345):
     same fields and scorers, but eviction is a real mask rather than fake keys (which fail beyond a

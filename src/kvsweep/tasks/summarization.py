@@ -113,9 +113,11 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
 
 
 def document_losses(rows, base):
-    """The baseline's ROUGE-L minus this configuration's, each document weighing the same."""
-    rows, base = add_rouge(rows), add_rouge(base.reset_index())
-    return base.rougeL.to_numpy() - rows.rougeL.to_numpy(), [1.0] * len(rows)
+    """The baseline's ROUGE-L minus this configuration's, each document weighing the same (the
+    baseline's summary of each document is scored once, however many configurations pair with it)."""
+    base = base.reset_index()
+    once = add_rouge(base.drop_duplicates("id")).set_index("id").rougeL
+    return once.loc[base.id].to_numpy() - add_rouge(rows).rougeL.to_numpy(), [1.0] * len(rows)
 
 
 SUMMARIZATION = Task(
