@@ -50,6 +50,35 @@ def worst_rel_diff(a, b) -> float:
     return max(abs(x["nll_sum"] - y["nll_sum"]) / abs(y["nll_sum"]) for x, y in zip(a, b, strict=True))
 
 
+def expected_attention_kernel_check() -> dict:
+    """On the card, bf16 keys: the Triton kernel's logits and the torch path's against float64."""
+    from kvsweep import expected_attention_kernel
+    from kvsweep.presses.expected_attention_scorer import expected_logits_torch
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    batch, kv_heads, group, n, d = 2, 8, 4, 3000, 128
+    keys = torch.randn(batch, kv_heads, n, d, generator=g, device="cuda").to(torch.bfloat16)
+    mean = torch.randn(batch, kv_heads * group, d, generator=g, device="cuda") / d**0.5
+    spread = torch.randn(batch, kv_heads * group, d, d, generator=g, device="cuda") / d
+    covariance = spread @ spread.transpose(-1, -2) / (2 * d)
+    exact = keys.double()[:, :, None] @ mean.double().view(batch, kv_heads, group, d, 1)
+    quad = (keys.double()[:, :, None] @ covariance.double().view(batch, kv_heads, group, d, d)) * keys.double()[
+        :, :, None
+    ]
+    exact = (exact.squeeze(-1) + quad.sum(-1)).permute(0, 1, 3, 2)  # (batch, kv_heads, n, group)
+    kernel = expected_attention_kernel.expected_logits(
+        keys, mean.view(batch, kv_heads, group, d), covariance.view(batch, kv_heads, group, d, d)
+    )
+    torch_path = expected_logits_torch(keys, mean, covariance)
+    scale = exact.abs().max().item()
+    return {
+        "expected_attention_kernel_vs_float64_max_abs_logit_diff_over_max_bf16": (kernel - exact).abs().max().item()
+        / scale,
+        "expected_attention_torch_vs_float64_max_abs_logit_diff_over_max_bf16": (torch_path - exact).abs().max().item()
+        / scale,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama-3.1-8b")
@@ -90,6 +119,7 @@ def main():
         checks[f"{method}_chunk1_graphs_vs_eager_same_kv_kept"] = [r["kv_kept"] for r in graphs] == [
             r["kv_kept"] for r in eager
         ]
+    checks.update(expected_attention_kernel_check())
     report["checks"] = checks
     print(json.dumps({k: report[k] for k in ("card", "floors", "thresholds", "checks")}), flush=True)
     save()
