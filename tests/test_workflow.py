@@ -249,6 +249,10 @@ def test_cuda_graphs_off_reaches_every_job_that_runs_the_model(tmp_path):
     assert default.count("--cuda-graphs=auto") == 93 and "--cuda-graphs=off" not in default
     assert off.count("--cuda-graphs=off") == 93 and "--cuda-graphs=auto" not in off
     assert default.count("--batch-size=8") == 90
+    # An entry named after its method passes exactly what earlier versions passed (its params and
+    # shell are unchanged), so upgrading kvsweep reruns none of a study's evaluations.
+    assert "--method=h2o --threshold=0.0005 --local-window=512 --sinks=0 --output=" in default
+    assert "--method=kvzap --threshold=-5 --sliding-window=128 --sinks=4 --kvzap-surrogate=" in default
 
 
 def test_invalid_config_stops_before_any_job_with_one_message(tmp_path):
