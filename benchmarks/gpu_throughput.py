@@ -104,6 +104,19 @@ def kvsweep_press(method, surrogate, threshold, window=None):
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=window or 128)
 
 
+def new_report(arch: str) -> dict:
+    """What every throughput report starts with: the card, the date, torch, the architecture and
+    the floors measured now."""
+    return {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "arch": arch,
+        "floors": measure_floors(),
+        "runs": [],
+    }
+
+
 def timed(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -125,14 +138,7 @@ def main():
     began = time.time()
     batches = [int(b) for b in args.batches.split(",")]
 
-    report = {
-        "card": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "arch": args.arch,
-        "floors": measure_floors(),
-        "runs": [],
-    }
+    report = new_report(args.arch)
     model, surrogate = build_model(args.arch)
     report["params_B"] = sum(p.numel() for p in model.parameters()) / 1e9
     vocab = model.config.vocab_size

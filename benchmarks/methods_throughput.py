@@ -12,7 +12,6 @@ NLL, same kept counts). Results are written after every measurement.
 """
 
 import argparse
-import datetime
 import json
 import math
 import time
@@ -24,7 +23,7 @@ import torch
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
-from gpu_throughput import build_model, floor_tokens_per_s, measure_floors, timed
+from gpu_throughput import build_model, floor_tokens_per_s, new_report, timed
 
 METHODS = ("streaming_llm", "random", "knorm", "expected_attention", "observed_attention")
 
@@ -87,14 +86,7 @@ def main():
     parser.add_argument("--budget-s", type=float, default=500)
     args = parser.parse_args()
     began = time.time()
-    report = {
-        "card": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "arch": args.arch,
-        "floors": measure_floors(),
-        "runs": [],
-    }
+    report = new_report(args.arch)
     model, _ = build_model(args.arch)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)

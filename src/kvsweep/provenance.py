@@ -5,6 +5,7 @@ holds these identities, not only names: a model folder retrained in place, or a 
 cached snapshot moved to a new revision, is another model.
 """
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -62,9 +63,11 @@ def weights_identity(name: str | None) -> str | None:
         return f"hub:{name}"
 
 
+@functools.cache
 def source_revision() -> str:
     """The kvsweep commit the job runs (with "+changes" if the checkout has uncommitted edits), or
-    the installed version outside a git checkout."""
+    the installed version outside a git checkout. Asked of git once per process: an evaluation
+    job reads it for its checkpoint's fingerprint and for every result's provenance."""
     import subprocess
 
     from kvsweep import __version__

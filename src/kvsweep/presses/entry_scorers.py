@@ -48,5 +48,7 @@ class RandomScorer(ScorerPress):
 
     def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         table = kwargs["scorer_state"]  # (batch, kv_heads, capacity): by position
-        positions = kwargs["positions"].clamp(min=0)[:, None, :].expand(-1, table.shape[1], -1)
+        layout = kwargs["layout"]
+        positions = layout.position.index_select(1, layout.query_slots).clamp(min=0)
+        positions = positions[:, None, :].expand(-1, table.shape[1], -1)
         return table.gather(2, positions)

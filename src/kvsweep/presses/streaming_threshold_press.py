@@ -110,8 +110,8 @@ class StreamingThresholdPress(DMSPress):
 
         keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
         if self.scores_on_entry:
-            # Scorers that need them (random eviction) read the positions and their own state here.
-            where = {**kwargs, "positions": layout.position.index_select(1, slots), "scorer_state": state.scorer_state}
+            # A scorer that needs them (random eviction) reads the slots' positions from the layout.
+            where = {**kwargs, "layout": layout, "scorer_state": state.scorer_state}
             new_scores = self.press.score(
                 module, hidden_states, keys.index_select(2, slots), values.index_select(2, slots), None, where
             )
