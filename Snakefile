@@ -35,6 +35,7 @@ localrules:
     all,
     demo_assets,
     prepare,
+    document_list,
     prepare_calibration,
     score,
     comparison,

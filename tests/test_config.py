@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvsweep.config import method_settings, validate_config
+from kvsweep.config import documents_per_shard, method_settings, validate_config
 from kvsweep.errors import KvsweepError
 from kvsweep.thresholds import canonical_threshold
 
@@ -61,6 +61,23 @@ def test_shipped_configs_are_valid_and_get_defaults():
         and minimal["resources"]["runtime"] == 240
         and minimal["cuda_graphs"] is True
     )
+
+
+@pytest.mark.parametrize(
+    "dataset,documents",
+    [
+        ({}, 128),  # the shipped budget: 1,048,576 tokens of documents of up to 8,192
+        ({"max_length": 4096}, 256),
+        ({"shard_tokens": 100_000}, 12),
+        ({"shard_tokens": 100}, 1),  # at least one document
+        ({"shard_tokens": 100, "shard_size": 7}, 7),  # an explicit count wins
+    ],
+)
+def test_documents_per_shard_follow_the_token_budget(dataset, documents):
+    config = shipped()
+    config["dataset"].pop("shard_tokens", None)
+    config["dataset"].update(dataset)
+    assert documents_per_shard(validate_config(config)) == documents
 
 
 def test_the_commented_reference_methods_of_the_shipped_study_are_valid():
@@ -178,6 +195,10 @@ BAD = [
     ("methods.h2o.thresholds", [1e400], "methods.h2o.thresholds[0]: threshold inf is +infinity (a number too large for a float"),
     ("methods.h2o.thresholds", ["1e400"], "methods.h2o.thresholds[0]: threshold '1e400' is +infinity"),
     ("methods.h2o.thresholds", ["inf"], "methods.h2o.thresholds[0]: threshold 'inf' is +infinity"),
+    ("dataset.shard_tokens", 0, "dataset.shard_tokens: 0 is less than the minimum of 1"),
+    ("calibration.skip_documents", 99, "calibration.skip_documents (99) is below dataset.max_documents (100): the calibration documents would be evaluated documents too"),
+    ("dataset.shard_size", 0, "dataset.shard_size: 0 is less than the minimum of 1"),
+    ("dataset.shard_size", "all", "dataset.shard_size: 'all' is not of type 'integer', 'null'"),
     ("gpus", 1, "top level: Additional properties are not allowed ('gpus' was unexpected) (allowed keys: batch_size,"),
 ]  # fmt: skip
 

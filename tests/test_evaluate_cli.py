@@ -63,6 +63,54 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     assert not (tmp_path / "out.jsonl.partial").exists()
 
 
+def test_stage_record_adds_up_to_the_wall_time(model_dir, surrogate_dir, tmp_path):
+    """A job (its own process, as in the workflow) leaves <output>.stages.json: the stages add up
+    to its wall time, which matches the time measured around the process within a few percent,
+    and each stage holds what it names (the imports are most of a tiny model's job)."""
+    write_shard(tmp_path / "shard.jsonl", [50, 80, 12, 30, 40])
+    out = tmp_path / "run" / "shard000.jsonl"
+    extra = ["--method", "kvzap", "--threshold", "0", "--sliding-window", "6", "--kvzap-surrogate", surrogate_dir]
+    command = [sys.executable, "-m", "kvsweep.evaluate", *cli_args(model_dir, tmp_path / "shard.jsonl", out, *extra)]
+    start = time.time()
+    subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    outside = time.time() - start
+    record = json.loads((tmp_path / "run" / "shard000.stages.json").read_text())
+    stages = record["stages_s"]
+    assert list(stages) == ["startup", "imports", "model_load", "surrogate_load", "graph_capture", "model_work",
+                            "writing", "other"]  # fmt: skip
+    assert sum(stages.values()) == pytest.approx(record["wall_s"], rel=1e-9)
+    assert record["wall_s"] == pytest.approx(outside, rel=0.05)  # only the exec and the exit are left out
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert stages["imports"] > stages["model_load"] > 0 and stages["startup"] > 0 and stages["model_work"] > 0
+    assert stages["other"] < 0.05 * record["wall_s"]  # the named stages cover the job
+    assert (record["documents"], record["tokens"], record["gpus"]) == (5, 50 + 64 + 12 + 30 + 40, 0)
+    assert record["model_work_share"] == pytest.approx(stages["model_work"] / record["wall_s"])
+
+
+def test_stage_clock_bills_nested_stages_once(monkeypatch):
+    """An inner stage's time (a graph capture inside the model's work) is taken out of the outer
+    one; what no stage claims is `other`, and the stages add up to the wall time."""
+    from kvsweep import stages
+
+    now = [100.0]
+    monkeypatch.setattr(stages.time, "time", lambda: now[0])
+    clock = stages.StageClock(start=99.0)  # one second of start-up
+    with clock.stage("model_work"):
+        now[0] += 2
+        with clock.stage("graph_capture"):
+            now[0] += 3
+        now[0] += 4
+    now[0] += 0.5  # unclaimed
+    record = clock.record()
+    assert {k: v for k, v in record["stages_s"].items() if v} == {
+        "startup": 1.0, "graph_capture": 3.0, "model_work": 6.0, "other": 0.5
+    }  # fmt: skip
+    assert record["wall_s"] == 10.5 and record["model_work_share"] == 6.0 / 10.5
+    with pytest.raises(ValueError, match="unknown stage 'loading'"):
+        with clock.stage("loading"):
+            pass
+
+
 BAD_INPUTS = [
     (["--method", "snapkv", "--threshold", "1"], "unknown method 'snapkv'; known methods: baseline, kvzap"),
     (["--method", "h2o", "--threshold", "nan"], "threshold NaN is not allowed"),

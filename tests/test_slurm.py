@@ -43,7 +43,7 @@ def test_profile_plans_gpu_jobs_for_the_real_study(tmp_path):
     """`snakemake -n --profile slurm` on config.yaml: evaluation jobs carry the GPU, memory and time."""
     jobs = planned_jobs(tmp_path, ROOT / "config.yaml", "--profile", "slurm", resources=True)
     evaluations = [res for rule, _, res in jobs if rule == "evaluate"]
-    assert len(evaluations) == 60
+    assert len(evaluations) == 6  # one shard of 100 documents x (baseline + 2 + 2 + 1)
     for res in evaluations:
         assert (res["gpu"], res["mem_mb"], res["runtime"], res["cpus_per_task"]) == ("1", "64000", "240", "4")
     prepare = next(res for rule, _, res in jobs if rule == "prepare")
@@ -65,12 +65,14 @@ def test_demo_through_slurm_matches_a_local_run(cluster, demo_run, tmp_path):
     result = snakemake(tmp_path, write_config(tmp_path, config), "--profile", "slurm", *TEST_CLUSTER, timeout=1500)
     print(f"SLURM demo wall time: {time.time() - start:.0f} s")
 
-    # Every evaluation job went through sbatch: one plugin log per SLURM job id, apart from the rules' logs.
+    # Every evaluation job went through sbatch, as one job array (the profile's slurm-array-jobs):
+    # one plugin log per array task (<array id>_<task id>.log), apart from the rules' logs.
     evaluation_logs = sorted((tmp_path / "logs" / "slurm" / "rule_evaluate").rglob("*.log"))
-    job_ids = {int(log.stem) for log in evaluation_logs}
-    assert len(job_ids) == 3, evaluation_logs  # 1 shard x (baseline + 2 methods x 1 threshold)
-    submitted = {int(j) for j in re.findall(r"submitted with SLURM jobid (\d+)", result.stdout + result.stderr)}
-    assert job_ids <= submitted and len(submitted) == 3 + 2  # and one eviction map per method
+    assert len(evaluation_logs) == 3, evaluation_logs  # 1 shard x (baseline + 2 methods x 1 threshold)
+    output = result.stdout + result.stderr
+    arrays = set(re.findall(r"Submitted array job with Snakemake IDs [\d,]+ and SLURM job ID (\d+)", output))
+    assert {log.stem.split("_")[0] for log in evaluation_logs} <= arrays
+    assert len(set(re.findall(r"submitted with SLURM jobid (\d+)", output))) == 2  # one eviction map per method
     assert all("Finished jobid" in log.read_text() for log in evaluation_logs)
 
     summary = "results/demo/perplexity/summary.csv"

@@ -340,3 +340,27 @@ def test_generation_stops_when_every_document_has_ended(model, monkeypatch):
     assert [r["n_generated"] for r in stopped] == [0, 0] and [r["generated_ids"] for r in stopped] == [[], []]
     # The cache holds the prompts only (the end-of-sequence token is not fed back).
     assert [r["kv_total"] for r in stopped] == [2 * 2 * 25, 2 * 2 * 31]
+
+
+def test_one_shard_alone_equals_that_shard_of_the_whole(word_tokenizer, tmp_path):
+    """`prepare --shard I` writes what the whole prepare writes as shard I, for both tasks, with the
+    short documents skipped before it counted; a shard past the documents is one clear message."""
+    word_tokenizer.save_pretrained(tmp_path / "tok")
+    source = tmp_path / "reports.jsonl"
+    reports = [" ".join(WORDS[: 3 + (i * 7) % 11]) for i in range(12)]
+    source.write_text("".join(json.dumps({"report": r, "summary": f"s{i}"}) + "\n" for i, r in enumerate(reports)))
+    common = ["--source", str(source), "--tokenizer", str(tmp_path / "tok"), "--max-length", "40",
+              "--min-length", "6", "--shard-size", "3", "--tasks", "perplexity", "summarization"]  # fmt: skip
+    prepare.main([*common, "--max-documents", "8", "--output-dir", str(tmp_path / "whole")])
+    for shard, end in ((0, 3), (1, 6), (2, 8)):
+        out = tmp_path / f"alone{shard}"
+        prepare.main([*common, "--max-documents", str(end), "--shard", str(shard), "--output-dir", str(out)])
+        for task in ("perplexity", "summarization"):
+            alone = (out / task / f"shard{shard:03d}.jsonl").read_text()
+            assert alone == (tmp_path / "whole" / task / f"shard{shard:03d}.jsonl").read_text()
+            assert len(alone.splitlines()) == min(3, 8 - 3 * shard)
+            assert sorted(p.name for p in (out / task).iterdir()) == [f"shard{shard:03d}.documents.jsonl", f"shard{shard:03d}.jsonl"]  # fmt: skip
+    listed = [json.loads(x)["id"] for s in range(3) for x in (tmp_path / f"alone{s}/perplexity/shard{s:03d}.documents.jsonl").open()]  # fmt: skip
+    assert listed == [json.loads(x)["id"] for x in (tmp_path / "whole" / "perplexity" / "documents.jsonl").open()]
+    with pytest.raises(SystemExit):
+        prepare.main([*common, "--max-documents", "8", "--shard", "3", "--output-dir", str(tmp_path / "x")])

@@ -51,7 +51,7 @@ def test_demo_produces_tables_and_figures(demo_run):
     figures += [results / "figures" / f"eviction_map_{m}.{ext}" for m in ("h2o", "kvzap") for ext in ("png", "pdf")]
     for figure in figures:
         assert figure.stat().st_size > 5000, figure
-    assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare_perplexity.log").read_text()
+    assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare_perplexity_shard000.log").read_text()
 
 
 def test_demo_runs_the_summarization_task(demo_run):
@@ -198,10 +198,12 @@ def test_dry_run_of_the_shipped_study_needs_no_gpu_or_network(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     jobs = planned_jobs(tmp_path, ROOT / "config.yaml")
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
-    # Before calibration: 10 shards x (baseline + the explicit thresholds: 2 + 2 + 1), one figure per
-    # compressed method, and the calibrations of 3 methods x 9 target densities (with a probe each).
-    assert counts == {"evaluate": 60, "eviction_map": 3, "prepare": 1, "score": 1, "comparison": 1, "compare": 1,
-                      "prepare_calibration": 1, "calibration_probe": 3, "calibrate": 27, "study_config": 1}  # fmt: skip
+    # Before calibration: one shard (100 documents of up to 8,192 tokens within shard_tokens) x
+    # (baseline + the explicit thresholds: 2 + 2 + 1), one figure per compressed method, and the
+    # calibrations of 3 methods x 9 target densities (with a probe each).
+    assert counts == {"evaluate": 6, "eviction_map": 3, "prepare": 1, "document_list": 1, "score": 1, "comparison": 1,
+                      "compare": 1, "prepare_calibration": 1, "calibration_probe": 3, "calibrate": 27,
+                      "study_config": 1}  # fmt: skip
     thresholds = {w["value"] for rule, w in jobs if rule == "evaluate" and w["method"] == "h2o"}
     assert thresholds == {"0.0005"}
     result = snakemake(tmp_path, ROOT / "config.yaml", "--dry-run")
@@ -232,7 +234,7 @@ def test_planning_needs_no_gpu_stack(tmp_path, monkeypatch):
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True)
     assert probe.returncode != 0 and "not installed on this login node" in probe.stderr  # the blocker works
     study = planned_jobs(tmp_path, ROOT / "config.yaml")
-    assert len([rule for rule, _ in study if rule == "evaluate"]) == 60
+    assert len([rule for rule, _ in study if rule == "evaluate"]) == 6
     demo = planned_jobs(tmp_path, ROOT / "demo" / "config.yaml")
     assert any(rule == "evaluate" for rule, _ in demo)
     config = subprocess.run([sys.executable, "-m", "kvsweep.config", str(ROOT / "config.yaml")], capture_output=True,
@@ -245,12 +247,12 @@ def test_cuda_graphs_off_reaches_every_job_that_runs_the_model(tmp_path):
     default = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", "--printshellcmds").stdout
     config["cuda_graphs"] = False
     off = snakemake(tmp_path, write_config(tmp_path, config, "off.yaml"), "--dry-run", "--printshellcmds").stdout
-    # 60 evaluations, 3 eviction maps, 3 calibration probes and 27 calibrations.
-    assert default.count("--cuda-graphs=auto") == 93 and "--cuda-graphs=off" not in default
-    assert off.count("--cuda-graphs=off") == 93 and "--cuda-graphs=auto" not in off
-    assert default.count("--batch-size=8") == 90
+    # 6 evaluations, 3 eviction maps, 3 calibration probes and 27 calibrations.
+    assert default.count("--cuda-graphs=auto") == 39 and "--cuda-graphs=off" not in default
+    assert off.count("--cuda-graphs=off") == 39 and "--cuda-graphs=auto" not in off
+    assert default.count("--batch-size=8") == 36
     # An entry named after its method passes exactly what earlier versions passed (its params and
-    # shell are unchanged), so upgrading kvsweep reruns none of a study's evaluations.
+    # shell are unchanged): a change of the method code alone reruns none of a study's evaluations.
     assert "--method=h2o --threshold=0.0005 --local-window=512 --sinks=0 --output=" in default
     assert "--method=kvzap --threshold=-5 --sliding-window=128 --sinks=4 --kvzap-surrogate=" in default
 
@@ -280,7 +282,9 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
         if job[0] != "study_config"
     ]
     assert {w.get("task") for _, w in jobs} == {"summarization"}
-    assert sorted(rule for rule, _ in jobs if rule != "evaluate") == ["compare", "comparison", "prepare", "score"]
+    assert sorted(rule for rule, _ in jobs if rule != "evaluate") == [
+        "compare", "comparison", "document_list", "prepare", "score"
+    ]  # fmt: skip
     assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 7
 
 
@@ -442,3 +446,41 @@ def test_windows_and_typed_entries_rerun_only_what_changed(demo_run, tmp_path):
     assert "--method=h2o_w64 --method=h2o --threshold=0.005 --local-window=96 --sinks=0" in shell
     jobs = planned_jobs(tmp_path, write_config(tmp_path, h2o_wider, "h2o.yaml"))
     assert {w["method"] for rule, w in jobs if rule in ("evaluate", "eviction_map")} == {"h2o_w64"}
+
+
+def test_adding_documents_plans_only_the_new_shards(demo_run, tmp_path):
+    """Shards are fixed runs of documents in source order, each prepared by its own job: growing
+    the study from 4 to 8 documents (shards of 4) prepares and evaluates the new shard only; the
+    first shard, its jobs and their results stay. Every evaluation leaves a stage record, and the
+    score step adds them up (job_costs.csv)."""
+    workdir, config = demo_run
+    shutil.copytree(workdir / "results" / "demo" / "demo_assets", tmp_path / "results" / "demo" / "demo_assets")
+    study = copy.deepcopy(config)
+    study["tasks"] = ["perplexity"]
+    study["methods"] = {"baseline": None, "h2o": {"thresholds": [0.005]}}
+    study["dataset"].update(max_documents=4, shard_size=4)
+    snakemake(tmp_path, write_config(tmp_path, study), "--cores", "2")
+    results = tmp_path / "results" / "demo"
+    first = results / "perplexity" / "h2o" / "0.005" / "shard000.jsonl"
+    before = first.read_text()
+    costs = pd.read_csv(results / "perplexity" / "job_costs.csv").set_index("stage")
+    records = sorted(results.glob("perplexity/*/*/shard*.stages.json"))
+    assert len(records) == 2  # baseline and h2o, one shard each
+    wall = sum(json.loads(path.read_text())["wall_s"] for path in records)
+    assert costs.seconds["wall"] == pytest.approx(wall)
+    assert costs.seconds.drop("wall").sum() == pytest.approx(wall)
+    assert costs.seconds["model_work"] > 0 and costs.seconds["imports"] > 0
+
+    grown = copy.deepcopy(study)
+    grown["dataset"]["max_documents"] = 8
+    jobs = planned_jobs(tmp_path, write_config(tmp_path, grown, "grown.yaml"))
+    assert sorted((rule, w.get("shard")) for rule, w in jobs if rule in ("prepare", "evaluate")) == [
+        ("evaluate", "001"), ("evaluate", "001"), ("prepare", "001")
+    ]  # fmt: skip
+    snakemake(tmp_path, write_config(tmp_path, grown, "grown.yaml"), "--cores", "2")
+    assert first.read_text() == before
+    listed = [json.loads(line)["id"] for line in (results / "data" / "perplexity" / "documents.jsonl").open()]
+    shards = [json.loads(line)["id"] for s in ("000", "001") for line in (results / "data" / "perplexity" / f"shard{s}.jsonl").open()]  # fmt: skip
+    assert listed == shards and len(set(listed)) == 8
+    table = pd.read_csv(results / "perplexity" / "summary.csv", keep_default_na=False)
+    assert set(table.n_docs) == {8}

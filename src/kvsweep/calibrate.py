@@ -281,4 +281,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from kvsweep.stages import exit_without_teardown
+
     main()
+    exit_without_teardown()

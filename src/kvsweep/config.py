@@ -85,7 +85,34 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
         raise KvsweepError(
             f"dataset.min_length ({dataset['min_length']}) exceeds dataset.max_length ({dataset['max_length']})"
         )
+    skip = config["calibration"]["skip_documents"]
+    if skip is not None and skip < dataset["max_documents"]:
+        raise KvsweepError(
+            f"calibration.skip_documents ({skip}) is below dataset.max_documents ({dataset['max_documents']}): "
+            "the calibration documents would be evaluated documents too"
+        )
     return config
+
+
+def calibration_offset(config: dict) -> int:
+    """Qualifying documents before the calibration documents: `calibration.skip_documents`, or by
+    default the study's own (the calibration documents follow them)."""
+    skip = config["calibration"]["skip_documents"]
+    return config["dataset"]["max_documents"] if skip is None else skip
+
+
+def documents_per_shard(config: dict) -> int:
+    """Documents per evaluation job: `dataset.shard_size` if set, else as many documents of
+    `max_length` tokens as fit in `dataset.shard_tokens` (at least one). Not rounded to the batch
+    size, which changes speed only and must rerun nothing: the default budget (128 documents of
+    8,192 tokens) fills batches of 8 and 16.
+
+    Shards are fixed-size runs of the documents in source order, so adding documents leaves every
+    full shard as it was: only the last (partial) shard and the new ones are evaluated."""
+    dataset = config["dataset"]
+    if dataset["shard_size"] is not None:
+        return dataset["shard_size"]
+    return max(dataset["shard_tokens"] // dataset["max_length"], 1)
 
 
 def method_block_schema(method: Method) -> dict:

@@ -13,7 +13,8 @@ input_ids); output lines hold id, generated (text), references, n_generated, n_p
 KV counts at the end of generation. Every line also holds `provenance`: the kvsweep commit, the
 torch / transformers / kvpress versions, the device and the dtype it was computed with. Finished
 documents are appended to OUT.jsonl.partial as they complete, so a killed or requeued job resumes
-where it stopped; OUT.jsonl appears (atomically) only at the end.
+where it stopped; OUT.jsonl appears (atomically) only at the end, with OUT.stages.json beside it:
+where the job's wall time went (`kvsweep.stages`), also printed at the end of the log.
 """
 
 import argparse
@@ -21,13 +22,15 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
+from kvsweep.io import ensure_parent, read_jsonl, write_json_atomic, write_jsonl_atomic
 from kvsweep.methods import all_settings, get_method
+from kvsweep.stages import StageClock, exit_without_teardown, stages_path
 from kvsweep.tasks import all_tasks, get_task, task_settings
 
 
@@ -175,24 +178,35 @@ def _load_checkpoint(path: Path, fingerprint: str, documents: list[dict], fields
     return done
 
 
-def run(args) -> None:
+def run(args, clock: StageClock | None = None) -> None:
+    clock = clock or StageClock()
     method, settings = resolve_method(args)
     for setting in task_settings().values():
         setattr(args, setting.name, setting.check(setting.flag, getattr(args, setting.name)))
     output = ensure_parent(args.output)
+    stage_record = stages_path(output)
+    stage_record.unlink(missing_ok=True)  # a record from an earlier attempt would describe another run
     documents = load_shard(args.data, args.max_length, args.task)
     if not documents:
         print(f"{args.data}: empty shard, nothing to evaluate", file=sys.stderr)
         write_jsonl_atomic(output, [])
+        record = clock.report(documents=0, tokens=0, batch_size=args.batch_size, gpus=gpu_count(args.device))
+        write_json_atomic(stage_record, record)
         return
 
-    # Heavy imports only once the input is known to be good.
-    from kvsweep.modeling import load_model, vocabulary_size
-    from kvsweep.provenance import environment
+    # Heavy imports only once the input is known to be good: torch, transformers, and kvpress (the
+    # engine's press, which every method, the baseline included, runs through).
+    with clock.stage("imports"):
+        import kvsweep.presses.streaming_threshold_press  # noqa: F401
+        from kvsweep.modeling import load_model, on_device, vocabulary_size
+        from kvsweep.provenance import environment
+    if args.device != "cpu":
+        clock.synchronize = on_device(args.device)
 
     # The model first: a hub model not yet in the local cache has its identity (for the fingerprint)
     # only once it has been downloaded.
-    model = load_model(args.model, args.dtype, args.device)
+    with clock.stage("model_load"):
+        model = load_model(args.model, args.dtype, args.device)
     check_vocabulary(documents, vocabulary_size(model), args.data)
     provenance = environment(model, args.dtype)
 
@@ -203,33 +217,55 @@ def run(args) -> None:
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
-    press = method.build(args.threshold, settings)
-    evaluate_batch = get_task(args.task).evaluator(args, model, press)
+    with clock.stage("surrogate_load"):  # the press, and what it loads (KVzap's surrogate)
+        press = method.build(args.threshold, settings)
+        if press is not None:
+            press.post_init_from_model(model)
+        evaluate_batch = get_task(args.task).evaluator(args, model, press, clock)
 
     # Start the checkpoint afresh from what is kept (a line cut short by a kill is dropped), so
     # that the lines appended below never follow a fragment.
-    write_jsonl_atomic(checkpoint, [{"fingerprint": fingerprint}, *done.values()])
+    with clock.stage("writing"):
+        write_jsonl_atomic(checkpoint, [{"fingerprint": fingerprint}, *done.values()])
     with (
         open(checkpoint, "a") as log,
         tqdm(total=sum(len(d["input_ids"]) for d in todo), unit="tok", file=sys.stderr) as bar,
     ):
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
-            for doc, result in zip(batch, evaluate_batch(batch), strict=True):
-                done[doc["id"]] = {"id": doc["id"], **result, "provenance": provenance}
-                log.write(json.dumps(done[doc["id"]]) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+            with clock.stage("model_work"):
+                results = evaluate_batch(batch)
+            with clock.stage("writing"):
+                for doc, result in zip(batch, results, strict=True):
+                    done[doc["id"]] = {"id": doc["id"], **result, "provenance": provenance}
+                    log.write(json.dumps(done[doc["id"]]) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
             bar.update(sum(len(d["input_ids"]) for d in batch))
 
-    write_jsonl_atomic(output, (done[d["id"]] for d in documents))
-    checkpoint.unlink()
+    with clock.stage("writing"):
+        write_jsonl_atomic(output, (done[d["id"]] for d in documents))
+        checkpoint.unlink()
+    record = clock.report(
+        documents=len(todo), tokens=sum(len(d["input_ids"]) for d in todo), batch_size=args.batch_size,
+        device=provenance["device"], gpus=gpu_count(args.device),
+    )  # fmt: skip
+    write_json_atomic(stage_record, record)
+
+
+def gpu_count(device: str) -> int:
+    """The GPUs this job computes on: one on a GPU (the model sits on one device), 0 on the CPU."""
+    return 0 if device == "cpu" else 1
 
 
 def main(argv=None):
+    # First thing: as a command the stages start at the process's start; called in-process (with
+    # arguments, as the tests do), at the call.
+    clock = StageClock(start=None if argv is None else time.time())
     with readable_errors("kvsweep.evaluate"):
-        run(parse_args(argv))
+        run(parse_args(argv), clock)
 
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

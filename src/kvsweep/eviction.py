@@ -88,6 +88,17 @@ class BatchLayout:
         keys = torch.tensor([document_key(doc) for doc in documents], dtype=torch.long, device=device)
         return cls(position=position, tokens_before=zeros, tokens_after=zeros.clone(), document_keys=keys)
 
+    def assign(self, other: "BatchLayout") -> None:
+        """Take `other`'s batch (same shape and max_gap), in place: the tensors a captured CUDA
+        graph reads stay the same objects."""
+        if other.position.shape != self.position.shape or other.max_gap != self.max_gap:
+            raise ValueError("a layout is only reused for a batch of the same shape and max_gap")
+        self.position.copy_(other.position)
+        self.tokens_before.copy_(other.tokens_before)
+        self.tokens_after.copy_(other.tokens_after)
+        if self.document_keys is not None:
+            self.document_keys.copy_(other.document_keys)
+
     def read(self, tokens_before: torch.Tensor, tokens_after: torch.Tensor) -> None:
         """Before a forward pass: each document's token count before and after it (in place)."""
         self.tokens_before.copy_(tokens_before)
@@ -124,6 +135,13 @@ class LayerEviction:
             decision_scores=torch.full(shape, float("nan"), device=device) if record_decisions else None,
         )
 
+    def assign(self, fresh: "LayerEviction") -> None:
+        """Take a freshly allocated state's values (a new batch of the same shape), in place."""
+        for name in ("evicted", "entry_scores", "attention_received", "decision_scores"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(fresh, name))
+        self.scorer_state = _copied_into(self.scorer_state, fresh.scorer_state)
+
     def visible_keys(self) -> torch.Tensor:
         """Boolean mask (batch, kv_heads, q, hi): which of the keys [0, hi) each query may attend to.
 
@@ -143,3 +161,12 @@ class LayerEviction:
     def valid_queries(self) -> torch.Tensor:
         """(batch, q) float: 1 for a real token of the document, 0 for padding."""
         return (self.layout.position.index_select(1, self.layout.query_slots) >= 0).float()
+
+
+def _copied_into(kept, fresh):
+    """`fresh` written into the tensors of `kept` (a tensor, a dict of them, or None), in place."""
+    if isinstance(kept, torch.Tensor):
+        return kept.copy_(fresh)
+    if isinstance(kept, dict):
+        return {key: _copied_into(kept[key], fresh[key]) for key in kept}
+    return fresh

@@ -14,8 +14,8 @@ import torch
 
 from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
-from kvsweep.static_passes import StaticPasses, whole_chunks
-from kvsweep.stream_nll import right_padded_ids
+from kvsweep.static_passes import open_passes, whole_chunks
+from kvsweep.stream_nll import mask_only_press, right_padded_ids
 
 
 @torch.inference_mode()
@@ -28,10 +28,12 @@ def stream_generate(
     eos_token_ids: set[int] | None = None,
     cuda_graphs: bool | None = None,
     key_bucket: int | None = None,
+    clock=None,
+    kept=None,
 ) -> list[dict]:
     """Return per prompt: `generated_ids` (without the end-of-sequence token), `n_generated`, and
     the KV counts at the end of generation (`kv_kept`, `kv_total`, and the compressible ones).
-    `cuda_graphs` and `key_bucket` as in `stream_nll`: speed only."""
+    `cuda_graphs`, `key_bucket`, `clock` and `kept` as in `stream_nll`: speed only."""
     device = model.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -41,7 +43,7 @@ def stream_generate(
     eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
 
     # The baseline needs the masked attention too, to hide the padding between prompt and answer.
-    press = press if press is not None else StreamingThresholdPress.mask_only()
+    press = press if press is not None else mask_only_press(kept)
     layout = BatchLayout.right_padded(prompts, capacity, device)
     layout.max_gap = width - int(min(len(p) for p in prompts))
     rows = torch.arange(batch, device=device)
@@ -51,8 +53,8 @@ def stream_generate(
     n_generated = torch.zeros(batch, dtype=torch.long, device=device)
 
     with press(model):
-        press.begin(model, layout)
-        passes = StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs)
+        passes = open_passes(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock, kept)
+        layout = passes.layout  # with `kept`, the kept layout now holds this batch
         for start, end, _, logits in passes.stream(input_ids, lengths, width, chunk_size):
             # Keep the logits at each prompt's last token, wherever its chunk is.
             last = lengths - 1

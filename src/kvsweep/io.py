@@ -49,6 +49,14 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None
         os.fsync(fh.fileno())
 
 
+def write_json_atomic(path: str | os.PathLike, record: dict) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; every line must be an object holding the `required` keys."""
     path = Path(path)

@@ -15,6 +15,12 @@ the two never overlap). The order is the source's and ids are stable: the id fie
 else "<split>-<index in the source>". Exactly ceil(max_documents / shard_size) shards are written,
 so the workflow knows its jobs before the data exists; if fewer documents qualify, the last shards
 hold fewer (or none) and the log says so.
+
+With --shard I only shard I is written (documents I * shard_size up to max_documents, at most
+shard_size of them), with its own list DIR/<task>/shardNNN.documents.jsonl. Shard I depends only on
+the documents before its end: the workflow runs one such job per shard, and gives a full shard's
+job the same arguments whatever the study's size, so adding documents leaves full shards as they
+were (only the last, partial, shard and the new ones are written again).
 """
 
 import argparse
@@ -69,6 +75,14 @@ def checked_text(value, source: str, index: int, field: str) -> str:
 
 
 def prepare(args) -> dict:
+    for name in ("max_documents", "max_length", "shard_size"):
+        if getattr(args, name) < 1:
+            raise KvsweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.shard is not None and not 0 <= args.shard < n_shards(args.max_documents, args.shard_size):
+        raise KvsweepError(
+            f"--shard {args.shard}: {args.max_documents} documents make shards 0 to "
+            f"{n_shards(args.max_documents, args.shard_size) - 1} of {args.shard_size}"
+        )
     from kvsweep.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -117,22 +131,20 @@ def prepare(args) -> dict:
 
     out = Path(args.output_dir)
     count = n_shards(args.max_documents, args.shard_size)
-    for shard in range(count):
+    shards = range(count) if args.shard is None else [args.shard]
+    for shard in shards:
         docs = kept[shard * args.shard_size : (shard + 1) * args.shard_size]
         for task in tasks:
             write_jsonl_atomic(out / task.name / f"shard{shard:03d}.jsonl", (task.shard_line(d) for d in docs))
+    listing = "documents.jsonl" if args.shard is None else f"shard{args.shard:03d}.documents.jsonl"
+    listed = kept if args.shard is None else kept[args.shard * args.shard_size : (args.shard + 1) * args.shard_size]
     for task in tasks:
-        write_jsonl_atomic(
-            out / task.name / "documents.jsonl",
-            (
-                {"id": d["id"], "index": d["index"], "n_tokens": len(d["input_ids"]), "truncated": d["truncated"]}
-                for d in kept
-            ),
-        )
+        write_jsonl_atomic(out / task.name / listing, map(document_entry, listed))
     stats["kept"] = len(kept)
     print(
         f"prepare: read {stats['read']} documents, kept {stats['kept']}, skipped {stats['skipped_short']} shorter than "
-        f"{args.min_length} tokens, truncated {stats['truncated']} to {args.max_length} tokens; {count} shard(s)",
+        f"{args.min_length} tokens, truncated {stats['truncated']} to {args.max_length} tokens; "
+        + (f"{count} shard(s)" if args.shard is None else f"shard {args.shard} of {args.shard_size} documents"),
         file=sys.stderr,
     )
     for task in tasks:
@@ -141,6 +153,11 @@ def prepare(args) -> dict:
     if stats["kept"] < args.max_documents:
         print(f"prepare: only {stats['kept']} of the {args.max_documents} documents asked for qualify", file=sys.stderr)
     return stats
+
+
+def document_entry(doc: dict) -> dict:
+    """A document's line in documents.jsonl: where it came from and its length."""
+    return {"id": doc["id"], "index": doc["index"], "n_tokens": len(doc["input_ids"]), "truncated": doc["truncated"]}
 
 
 def parse_args(argv=None):
@@ -162,6 +179,7 @@ def parse_args(argv=None):
         default=0,
         help="leave out the first N qualifying documents (calibration documents follow the study's)",
     )
+    parser.add_argument("--shard", type=int, help="write only this shard (0-based) and its document list")
     parser.add_argument("--tasks", nargs="+", default=["perplexity"], choices=list(all_tasks()))
     parser.add_argument("--output-dir", required=True)
     return parser.parse_args(argv)

@@ -22,6 +22,7 @@ from scipy import stats
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import atomic_path, read_jsonl
 from kvsweep.results import read_calibrations
+from kvsweep.stages import study_costs
 from kvsweep.tasks import all_tasks, get_task
 
 
@@ -174,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--output-md", required=True)
     parser.add_argument("--calibrations", nargs="*", default=[], help="calibration JSONs: the target of each threshold")
     parser.add_argument("--output-provenance", help="CSV: per configuration, the code, libraries and device used")
+    parser.add_argument("--output-costs", help="CSV: the evaluation jobs' wall time per stage, over the study")
+    parser.add_argument("--output-costs-md", help="the same as Markdown, with the study's share of fixed cost")
     add_swept_argument(parser)
     parser.add_argument("--n-resamples", type=int, default=2000)
     parser.add_argument("--confidence", type=float, default=0.95)
@@ -187,7 +190,19 @@ def main(argv=None):
         if args.output_provenance:
             with atomic_path(args.output_provenance) as tmp:
                 provenance_table(results).to_csv(tmp, index=False)
+        if args.output_costs:
+            write_costs(args.inputs, args.output_costs, args.output_costs_md)
         print(table.to_string(index=False))
+
+
+def write_costs(outputs: list[str], csv_path: str, md_path: str | None = None) -> None:
+    """Where the evaluation jobs' time went (their stage records), as CSV and Markdown."""
+    costs, line = study_costs(outputs)
+    with atomic_path(csv_path) as tmp:
+        costs.to_csv(tmp, index=False)
+    with atomic_path(md_path or Path(csv_path).with_suffix(".md")) as tmp:
+        tmp.write_text(f"{line}\n\n{costs.to_markdown(index=False, floatfmt='.3g')}\n")
+    print(line)
 
 
 if __name__ == "__main__":

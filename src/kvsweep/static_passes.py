@@ -14,7 +14,13 @@ state) lives in tensors written in place, which the graph reads.
 
 With `cuda_graphs=False` (and on the CPU) the same passes run eagerly, so the CPU tests exercise
 the code that the GPU captures.
+
+A job streams many batches, mostly of one shape. `KeptPasses` keeps the passes of the last shape
+(cache, eviction state, graphs) for the next batch of that shape, reset in place, so each pass
+shape is captured once per job rather than once per batch.
 """
+
+import contextlib
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
@@ -25,6 +31,12 @@ from kvsweep.eviction import BatchLayout
 def whole_chunks(n: int, chunk_size: int) -> int:
     """n rounded up to a multiple of chunk_size."""
     return chunk_size * -(-n // chunk_size)
+
+
+def cache_slots(width: int, chunk_size: int, key_bucket: int | None = None) -> int:
+    """Slots to allocate for passes over [0, width): whole key buckets, so that batches whose widths
+    lie in the same bucket have one shape (the slots past `width` are never streamed: memory only)."""
+    return whole_chunks(width, key_bucket or default_bucket(chunk_size))
 
 
 def default_bucket(chunk_size: int) -> int:
@@ -40,6 +52,9 @@ class StaticPasses:
 
     `key_bucket`: slots per key bucket (default: `default_bucket(chunk_size)`); `cuda_graphs`:
     capture and replay (default: on for a model on a CUDA device). Neither changes the results.
+    `clock` (a `kvsweep.stages.StageClock`): the captures are billed to its `graph_capture` stage.
+    `keep_graphs`: keep every bucket's graph for later batches (`KeptPasses`), rather than freeing
+    a bucket's graph once the passes have moved past it.
     """
 
     def __init__(
@@ -49,6 +64,8 @@ class StaticPasses:
         chunk_size: int,
         key_bucket: int | None = None,
         cuda_graphs: bool | None = None,
+        clock=None,
+        keep_graphs: bool = False,
     ):
         cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if cuda_graphs and model.device.type != "cuda":
@@ -63,6 +80,8 @@ class StaticPasses:
         self._inputs = {}  # query count -> (input_ids, position_ids, query_slots) buffers
         self._graphs = {}  # (query count, bucket index) -> (graph, its logits)
         self._pool = None
+        self._clock = clock
+        self._keep_graphs = keep_graphs
 
     def stream(self, input_ids: torch.Tensor, lengths: torch.Tensor, width: int, chunk_size: int):
         """Stream right-padded documents (`lengths` tokens each, slot = position) through slots
@@ -104,13 +123,16 @@ class StaticPasses:
             graph.replay()
             return logits
         logits = self._forward(ids, positions, slots)  # this pass's own work, and the capture's warm-up
-        # Earlier buckets are never replayed again: their logits go back to the shared pool for this
-        # capture to reuse; the graphs themselves go after it (the pool lives while a graph uses it).
-        earlier = [key for key in self._graphs if key[1] < index]
+        # Earlier buckets are never replayed again in this batch: unless they are kept for the next
+        # batches, their logits go back to the shared pool for this capture to reuse, and the
+        # graphs themselves go after it (the pool lives while a graph uses it). Kept graphs keep
+        # their logits, so no capture reuses that memory; they replay in the order they were
+        # captured, batch after batch, which is what makes sharing one pool safe.
+        earlier = [] if self._keep_graphs else [key for key in self._graphs if key[1] < index]
         for key in earlier:
             self._graphs[key] = (self._graphs[key][0], None)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with self._capture_stage(), torch.cuda.graph(graph, pool=self._pool):
             captured = self._forward(ids, positions, slots)
         self._pool = graph.pool()
         for key in earlier:
@@ -118,7 +140,63 @@ class StaticPasses:
         self._graphs[(q, index)] = (graph, captured)
         return logits
 
+    def reset_cache(self) -> None:
+        """Zero the cache for a new batch (the masks hide unwritten slots; zeros keep them finite)."""
+        self.cache.reset()
+
+    def _capture_stage(self):
+        return self._clock.stage("graph_capture") if self._clock is not None else contextlib.nullcontext()
+
     def _forward(self, ids, positions, slots) -> torch.Tensor:
         return self.model(
             input_ids=ids, position_ids=positions, cache_position=slots, past_key_values=self.cache, use_cache=True
         ).logits
+
+
+class KeptPasses:
+    """The passes of a job's last batch shape, for its next batches: one per job (an evaluator's).
+
+    A batch of the same shape (documents x slots, `max_gap`, chunk, bucket) and press as the last
+    one gets that batch's `StaticPasses` back, with its layout and eviction states overwritten in
+    place by the new batch's and its cache zeroed, so its captured CUDA graphs replay (on an H100
+    at chunk 128, four captures per batch of 8,192 tokens cost ~2-3 s of a 100-document job). A
+    batch of another shape replaces what is kept. Results are those of fresh passes. Streaming
+    allocates whole key buckets (`cache_slots`), so batches of documents of different lengths
+    share a shape; in generation the prompts' padding gap is part of the shape, so batches share
+    their passes only when it is the same (e.g. prompts cut to max_length).
+
+    Kept graphs keep every key bucket's logits (batch x chunk x vocabulary each: ~1 GiB at batch
+    8, chunk 128 and a 128k vocabulary over 4 buckets) rather than one bucket's.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._kept = None  # (press, passes, states)
+        self.mask_only_press = None  # the baseline's press (masking only), one per job
+        self.reused = 0  # batches that got the previous batch's passes back
+
+    def open(self, model, layout: BatchLayout, press, chunk_size, key_bucket=None, cuda_graphs=None, clock=None):
+        """`press.begin` and the passes for this batch (inside the press's context)."""
+        key = (tuple(layout.position.shape), layout.max_gap, chunk_size, key_bucket)
+        if key != self._key or self._kept[0] is not press:
+            self._key, self._kept = None, None  # what was kept goes before the new allocation
+            press.begin(model, layout)
+            passes = StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs, clock, keep_graphs=True)
+            self._key, self._kept = key, (press, passes, dict(press.layers))
+            return passes
+        _, passes, states = self._kept
+        self.reused += 1
+        passes.layout.assign(layout)
+        press.begin(model, passes.layout, kept=states)
+        passes.reset_cache()
+        return passes
+
+
+def open_passes(model, layout, press, chunk_size, key_bucket=None, cuda_graphs=None, clock=None, kept=None):
+    """The passes of one batch, after `press.begin` (inside the press's context): fresh, or with
+    `kept` (`KeptPasses`) those of the job's previous batch of the same shape. Read the layout
+    back from the passes (`passes.layout`): with `kept` it is the kept one, holding this batch."""
+    if kept is not None:
+        return kept.open(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock)
+    press.begin(model, layout)
+    return StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs, clock)

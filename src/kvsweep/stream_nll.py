@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kvsweep.eviction import BatchLayout
 from kvsweep.presses.streaming_threshold_press import StreamingThresholdPress
-from kvsweep.static_passes import StaticPasses, whole_chunks
+from kvsweep.static_passes import KeptPasses, cache_slots, open_passes, whole_chunks
 
 
 @torch.inference_mode()
@@ -27,6 +27,8 @@ def stream_nll(
     cuda_graphs: bool | None = None,
     return_decision_scores: bool = False,
     key_bucket: int | None = None,
+    clock=None,
+    kept: KeptPasses | None = None,
 ) -> list[dict]:
     """Stream one batch of tokenized documents; return per-document NLL sums and KV counts.
 
@@ -39,7 +41,9 @@ def stream_nll(
 
     `cuda_graphs` (default: on for a CUDA model) replays each pass shape as a CUDA graph;
     `key_bucket` sets the key-length grid of `StaticPasses` (default: `default_bucket`). Neither
-    changes the result.
+    changes the result. `clock` (`kvsweep.stages.StageClock`) is billed the graph captures.
+    `kept` (`KeptPasses`, one per job) reuses the previous batch's passes and graphs when this batch
+    has the same shape: same results, fewer captures.
     """
     device = model.device
     batch = len(documents)
@@ -49,11 +53,10 @@ def stream_nll(
     input_ids = right_padded_ids(documents, width + 1, device)
 
     nll = torch.zeros(batch, dtype=torch.float64, device=device)
-    layout = BatchLayout.right_padded(documents, width, device)
-    press = press if press is not None else StreamingThresholdPress.mask_only()
+    layout = BatchLayout.right_padded(documents, cache_slots(width, chunk_size, key_bucket), device)
+    press = press if press is not None else mask_only_press(kept)
     with press(model):
-        press.begin(model, layout)
-        passes = StaticPasses(model, layout, chunk_size, key_bucket, cuda_graphs)
+        passes = open_passes(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock, kept)
         for start, end, positions, logits in passes.stream(input_ids, lengths, width, chunk_size):
             # Position p predicts token p + 1, for p + 1 < n.
             targets = input_ids[:, start + 1 : end + 1]
@@ -94,3 +97,12 @@ def right_padded_ids(documents: list[list[int]], width: int, device) -> torch.Te
     for row, doc in enumerate(documents):
         input_ids[row, : len(doc)] = torch.tensor(doc, device=device)
     return input_ids
+
+
+def mask_only_press(kept: KeptPasses | None) -> StreamingThresholdPress:
+    """The baseline's press (masking only): one per job when passes are kept, so they are reused."""
+    if kept is None:
+        return StreamingThresholdPress.mask_only()
+    if kept.mask_only_press is None:
+        kept.mask_only_press = StreamingThresholdPress.mask_only()
+    return kept.mask_only_press

@@ -24,7 +24,7 @@ _uses_conda = "conda" in str(workflow.deployment_settings.deployment_method).low
 _job_path = "" if _uses_conda else f"export PATH={_shell_text(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from kvsweep.config import method_of, method_settings, validate_config  # noqa: E402
+from kvsweep.config import calibration_offset, documents_per_shard, method_of, method_settings, validate_config  # noqa: E402
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
 from kvsweep.tasks import all_tasks, get_task  # noqa: E402
 from kvsweep.prepare import n_shards  # noqa: E402
@@ -46,7 +46,8 @@ RESULTS = f"results/{config['run']}"
 if Path(RESULTS).resolve().parent != Path("results").resolve():
     _stop(f"run: '{config['run']}' would put outputs outside results/")
 DEMO_ASSETS = f"{RESULTS}/demo_assets"
-SHARDS = [f"{i:03d}" for i in range(n_shards(config["dataset"]["max_documents"], config["dataset"]["shard_size"]))]
+SHARD_SIZE = documents_per_shard(config)  # documents per evaluation job
+SHARDS = [f"{i:03d}" for i in range(n_shards(config["dataset"]["max_documents"], SHARD_SIZE))]
 # Entries of `methods:` (a path's {method}); each runs the method its `type` names.
 METHODS = list(config["methods"])
 COMPRESSED = [m for m in METHODS if method_of(config, m).sweep is not None]
@@ -165,7 +166,7 @@ def final_outputs():
     # never be asked for by the (existing) summary that depends on it.
     outputs = [f"{RESULTS}/config.yaml", *calibration_outputs()]
     for task in config["tasks"]:
-        outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md"]
+        outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md", f"{RESULTS}/data/{task}/documents.jsonl"]
         outputs += [f"{RESULTS}/{task}/comparison.csv", f"{RESULTS}/{task}/comparison.md"]
         outputs += expand(f"{RESULTS}/{task}/figures/quality_vs_density.{{ext}}", ext=["png", "pdf"])
     outputs += expand(f"{RESULTS}/figures/eviction_map_{{method}}.{{ext}}", method=COMPRESSED, ext=["png", "pdf"])
@@ -216,9 +217,12 @@ def engine_arguments():
     )
 
 
-def prepare_arguments(task):
-    """Only what the task's shards depend on: summarization's reference field is not perplexity's."""
+def prepare_arguments(task, shard=None):
+    """Only what the task's shard depends on: summarization's reference field is not perplexity's,
+    and shard i only on the documents up to its end (a full shard's arguments do not change when
+    documents are added). Without `shard`: every shard (the calibration documents)."""
     dataset = config["dataset"]
+    end = dataset["max_documents"] if shard is None else min((shard + 1) * SHARD_SIZE, dataset["max_documents"])
     return options(
         source=dataset["source"],
         split=dataset["split"],
@@ -227,10 +231,11 @@ def prepare_arguments(task):
         summary_field=dataset["summary_field"] if get_task(task).reads_summary_field else None,
         id_field=dataset["id_field"],
         tokenizer=config["model"]["name"],
-        max_documents=dataset["max_documents"],
+        max_documents=end,
         max_length=dataset["max_length"],
         min_length=dataset["min_length"],
-        shard_size=dataset["shard_size"],
+        shard_size=SHARD_SIZE,
+        shard=shard,
         tasks=task,
     )
 
@@ -246,10 +251,11 @@ def speed_resources():
 
 
 def calibration_prepare_arguments():
-    """The calibration documents: the next ones after the study's that pass the same filters."""
+    """The calibration documents: the next ones after the study's (or after calibration.skip_documents)
+    that pass the same filters."""
     arguments = prepare_arguments("perplexity")
     n = config["calibration"]["documents"]
-    overrides = options(max_documents=n, shard_size=n, skip_documents=config["dataset"]["max_documents"])
+    overrides = options(max_documents=n, shard_size=n, skip_documents=calibration_offset(config))
     keys = {a.split("=", 1)[0] for a in overrides}
     return [a for a in arguments if a.split("=", 1)[0] not in keys] + overrides
 

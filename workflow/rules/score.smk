@@ -1,5 +1,6 @@
 # Per task and (method, swept value): quality (perplexity, or ROUGE), KV densities, and the paired
-# difference to baseline with a bootstrap CI, as CSV and Markdown; then every compressed method
+# difference to baseline with a bootstrap CI, as CSV and Markdown; where the evaluation jobs' time
+# went (job_costs.{csv,md}, from each job's stage record); then every compressed method
 # against every other at equal KV density (comparison.csv, comparison_auc.csv, comparison.md).
 
 
@@ -20,6 +21,13 @@ rule score:
             category="provenance",
             labels={"task": "{task}"},
         ),
+        costs=report(
+            f"{RESULTS}/{{task}}/job_costs.csv",
+            caption="../report/job_costs.rst",
+            category="provenance",
+            labels={"table": "evaluation jobs' time per stage ({task})"},
+        ),
+        costs_md=f"{RESULTS}/{{task}}/job_costs.md",
     params:
         bootstrap=options(**config["bootstrap"]),
         swept=swept_arguments(),
@@ -32,7 +40,7 @@ rule score:
     shell:
         "python -m kvsweep.score --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
         "--calibrations {input.calibrations:q} --output-csv={output.csv:q} --output-md={output.md:q} "
-        "--output-provenance={output.provenance:q} {params.bootstrap:q} --swept {params.swept:q} > {log:q} 2>&1"
+        "--output-provenance={output.provenance:q} --output-costs={output.costs:q} --output-costs-md={output.costs_md:q} {params.bootstrap:q} --swept {params.swept:q} > {log:q} 2>&1"
 
 
 rule comparison:

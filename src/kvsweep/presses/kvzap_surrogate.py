@@ -54,7 +54,9 @@ class KVzapSurrogatePress(KVzapPress):
     def post_init_from_model(self, model):
         name = self.surrogate or default_surrogate(model.config.name_or_path, self.model_type)
         if name != self.kvzap_model_name:
-            self.kvzap_model = load_surrogate(name)
+            # On the model's device and in its dtype at once (kvpress moves each layer's module on
+            # its first score, in the model's work), so its cost is the surrogate's load.
+            self.kvzap_model = load_surrogate(name).to(model.device, dtype=model.dtype).eval()
             self.kvzap_model_name = name
         config = model.config.get_text_config()
         surrogate_shape = (self.kvzap_model.config.n_modules, self.kvzap_model.config.output_dim)

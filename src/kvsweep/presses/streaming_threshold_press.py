@@ -31,7 +31,7 @@ class StreamingThresholdPress(DMSPress):
     Extends kvpress's `DMSPress` (Dynamic Memory Sparsification, https://arxiv.org/abs/2506.05345):
     same fields and scorers, but eviction is a real mask rather than fake keys (which fail beyond a
     handful of queries per pass), works for any chunk and batch size, and supports sinks and
-    scorers that accumulate attention. Call `begin(lengths, capacity)` before each batch.
+    scorers that accumulate attention. Call `begin(model, layout)` before each batch.
     """
 
     sinks: int = 0
@@ -69,8 +69,10 @@ class StreamingThresholdPress(DMSPress):
         """Scorers that keep statistics of the queries streamed so far (Expected Attention)."""
         return getattr(self.press, "observes_queries", False)
 
-    def begin(self, model: nn.Module, layout: BatchLayout) -> None:
-        """Allocate fresh eviction state for a batch laid out in the cache as `layout`."""
+    def begin(self, model: nn.Module, layout: BatchLayout, kept: dict[int, LayerEviction] | None = None) -> None:
+        """Allocate fresh eviction state for a batch laid out in the cache as `layout`. With `kept`
+        (the states of an earlier batch of the same shape, over the same `layout` object), the
+        fresh values are written into those states instead, which a captured graph reads."""
         config = model.config.get_text_config()
         for module in _attention_modules(model):
             state = LayerEviction.allocate(
@@ -82,6 +84,9 @@ class StreamingThresholdPress(DMSPress):
             )
             if self.press is not None and hasattr(self.press, "allocate"):
                 state.scorer_state = self.press.allocate(module, layout)
+            if kept is not None:
+                kept[module.layer_idx].assign(state)
+                state = kept[module.layer_idx]
             self.layers[module.layer_idx] = state
             setattr(module, STATE_ATTRIBUTE, state)
 

@@ -41,7 +41,8 @@ class Task:
     prepare_document: Callable
     shard_line: Callable
     # evaluate: check_document(doc, max_length, path) refuses an input the task cannot use as is;
-    # evaluator(args, model, press) -> a function from a batch of shard lines to result lines.
+    # evaluator(args, model, press, clock) -> a function from a batch of shard lines to result lines
+    # (`clock`, a kvsweep.stages.StageClock or None, goes to stream_nll / stream_generate).
     check_document: Callable
     evaluator: Callable
     # score: summarize(results, n_resamples, confidence, seed) -> one row per configuration.

@@ -18,12 +18,15 @@ def check_document(doc: dict, max_length: int, path: str) -> None:
     """Any length: a report longer than max_length loses its end."""
 
 
-def evaluator(args, model, press):
+def evaluator(args, model, press, clock=None):
     from kvsweep.evaluate import cuda_graphs_setting
+    from kvsweep.static_passes import KeptPasses
     from kvsweep.stream_nll import stream_nll
 
-    graphs = cuda_graphs_setting(args)
-    return lambda batch: stream_nll(model, [d["input_ids"] for d in batch], args.chunk_size, press, cuda_graphs=graphs)
+    graphs, kept = cuda_graphs_setting(args), KeptPasses()  # batches of one shape share their passes
+    return lambda batch: stream_nll(
+        model, [d["input_ids"] for d in batch], args.chunk_size, press, cuda_graphs=graphs, clock=clock, kept=kept
+    )
 
 
 def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0):

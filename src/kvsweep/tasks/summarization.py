@@ -47,12 +47,13 @@ def check_document(doc: dict, max_length: int, path: str) -> None:
         )
 
 
-def evaluator(args, model, press):
+def evaluator(args, model, press, clock=None):
     from kvsweep import generate
     from kvsweep.evaluate import cuda_graphs_setting
     from kvsweep.modeling import load_tokenizer
+    from kvsweep.static_passes import KeptPasses
 
-    graphs = cuda_graphs_setting(args)
+    graphs, kept = cuda_graphs_setting(args), KeptPasses()  # batches of one shape share their passes
     tokenizer = load_tokenizer(args.model)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
@@ -61,7 +62,15 @@ def evaluator(args, model, press):
 
     def summarize_batch(batch):
         results = generate.stream_generate(
-            model, [d["input_ids"] for d in batch], args.chunk_size, args.max_new_tokens, press, eos, graphs
+            model,
+            [d["input_ids"] for d in batch],
+            args.chunk_size,
+            args.max_new_tokens,
+            press,
+            eos,
+            graphs,
+            clock=clock,
+            kept=kept,
         )
         return [
             {
