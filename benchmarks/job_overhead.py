@@ -112,8 +112,9 @@ def run_job(args, config, model, surrogate, shard, method, label, workdir) -> di
 
 
 def kept_passes_check(config, model_dir: Path, surrogate: Path, vocabulary: int) -> dict:
-    """On the card, with CUDA graphs: three batches streamed through one job's `KeptPasses` give
-    what fresh passes give (NLL within bf16 noise, identical kept counts), per method."""
+    """On the card, with CUDA graphs: three batches of documents of different lengths (700-1,024
+    tokens: one shape, whole key buckets) streamed through one job's `KeptPasses` give what fresh
+    passes give (NLL within bf16 noise, identical kept counts), per method."""
     from kvsweep.methods import get_method
     from kvsweep.modeling import load_model
     from kvsweep.static_passes import KeptPasses
@@ -143,7 +144,7 @@ def kept_passes_check(config, model_dir: Path, surrogate: Path, vocabulary: int)
                 [worst, *(abs(x["nll_sum"] - y["nll_sum"]) / abs(y["nll_sum"]) for x, y in zip(a, b, strict=True))]
             )
             counts_equal &= all(x["kv_kept"] == y["kv_kept"] for x, y in zip(a, b, strict=True))
-        checks[method] = {"worst_rel_nll_diff": worst, "kept_counts_equal": counts_equal}
+        checks[method] = {"worst_rel_nll_diff": worst, "kept_counts_equal": counts_equal, "reused": kept.reused}
         print(
             f"kept passes vs fresh, {method}: worst rel NLL diff {worst:.2e}, kept counts equal {counts_equal}",
             flush=True,
@@ -160,6 +161,7 @@ def main():
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--old-shard-size", type=int, default=10)
+    parser.add_argument("--check-only", action="store_true", help="only the on-card check of kept passes")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +197,8 @@ def main():
 
     report["kept_passes_check"] = kept_passes_check(config, model, surrogate, vocabulary)
     save()
+    if args.check_only:
+        return
     methods = [m for m in ("baseline", "kvzap", "h2o") if m in config["methods"]]
     for shard in ("shipped", "old"):
         for method in methods:
