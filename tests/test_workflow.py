@@ -30,6 +30,19 @@ def summary(workdir, task):
 def test_demo_produces_tables_and_figures(demo_run):
     workdir, config = demo_run
     results = workdir / "results" / "demo"
+    # Every model job left a stage record; job_costs adds them up per kind of job: the 7 evaluations
+    # of perplexity, and the 2 probes and 4 searches of the calibration.
+    costs = pd.read_csv(results / "perplexity" / "job_costs.csv")
+    walls = costs[costs.stage == "wall"].set_index("jobs").seconds
+    for kind, outputs in (
+        ("evaluation", "perplexity/*/*/shard*.stages.json"),
+        ("calibration", "calibration/*/*.stages.json"),
+    ):
+        records = [json.loads(path.read_text()) for path in results.glob(outputs)]
+        assert len(records) == {"evaluation": 7, "calibration": 6}[kind]
+        assert walls[kind] == pytest.approx(sum(r["wall_s"] for r in records))
+    assert walls["all"] == pytest.approx(walls["evaluation"] + walls["calibration"])
+    assert "calibration jobs (6):" in (results / "perplexity" / "job_costs.md").read_text()
     table = summary(workdir, "perplexity")
     assert list(table.method) == ["baseline"] + [m for m in ("h2o", "kvzap") for _ in range(3)]
     assert list(table.swept) == [""] + ["threshold"] * 6
@@ -463,7 +476,8 @@ def test_adding_documents_plans_only_the_new_shards(demo_run, tmp_path):
     results = tmp_path / "results" / "demo"
     first = results / "perplexity" / "h2o" / "0.005" / "shard000.jsonl"
     before = first.read_text()
-    costs = pd.read_csv(results / "perplexity" / "job_costs.csv").set_index("stage")
+    costs = pd.read_csv(results / "perplexity" / "job_costs.csv")
+    costs = costs[costs.jobs == "evaluation"].set_index("stage")
     records = sorted(results.glob("perplexity/*/*/shard*.stages.json"))
     assert len(records) == 2  # baseline and h2o, one shard each
     wall = sum(json.loads(path.read_text())["wall_s"] for path in records)

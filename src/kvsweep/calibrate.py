@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.evaluate import add_engine_arguments, cuda_graphs_setting, load_shard, resolve_method
-from kvsweep.io import atomic_path
+from kvsweep.evaluate import add_engine_arguments, cuda_graphs_setting, gpu_count, load_shard, resolve_method
+from kvsweep.io import atomic_path, write_json_atomic
+from kvsweep.stages import StageClock, exit_without_teardown, stages_path
 from kvsweep.thresholds import canonical_threshold
 
 QUANTILE_LEVELS = 1001  # probe quantiles at p = 0, 0.001, ..., 1
@@ -156,15 +157,17 @@ class Calibration:
     """The study's engine on the calibration documents: every step streams all documents through
     one press (its threshold set per step), in batches, as an evaluation job would."""
 
-    def __init__(self, model, documents: list[dict], press, chunk_size: int, batch_size: int, cuda_graphs=None):
+    def __init__(
+        self, model, documents: list[dict], press, chunk_size: int, batch_size: int, cuda_graphs=None, clock=None
+    ):
         self.model, self.documents, self.press = model, documents, press
         self.chunk_size, self.batch_size, self.cuda_graphs = chunk_size, batch_size, cuda_graphs
+        self.clock = clock or StageClock(start=time.time())
         self.record = {"chunk_size": chunk_size, "documents": [d["id"] for d in documents]}
 
     @classmethod
-    def from_args(cls, args) -> "Calibration":
-        from kvsweep.modeling import load_model
-
+    def from_args(cls, args, clock: StageClock | None = None) -> "Calibration":
+        clock = clock or StageClock(start=time.time())
         method, settings = resolve_method(args)
         if not method.takes_targets:
             raise KvsweepError(
@@ -173,23 +176,34 @@ class Calibration:
         documents = load_shard(args.data, args.max_length)
         if not documents:
             raise KvsweepError(f"{args.data}: no calibration documents (too few documents qualify after the study's)")
-        model = load_model(args.model, args.dtype, args.device)
-        calibration = cls(model, documents, method.build(-math.inf, settings), args.chunk_size, args.batch_size,
-                          cuda_graphs_setting(args))  # fmt: skip
+        with clock.stage("imports"):
+            import kvsweep.presses.streaming_threshold_press  # noqa: F401
+            from kvsweep.modeling import load_model, on_device
+        if args.device != "cpu":
+            clock.synchronize = on_device(args.device)
+        with clock.stage("model_load"):
+            model = load_model(args.model, args.dtype, args.device)
+        with clock.stage("surrogate_load"):
+            press = method.build(-math.inf, settings)
+            press.post_init_from_model(model)
+        calibration = cls(model, documents, press, args.chunk_size, args.batch_size, cuda_graphs_setting(args), clock)
         calibration.record.update(method=args.method, settings=settings, model=args.model)
         return calibration
 
     def stream(self, threshold: float, **options) -> list[dict]:
         from kvsweep.stream_nll import stream_nll
 
+        # Fresh passes for every step: the threshold is part of what a CUDA graph captures.
         self.press.threshold = threshold
         todo = sorted(self.documents, key=lambda d: -len(d["input_ids"]))
         results = []
         for start in range(0, len(todo), self.batch_size):
             batch = [d["input_ids"] for d in todo[start : start + self.batch_size]]
-            results += stream_nll(
-                self.model, batch, self.chunk_size, self.press, cuda_graphs=self.cuda_graphs, **options
-            )
+            with self.clock.stage("model_work"):
+                results += stream_nll(
+                    self.model, batch, self.chunk_size, self.press, cuda_graphs=self.cuda_graphs, clock=self.clock,
+                    **options,
+                )  # fmt: skip
         return results
 
     def density(self, threshold: float) -> float:
@@ -212,8 +226,8 @@ class Calibration:
         return np.quantile(scores, np.linspace(0.0, 1.0, QUANTILE_LEVELS)), int(scores.size)
 
 
-def probe(args) -> dict:
-    calibration = Calibration.from_args(args)
+def probe(args, clock: StageClock | None = None) -> dict:
+    calibration = Calibration.from_args(args, clock)
     quantiles, count = calibration.probe_quantiles()
     print(
         f"probe: {count} decisions on {len(calibration.documents)} documents; scores from {quantiles[0]:.4g} "
@@ -223,12 +237,12 @@ def probe(args) -> dict:
     return {**calibration.record, "n_scores": count, "quantiles": quantiles.tolist()}
 
 
-def calibrate(args) -> dict:
+def calibrate(args, clock: StageClock | None = None) -> dict:
     if not 0 < args.target_density < 1:
         raise KvsweepError(f"--target-density must lie strictly between 0 and 1, got {args.target_density}")
     with open(args.probe) as fh:
         probed = json.load(fh)
-    calibration = Calibration.from_args(args)
+    calibration = Calibration.from_args(args, clock)
     if probed["documents"] != [d["id"] for d in calibration.documents]:
         raise KvsweepError(f"{args.probe} was made on other calibration documents: run the probe again")
     started = time.perf_counter()
@@ -273,15 +287,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    # As a command the stages start at the process's start; called in-process, at the call.
+    clock = StageClock(start=None if argv is None else time.time())
     args = parse_args(argv)
     with readable_errors("kvsweep.calibrate"):
-        record = probe(args) if args.command == "probe" else calibrate(args)
-        with atomic_path(args.output) as tmp:
+        stage_record = stages_path(args.output)
+        stage_record.unlink(missing_ok=True)
+        record = probe(args, clock) if args.command == "probe" else calibrate(args, clock)
+        with clock.stage("writing"), atomic_path(args.output) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
+        costs = clock.report(documents=len(record["documents"]), batch_size=args.batch_size,
+                             gpus=gpu_count(args.device), job="calibration")  # fmt: skip
+        write_json_atomic(stage_record, costs)
 
 
 if __name__ == "__main__":
-    from kvsweep.stages import exit_without_teardown
-
     main()
     exit_without_teardown()

@@ -175,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--output-md", required=True)
     parser.add_argument("--calibrations", nargs="*", default=[], help="calibration JSONs: the target of each threshold")
     parser.add_argument("--output-provenance", help="CSV: per configuration, the code, libraries and device used")
-    parser.add_argument("--output-costs", help="CSV: the evaluation jobs' wall time per stage, over the study")
+    parser.add_argument("--output-costs", help="CSV: the model jobs' wall time per stage (evaluations, calibrations)")
     parser.add_argument("--output-costs-md", help="the same as Markdown, with the study's share of fixed cost")
     add_swept_argument(parser)
     parser.add_argument("--n-resamples", type=int, default=2000)
@@ -191,18 +191,23 @@ def main(argv=None):
             with atomic_path(args.output_provenance) as tmp:
                 provenance_table(results).to_csv(tmp, index=False)
         if args.output_costs:
-            write_costs(args.inputs, args.output_costs, args.output_costs_md)
+            # The calibration jobs: each target's search, and each method's probe beside them.
+            probes = sorted({str(Path(path).with_name("probe.json")) for path in args.calibrations})
+            jobs = {"evaluation": args.inputs, "calibration": [*args.calibrations, *probes]}
+            write_costs(jobs, args.output_costs, args.output_costs_md)
         print(table.to_string(index=False))
 
 
-def write_costs(outputs: list[str], csv_path: str, md_path: str | None = None) -> None:
-    """Where the evaluation jobs' time went (their stage records), as CSV and Markdown."""
-    costs, line = study_costs(outputs)
+def write_costs(jobs: dict[str, list[str]], csv_path: str, md_path: str | None = None) -> None:
+    """Where the model jobs' time went (their stage records), per kind of job, as CSV and Markdown."""
+    costs, lines = study_costs(jobs)
     with atomic_path(csv_path) as tmp:
         costs.to_csv(tmp, index=False)
+    sections = [f"{line}\n\n{costs[costs.jobs == name].drop(columns='jobs').to_markdown(index=False, floatfmt='.3g')}"
+                for name, line in zip(costs.jobs.unique(), lines, strict=True)]  # fmt: skip
     with atomic_path(md_path or Path(csv_path).with_suffix(".md")) as tmp:
-        tmp.write_text(f"{line}\n\n{costs.to_markdown(index=False, floatfmt='.3g')}\n")
-    print(line)
+        tmp.write_text("\n\n".join(sections) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ stages nest, and an inner stage's time (a graph capture inside the model's work)
 the outer one. What no stage claims is `other`, so the stages always add up to the wall time. On a
 GPU each stage boundary waits for the device, or queued kernels would be billed to the next stage.
 
-The record (`record()`, written next to the job's output `shardNNN.jsonl` as
-`shardNNN.stages.json`) is what the score step adds up over a study. It starts with the process:
+The record (`record()`, written next to the job's output, e.g. `shardNNN.jsonl` as
+`shardNNN.stages.json`; calibration jobs too) is what the score step adds up over a study. It starts with the process:
 on SLURM, what runs before it in the job (Snakemake's job step reading the workflow, a conda
 activation) is `launch_s`, where SLURM says when the job started (SLURM_JOB_START_TIME, SLURM >=
 23.02), and left out otherwise.
@@ -128,13 +128,42 @@ def read_stage_record(output: str | os.PathLike) -> dict | None:
     return record
 
 
-def study_costs(outputs: list[str]) -> tuple["pd.DataFrame", str]:  # noqa: F821
-    """The stage records of the jobs that wrote `outputs`, added up per stage: seconds, share of
-    the jobs' wall time, mean per job, and GPU-seconds (seconds x the job's GPUs). Also one line
-    saying how many jobs it covers and what share of their time was fixed cost."""
+def study_costs(jobs: dict[str, list[str]]) -> tuple["pd.DataFrame", list[str]]:  # noqa: F821
+    """The stage records of the jobs that wrote each group's outputs (e.g. {"evaluation": [...],
+    "calibration": [...]}), added up per group and stage, and over all groups: seconds, share of
+    the jobs' wall time, GPU-seconds (seconds x the job's GPUs) and mean per job. Also one line
+    per group saying how many jobs it covers and what share of their time was fixed cost."""
     import pandas as pd
 
-    records = [record for output in outputs if (record := read_stage_record(output)) is not None]
+    groups = {name: [r for output in outputs if (r := read_stage_record(output)) is not None]
+              for name, outputs in jobs.items()}  # fmt: skip
+    groups["all"] = [record for records in groups.values() for record in records]
+    tables, lines = [], []
+    for name, records in groups.items():
+        table = _stage_table(records).assign(jobs=name)
+        tables.append(table)
+        wall, work = table.seconds.iloc[-1], table.set_index("stage").seconds[MODEL_WORK]
+        if not records:
+            lines.append(f"{name} jobs: no stage records")
+            continue
+        line = (
+            f"{name} jobs ({len(records)}): {wall:.0f} s of wall time ({table.gpu_seconds.iloc[-1]:.0f} GPU-seconds); "
+            f"{work / wall:.0%} model work, {1 - work / wall:.0%} fixed cost ({(wall - work) / len(records):.1f} s per job)"
+        )
+        launches = [r["launch_s"] for r in records if "launch_s" in r]
+        if launches:
+            line += f"; SLURM's job launch before the processes: {sum(launches):.0f} s more"
+        missing = len(jobs[name]) - len(records) if name in jobs else 0
+        if missing:
+            line += f"; {missing} job(s) without a stage record (run before kvsweep recorded stages) left out"
+        lines.append(line)
+    table = pd.concat(tables, ignore_index=True)
+    return table[["jobs", "stage", "seconds", "share", "gpu_seconds", "per_job_s"]], lines
+
+
+def _stage_table(records: list[dict]) -> "pd.DataFrame":  # noqa: F821
+    import pandas as pd
+
     rows = []
     for name in (*STAGES, "wall"):
         seconds = [r["wall_s"] if name == "wall" else float(r["stages_s"].get(name, 0.0)) for r in records]
@@ -143,18 +172,4 @@ def study_costs(outputs: list[str]) -> tuple["pd.DataFrame", str]:  # noqa: F821
                      "per_job_s": sum(seconds) / len(records) if records else float("nan")})  # fmt: skip
     table = pd.DataFrame(rows)
     wall = table.seconds.iloc[-1]
-    table.insert(2, "share", table.seconds / wall if wall else float("nan"))
-    missing = len(outputs) - len(records)
-    if not records:
-        return table, f"no stage records among {len(outputs)} evaluation jobs"
-    work = table.set_index("stage").seconds[MODEL_WORK]
-    line = (
-        f"{len(records)} evaluation jobs: {wall:.0f} s of job wall time ({table.gpu_seconds.iloc[-1]:.0f} GPU-seconds); "
-        f"{work / wall:.0%} model work, {1 - work / wall:.0%} fixed cost ({(wall - work) / len(records):.1f} s per job)"
-    )
-    launches = [r["launch_s"] for r in records if "launch_s" in r]
-    if launches:
-        line += f"; before the processes, SLURM's job launch took {sum(launches):.0f} s more ({len(launches)} jobs)"
-    if missing:
-        line += f"; {missing} job(s) without a stage record (run before kvsweep recorded stages) are left out"
-    return table, line
+    return table.assign(share=table.seconds / wall if wall else float("nan"))

@@ -165,6 +165,10 @@ class KeptPasses:
     share a shape; in generation the prompts' padding gap is part of the shape, so batches share
     their passes only when it is the same (e.g. prompts cut to max_length).
 
+    The press must not change while its passes are kept: its settings (the threshold, windows) are
+    Python values that the captured graphs hold (calibration, which sets a new threshold per step,
+    streams through fresh passes).
+
     Kept graphs keep every key bucket's logits (batch x chunk x vocabulary each: ~1 GiB at batch
     8, chunk 128 and a 128k vocabulary over 4 buckets) rather than one bucket's.
     """
