@@ -34,9 +34,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.evaluate import add_engine_arguments, cuda_graphs_setting, gpu_count, load_shard, resolve_method
-from kvsweep.io import atomic_path, write_json_atomic
-from kvsweep.stages import StageClock, exit_without_teardown, stages_path
+from kvsweep.evaluate import (
+    add_engine_arguments,
+    build_press,
+    cuda_graphs_setting,
+    gpu_count,
+    load_engine_model,
+    load_shard,
+    resolve_method,
+)
+from kvsweep.io import write_json_atomic
+from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
 from kvsweep.thresholds import canonical_threshold
 
 QUANTILE_LEVELS = 1001  # probe quantiles at p = 0, 0.001, ..., 1
@@ -176,16 +184,8 @@ class Calibration:
         documents = load_shard(args.data, args.max_length)
         if not documents:
             raise KvsweepError(f"{args.data}: no calibration documents (too few documents qualify after the study's)")
-        with clock.stage("imports"):
-            import kvsweep.presses.streaming_threshold_press  # noqa: F401
-            from kvsweep.modeling import load_model, on_device
-        if args.device != "cpu":
-            clock.synchronize = on_device(args.device)
-        with clock.stage("model_load"):
-            model = load_model(args.model, args.dtype, args.device)
-        with clock.stage("surrogate_load"):
-            press = method.build(-math.inf, settings)
-            press.post_init_from_model(model)
+        model = load_engine_model(args, clock)
+        press = build_press(method, -math.inf, settings, model, clock)
         calibration = cls(model, documents, press, args.chunk_size, args.batch_size, cuda_graphs_setting(args), clock)
         calibration.record.update(method=args.method, settings=settings, model=args.model)
         return calibration
@@ -291,14 +291,12 @@ def main(argv=None):
     clock = StageClock(start=None if argv is None else time.time())
     args = parse_args(argv)
     with readable_errors("kvsweep.calibrate"):
-        stage_record = stages_path(args.output)
-        stage_record.unlink(missing_ok=True)
+        discard_stage_record(args.output)
         record = probe(args, clock) if args.command == "probe" else calibrate(args, clock)
-        with clock.stage("writing"), atomic_path(args.output) as tmp:
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-        costs = clock.report(documents=len(record["documents"]), batch_size=args.batch_size,
-                             gpus=gpu_count(args.device), job="calibration")  # fmt: skip
-        write_json_atomic(stage_record, costs)
+        with clock.stage("writing"):
+            write_json_atomic(args.output, record)
+        clock.save(args.output, documents=len(record["documents"]), batch_size=args.batch_size,
+                   gpus=gpu_count(args.device), job="calibration")  # fmt: skip
 
 
 if __name__ == "__main__":

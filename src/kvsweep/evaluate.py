@@ -28,9 +28,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import ensure_parent, read_jsonl, write_json_atomic, write_jsonl_atomic
+from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
 from kvsweep.methods import all_settings, get_method
-from kvsweep.stages import StageClock, exit_without_teardown, stages_path
+from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
 from kvsweep.tasks import all_tasks, get_task, task_settings
 
 
@@ -184,29 +184,20 @@ def run(args, clock: StageClock | None = None) -> None:
     for setting in task_settings().values():
         setattr(args, setting.name, setting.check(setting.flag, getattr(args, setting.name)))
     output = ensure_parent(args.output)
-    stage_record = stages_path(output)
-    stage_record.unlink(missing_ok=True)  # a record from an earlier attempt would describe another run
+    discard_stage_record(output)
     documents = load_shard(args.data, args.max_length, args.task)
     if not documents:
         print(f"{args.data}: empty shard, nothing to evaluate", file=sys.stderr)
         write_jsonl_atomic(output, [])
-        record = clock.report(documents=0, tokens=0, batch_size=args.batch_size, gpus=gpu_count(args.device))
-        write_json_atomic(stage_record, record)
+        clock.save(output, documents=0, tokens=0, batch_size=args.batch_size, gpus=gpu_count(args.device))
         return
 
-    # Heavy imports only once the input is known to be good: torch, transformers, and kvpress (the
-    # engine's press, which every method, the baseline included, runs through).
-    with clock.stage("imports"):
-        import kvsweep.presses.streaming_threshold_press  # noqa: F401
-        from kvsweep.modeling import load_model, on_device, vocabulary_size
-        from kvsweep.provenance import environment
-    if args.device != "cpu":
-        clock.synchronize = on_device(args.device)
+    # Heavy imports only once the input is known to be good. The model first: a hub model not yet
+    # in the local cache has its identity (for the fingerprint) only once it has been downloaded.
+    model = load_engine_model(args, clock)
+    from kvsweep.modeling import vocabulary_size
+    from kvsweep.provenance import environment
 
-    # The model first: a hub model not yet in the local cache has its identity (for the fingerprint)
-    # only once it has been downloaded.
-    with clock.stage("model_load"):
-        model = load_model(args.model, args.dtype, args.device)
     check_vocabulary(documents, vocabulary_size(model), args.data)
     provenance = environment(model, args.dtype)
 
@@ -217,10 +208,8 @@ def run(args, clock: StageClock | None = None) -> None:
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
-    with clock.stage("surrogate_load"):  # the press, and what it loads (KVzap's surrogate)
-        press = method.build(args.threshold, settings)
-        if press is not None:
-            press.post_init_from_model(model)
+    press = build_press(method, args.threshold, settings, model, clock)
+    with clock.stage("surrogate_load"):  # and the task's own setup (summarization's tokenizer)
         evaluate_batch = get_task(args.task).evaluator(args, model, press, clock)
 
     # Start the checkpoint afresh from what is kept (a line cut short by a kill is dropped), so
@@ -246,11 +235,33 @@ def run(args, clock: StageClock | None = None) -> None:
     with clock.stage("writing"):
         write_jsonl_atomic(output, (done[d["id"]] for d in documents))
         checkpoint.unlink()
-    record = clock.report(
-        documents=len(todo), tokens=sum(len(d["input_ids"]) for d in todo), batch_size=args.batch_size,
+    clock.save(
+        output, documents=len(todo), tokens=sum(len(d["input_ids"]) for d in todo), batch_size=args.batch_size,
         device=provenance["device"], gpus=gpu_count(args.device),
     )  # fmt: skip
-    write_json_atomic(stage_record, record)
+
+
+def load_engine_model(args, clock: StageClock):
+    """The heavy imports (torch, transformers, and kvpress: the engine's press, which every method,
+    the baseline included, runs through), then the model on `args.device`, each billed to its
+    stage; from then on, stage boundaries wait for the device."""
+    with clock.stage("imports"):
+        import kvsweep.presses.streaming_threshold_press  # noqa: F401
+        from kvsweep.modeling import load_model, on_device
+    if args.device != "cpu":
+        clock.synchronize = on_device(args.device)
+    with clock.stage("model_load"):
+        return load_model(args.model, args.dtype, args.device)
+
+
+def build_press(method, threshold: float | None, settings: dict, model, clock: StageClock):
+    """The method's press (None for the baseline) with what it loads (KVzap's surrogate), billed to
+    `surrogate_load`."""
+    with clock.stage("surrogate_load"):
+        press = method.build(threshold, settings)
+        if press is not None:
+            press.post_init_from_model(model)
+    return press
 
 
 def gpu_count(device: str) -> int:

@@ -42,19 +42,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
+def _write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(record) + "\n" for record in records)
+        fh.writelines(lines)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    _write_lines_atomic(path, (json.dumps(record) + "\n" for record in records))
 
 
 def write_json_atomic(path: str | os.PathLike, record: dict) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """One JSON object, indented, as the calibration and stage records are written."""
+    _write_lines_atomic(path, [json.dumps(record, indent=1) + "\n"])
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:

@@ -131,13 +131,15 @@ def prepare(args) -> dict:
 
     out = Path(args.output_dir)
     count = n_shards(args.max_documents, args.shard_size)
-    shards = range(count) if args.shard is None else [args.shard]
-    for shard in shards:
-        docs = kept[shard * args.shard_size : (shard + 1) * args.shard_size]
+
+    def members(shard: int) -> list[dict]:
+        return kept[shard * args.shard_size : (shard + 1) * args.shard_size]
+
+    for shard in range(count) if args.shard is None else [args.shard]:
         for task in tasks:
-            write_jsonl_atomic(out / task.name / f"shard{shard:03d}.jsonl", (task.shard_line(d) for d in docs))
+            write_jsonl_atomic(out / task.name / f"shard{shard:03d}.jsonl", map(task.shard_line, members(shard)))
     listing = "documents.jsonl" if args.shard is None else f"shard{args.shard:03d}.documents.jsonl"
-    listed = kept if args.shard is None else kept[args.shard * args.shard_size : (args.shard + 1) * args.shard_size]
+    listed = kept if args.shard is None else members(args.shard)
     for task in tasks:
         write_jsonl_atomic(out / task.name / listing, map(document_entry, listed))
     stats["kept"] = len(kept)

@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from kvsweep.io import write_json_atomic
+
 # The stages of an evaluation job, in order; `model_work` is what the job is for, the rest is its
 # fixed cost.
 STAGES = ("startup", "imports", "model_load", "surrogate_load", "graph_capture", "model_work", "writing", "other")
@@ -101,6 +103,12 @@ class StageClock:
         print("\n".join(lines), file=sys.stderr)
         return record
 
+    def save(self, output: str | os.PathLike, **facts) -> dict:
+        """The record, said in the log and written (atomically) beside the job's `output`."""
+        record = self.report(**facts)
+        write_json_atomic(stages_path(output), record)
+        return record
+
 
 def exit_without_teardown() -> None:
     """End a job that has written and synced its files: skip the interpreter's teardown, which
@@ -115,6 +123,11 @@ def stages_path(output: str | os.PathLike) -> Path:
     """Where the stage record of the job that writes `output` (…/shardNNN.jsonl) lies."""
     output = Path(output)
     return output.with_name(output.stem + ".stages.json")
+
+
+def discard_stage_record(output: str | os.PathLike) -> None:
+    """At a job's start: a record from an earlier attempt would describe another run."""
+    stages_path(output).unlink(missing_ok=True)
 
 
 def read_stage_record(output: str | os.PathLike) -> dict | None:
