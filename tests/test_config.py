@@ -264,3 +264,40 @@ def test_the_schema_is_found_after_a_non_editable_install(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(str(target))
     assert "local_window: 512" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "surrogate,trained",
+    [
+        ("train", "results/x/kvzap_surrogate/mlp"),
+        ("./surrogates/mine", "surrogates/mine"),  # a local path that does not exist yet: trained into it
+        ("surrogates/a/b", "surrogates/a/b"),
+        ("nvidia/KVzap-mlp-Llama-3.1-8B-Instruct", None),  # a hub id: loaded
+        (None, None),  # kvpress's derived hub id
+    ],
+)
+def test_which_surrogate_the_workflow_trains(surrogate, trained, tmp_path):
+    from kvsweep.config import method_settings, surrogate_offset, surrogate_to_train
+
+    config = validate_config({"run": "x", "model": {"name": "m", "kvzap_surrogate": surrogate},
+                              "dataset": {"source": "d.jsonl", "max_documents": 30}, "calibration": {"documents": 5},
+                              "methods": {"baseline": None, "kvzap": {"thresholds": [-5]}, "h2o": {"thresholds": [0.01]}}})  # fmt: skip
+    assert surrogate_to_train(config) == trained
+    # The KVzap jobs read the surrogate from where it is trained; the other methods never see it.
+    assert method_settings(config, "kvzap")["kvzap_surrogate"] == (trained or surrogate)
+    assert "kvzap_surrogate" not in method_settings(config, "h2o")
+    assert surrogate_offset(config) == 35  # after the study's 30 and the calibration's 5
+    existing = tmp_path / "made"
+    existing.mkdir()
+    config["model"]["kvzap_surrogate"] = str(existing)
+    assert surrogate_to_train(config) is None
+
+
+def test_surrogate_settings_are_checked():
+    base = {"run": "x", "model": {"name": "m"}, "dataset": {"source": "d.jsonl"}, "methods": {"baseline": None}}
+    config = validate_config(copy.deepcopy(base))
+    assert config["surrogate"]["documents"] == 128 and config["surrogate"]["max_length"] == 1024
+    with pytest.raises(KvsweepError, match="surrogate.validation_documents: 0 is less than the minimum of 1"):
+        validate_config({**copy.deepcopy(base), "surrogate": {"validation_documents": 0}})
+    with pytest.raises(KvsweepError, match=r"surrogate: .*\(allowed keys: batch_size, documents"):
+        validate_config({**copy.deepcopy(base), "surrogate": {"document": 3}})

@@ -41,7 +41,11 @@ def test_demo_produces_tables_and_figures(demo_run):
         records = [json.loads(path.read_text()) for path in results.glob(outputs)]
         assert len(records) == {"evaluation": 7, "calibration": 6}[kind]
         assert walls[kind] == pytest.approx(sum(r["wall_s"] for r in records))
-    assert walls["all"] == pytest.approx(walls["evaluation"] + walls["calibration"])
+    # The KVzap surrogate's training job is billed as a kind of its own.
+    training = json.loads((results / "kvzap_surrogate" / "mlp.stages.json").read_text())
+    assert walls["surrogate training"] == pytest.approx(training["wall_s"])
+    assert training["collect_s"] + training["fit_s"] <= training["stages_s"]["model_work"]
+    assert walls["all"] == pytest.approx(walls["evaluation"] + walls["calibration"] + walls["surrogate training"])
     assert "calibration jobs (6):" in (results / "perplexity" / "job_costs.md").read_text()
     table = summary(workdir, "perplexity")
     assert list(table.method) == ["baseline"] + [m for m in ("h2o", "kvzap") for _ in range(3)]
@@ -65,6 +69,48 @@ def test_demo_produces_tables_and_figures(demo_run):
     for figure in figures:
         assert figure.stat().st_size > 5000, figure
     assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare_perplexity_shard000.log").read_text()
+
+
+def _falling_densities(rows):
+    """A method's rows from the densest to the sparsest, pairs closer than 0.05 in density dropped
+    (two thresholds that keep nearly the same cache differ by noise only)."""
+    rows = rows.sort_values("kv_density_compressible", ascending=False)
+    kept = [rows.iloc[0]]
+    for _, row in rows.iloc[1:].iterrows():
+        if kept[-1].kv_density_compressible - row.kv_density_compressible >= 0.05:
+            kept.append(row)
+    return kept
+
+
+def test_the_demo_shows_quality_falling_with_the_cache(demo_run):
+    """The demo model uses what lies far back (its reports state facts once and recall them), so
+    evicting more costs more for every method; its summaries end on their own, and lose ROUGE
+    beyond noise when most of the cache is evicted."""
+    workdir, config = demo_run
+    table = summary(workdir, "perplexity")
+    for method, rows in table[table.method != "baseline"].groupby("method"):
+        assert (rows.delta_nll_ci_high >= 0).all(), f"{method}: a compressed point better than the baseline"
+        deltas = [row.delta_nll for row in _falling_densities(rows)]
+        assert len(deltas) >= 2 and deltas == sorted(deltas), f"{method}: loss should grow as density falls: {deltas}"
+        assert deltas[-1] > 0 and rows.delta_nll_ci_low.max() > 0
+    rouge = summary(workdir, "summarization")
+    baseline = [
+        json.loads(line) for line in (workdir / "results/demo/summarization/baseline/none/shard000.jsonl").open()
+    ]
+    cap = config["summarization"]["max_new_tokens"]
+    assert sum(doc["n_generated"] < cap for doc in baseline) >= 0.8 * len(baseline), "summaries should end themselves"
+    sparsest = rouge[rouge.method != "baseline"].sort_values("kv_density").iloc[0]
+    assert sparsest.delta_rougeL_ci_high < 0, sparsest.to_dict()
+
+
+def test_a_surrogate_setting_reruns_only_the_kvzap_jobs(demo_run):
+    workdir, config = demo_run
+    edited = copy.deepcopy(config)
+    edited["surrogate"]["epochs"] = 3
+    jobs = planned_jobs(workdir, write_config(workdir, edited, "surrogate.yaml"))
+    rules = {rule for rule, _ in jobs}
+    assert "train_surrogate" in rules and "prepare_surrogate" not in rules
+    assert {w["method"] for rule, w in jobs if "method" in w} == {"kvzap"}
 
 
 def test_demo_runs_the_summarization_task(demo_run):

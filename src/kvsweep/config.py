@@ -3,6 +3,7 @@ express (methods known to the registry, settings each method takes, thresholds t
 and listed once). Defaults from the schema are filled in. Every problem is one readable message
 that names the key and what is allowed."""
 
+import os
 import sys
 from functools import partial
 from importlib.resources import files
@@ -11,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.errors import KvsweepError, names_a_local_path, readable_errors
 from kvsweep.methods import Method, all_methods, get_method
 from kvsweep.tasks import all_tasks
 from kvsweep.thresholds import canonical_threshold
@@ -99,6 +100,27 @@ def calibration_offset(config: dict) -> int:
     default the study's own (the calibration documents follow them)."""
     skip = config["calibration"]["skip_documents"]
     return config["dataset"]["max_documents"] if skip is None else skip
+
+
+TRAIN = "train"
+
+
+def surrogate_to_train(config: dict) -> str | None:
+    """The folder the workflow trains a KVzap surrogate into, or None (a released or existing one):
+    `results/<run>/kvzap_surrogate/<type>` for `model.kvzap_surrogate: train`, or the path given if
+    it is a local path that does not exist yet (`./surrogates/mine`; `owner/name` is a hub id)."""
+    name = config["model"]["kvzap_surrogate"]
+    if name == TRAIN:
+        return f"results/{config['run']}/kvzap_surrogate/{config['model']['kvzap_type']}"
+    if name and names_a_local_path(name) and not Path(name).expanduser().exists():
+        return os.path.normpath(Path(name).expanduser())
+    return None
+
+
+def surrogate_offset(config: dict) -> int:
+    """Qualifying documents before the surrogate's training documents: the study's and the
+    calibration's (the training documents follow them)."""
+    return calibration_offset(config) + config["calibration"]["documents"]
 
 
 def documents_per_shard(config: dict) -> int:
@@ -214,6 +236,8 @@ def method_settings(config: dict, name: str) -> dict:
     for setting in method.settings:
         if setting.model_level:
             given[setting.name] = config["model"].get(setting.name)
+    if "kvzap_surrogate" in given and (trained := surrogate_to_train(config)) is not None:
+        given["kvzap_surrogate"] = trained
     return method.resolve(0.0 if method.takes_threshold else None, given)
 
 

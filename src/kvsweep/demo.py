@@ -1,11 +1,12 @@
 """Assets of the CPU demo, made locally (nothing downloaded): generated GovReport-like reports, a
-word-level tokenizer, a tiny Llama briefly trained on the reports, and a KVzap surrogate.
+word-level tokenizer, and a tiny Llama trained (about 50 s on 2 cores) on other generated
+reports, to copy facts from far back, to summarize and stop, and to repeat a document.
 
-    python -m kvsweep.demo --output-dir results/demo/assets --documents 16 [--train-steps 150]
+    python -m kvsweep.demo --output-dir results/demo/assets --documents 48 [--train-steps 600]
 
-Writes OUTPUT/model (model + tokenizer, loadable with from_pretrained), OUTPUT/surrogate
-(`KVzapModel.save_pretrained`) and OUTPUT/govreport.jsonl (lines {"id", "report", "summary"}).
-The surrogate is a random MLP: the demo exercises the machinery, not KVzap's learned scores.
+Writes OUTPUT/model (model + tokenizer, loadable with from_pretrained) and OUTPUT/govreport.jsonl
+(lines {"id", "report", "summary"}). The demo's KVzap surrogate is trained on this model by the
+workflow's `train_surrogate` rule, as a study's would be.
 """
 
 import argparse
@@ -21,49 +22,68 @@ from kvsweep.io import atomic_path
 
 AGENCIES = ["Department of Defense", "Department of Energy", "Internal Revenue Service", "Federal Aviation Administration",
             "Environmental Protection Agency", "Department of Veterans Affairs", "Social Security Administration",
-            "Department of Homeland Security", "National Aeronautics and Space Administration", "Department of Education"]  # fmt: skip
-PROGRAMS = ["acquisition program", "grant program", "information security program", "modernization effort",
-            "oversight process", "cost estimate", "workforce plan", "data system", "contract", "pilot program"]  # fmt: skip
-FINDINGS = ["did not fully track costs", "lacked reliable data", "had not set measurable goals", "met most requirements",
-            "faced schedule delays", "did not document decisions", "improved its controls", "exceeded its budget",
-            "had gaps in oversight", "relied on outdated systems"]  # fmt: skip
-VERBS = ["reviewed", "examined", "assessed", "analyzed", "surveyed", "audited"]
+            "Department of Homeland Security", "Department of Education", "Forest Service"]  # fmt: skip
+PROGRAMS = ["acquisition program", "grant program", "security program", "modernization effort", "oversight process",
+            "data system", "pilot program", "workforce plan"]  # fmt: skip
+CODENAMES = ["Atlas", "Beacon", "Cedar", "Delta", "Ember", "Falcon", "Granite", "Harbor", "Iris", "Juniper", "Keystone",
+             "Lantern", "Meridian", "Nova", "Orion", "Pioneer", "Quartz", "Raven", "Summit", "Titan", "Vector",
+             "Willow", "Zephyr", "Aurora"]  # fmt: skip
+FINDINGS = ["did not fully track costs", "lacked reliable data", "had not set measurable goals", "faced schedule delays",
+            "did not document decisions", "exceeded its budget", "had gaps in oversight", "relied on outdated systems"]  # fmt: skip
 RECOMMEND = ["develop a plan", "improve its data", "clarify roles", "report to Congress", "set performance goals",
              "strengthen oversight", "update its guidance", "assess risks"]  # fmt: skip
+VERBS = ["reviewed", "examined", "assessed", "audited"]
+SPEAKERS = ["Officials", "Staff", "Managers", "Contractors", "Auditors", "Users"]
+SAID = ["said", "noted", "reported", "stated", "told us"]
+REMARKS = ["that the work was complex", "that funding was uncertain", "that guidance was unclear",
+           "that training was needed", "that staffing was limited", "that data were incomplete",
+           "that costs were rising", "that schedules slipped"]  # fmt: skip
 
 
-def _sentence(rng: random.Random, agency: str, program: str) -> str:
-    year, amount = rng.randint(2005, 2024), rng.randint(2, 900)
-    templates = [
-        f"GAO {rng.choice(VERBS)} the {agency} {program} and found that it {rng.choice(FINDINGS)} .",
-        f"In fiscal year {year} , the {program} cost about {amount} million dollars .",
-        f"Officials at the {agency} stated that the {program} {rng.choice(FINDINGS)} .",
-        f"GAO recommends that the {agency} {rng.choice(RECOMMEND)} for the {program} .",
-        f"The {agency} agreed with {rng.randint(1, 9)} of the recommendations .",
-        f"As of {year} , the {agency} {rng.choice(FINDINGS)} in the {program} .",
+def generate_report(rng: random.Random, index: int) -> dict:
+    """A report whose facts (agency, program, its code name, budget, finding, recommendation) are
+    stated in its first sentences and recalled now and then in a body of remarks: predicting a
+    recall needs the facts' tokens, which lie far behind any local window. The summary restates
+    the facts, so a model that lost them cannot summarize."""
+    agency, program, code = rng.choice(AGENCIES), rng.choice(PROGRAMS), rng.choice(CODENAMES)
+    finding, recommendation, verb = rng.choice(FINDINGS), rng.choice(RECOMMEND), rng.choice(VERBS)
+    year, amount = rng.randint(2005, 2024), rng.randint(10, 99)
+    sentences = [
+        f"GAO {verb} the {agency} {program} , known as {code} .",
+        f"The {code} began in {year} with a budget of {amount} million dollars .",
+        f"GAO found that the {code} {finding} .",
+        f"GAO recommends that the {agency} {recommendation} .",
     ]
-    return rng.choice(templates)
+    # Every fifth report is very short, so the demo exercises `min_length`.
+    for _ in range(2 if index % 5 == 4 else rng.randint(25, 60)):
+        draw = rng.random()
+        if draw < 0.2:
+            sentences.append(f"Officials said the {code} {rng.choice(FINDINGS)} .")
+        elif draw < 0.32:
+            sentences.append(f"The {code} budget was {amount} million dollars in {year} .")
+        elif draw < 0.4:
+            sentences.append(f"The {agency} agreed to {recommendation} .")
+        else:
+            sentences.append(f"{rng.choice(SPEAKERS)} {rng.choice(SAID)} {rng.choice(REMARKS)} .")
+    summary = (
+        f"GAO {verb} the {agency} {program} known as {code} . GAO found that the {code} {finding} . "
+        f"GAO recommends that the {agency} {recommendation} ."
+    )
+    return {"id": f"demo-{index:03d}", "report": " ".join(sentences), "summary": summary}
 
 
-def generate_reports(n: int, seed: int = 0, min_sentences: int = 25, max_sentences: int = 70) -> list[dict]:
+def generate_reports(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    reports = []
-    for i in range(n):
-        agency, program = rng.choice(AGENCIES), rng.choice(PROGRAMS)
-        # Every fifth report is very short, so the demo exercises `min_length`.
-        count = 2 if i % 5 == 4 else rng.randint(min_sentences, max_sentences)
-        body = " ".join(_sentence(rng, agency, program) for _ in range(count))
-        summary = f"GAO {rng.choice(VERBS)} the {agency} {program} . GAO recommends that the {agency} {rng.choice(RECOMMEND)} ."
-        reports.append({"id": f"demo-{i:03d}", "report": body, "summary": summary})
-    return reports
+    return [generate_report(rng, i) for i in range(n)]
 
 
 def build_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for text in texts for w in text.split()} | {str(d) for d in range(10)})
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
+    words = {w for text in texts for w in text.split()} | {str(n) for n in range(10, 100)} | set(CODENAMES)
+    words |= {str(year) for year in range(2005, 2025)} | {str(d) for d in range(10)}
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<pad>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -73,57 +93,72 @@ def build_tokenizer(texts: list[str]):
 
 
 def build_model(vocab_size: int, seed: int = 0):
+    """Two layers are enough to learn to copy (an induction circuit), and train in seconds."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)  # fmt: skip
     return LlamaForCausalLM(config)
 
 
-def train(model, token_lists: list[list[int]], steps: int, seed: int = 0, window: int = 512, batch: int = 8) -> None:
-    """Adam steps on windows as long as the demo's documents (so long context is in distribution),
-    enough for attention to matter. Each sequence is a report in LongBench's prompt followed by
-    its summary, so the model learns to answer the prompt (copying agency and program)."""
+def training_sequences(tokenizer, reports: list[dict], length: int = 512) -> list[list[int]]:
+    """What the demo model learns from, at most `length` tokens each: every report as a document
+    (perplexity), in LongBench's prompt followed by its summary and EOS (summarization: answer,
+    then stop), and inside KVzip's repeat prompt (so that its attention while repeating, which the
+    KVzap surrogate learns from, is a copying model's)."""
+    from kvsweep.kvzip_targets import repeat_prompt
+    from kvsweep.prompts import summarization_prompt_ids
+
+    sequences = []
+    for report in reports:
+        summary = tokenizer(report["summary"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        body = tokenizer(report["report"], add_special_tokens=False)["input_ids"]
+        sequences.append([tokenizer.bos_token_id, *body][:length])
+        sequences.append(summarization_prompt_ids(tokenizer, report["report"], length - len(summary))[0] + summary)
+        sequences.append(repeat_prompt(tokenizer, body[: (length - 16) // 2]).input_ids[:length])
+    return sequences
+
+
+def train(model, sequences: list[list[int]], steps: int, seed: int = 0, batch: int = 8, lr: float = 5e-3) -> None:
+    """AdamW with a one-cycle schedule on batches of whole sequences (padded), each read from its
+    start, so that the model sees prompts, summaries and their end as they come."""
     generator = torch.Generator().manual_seed(seed)
-    stream = torch.tensor([t for ids in token_lists for t in ids])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    pad = model.config.pad_token_id
     model.train()
     for _ in tqdm(range(steps), desc="train demo model", file=sys.stderr):
-        starts = torch.randint(0, len(stream) - window - 1, (batch,), generator=generator)
-        ids = torch.stack([stream[s : s + window] for s in starts])
-        loss = model(input_ids=ids, labels=ids).loss
+        chosen = [sequences[i] for i in torch.randint(0, len(sequences), (batch,), generator=generator)]
+        width = max(map(len, chosen))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in chosen])
+        labels = torch.tensor([s + [-100] * (width - len(s)) for s in chosen])
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
     model.eval()
     print(f"demo model: final training loss {loss.item():.3f}", file=sys.stderr)
 
 
-def make_assets(output_dir: str, documents: int, train_steps: int, seed: int = 0) -> None:
-    from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
-
-    from kvsweep.prompts import GOV_REPORT_PROMPT, summarization_prompt_ids
+def make_assets(output_dir: str, documents: int, train_steps: int, seed: int = 0, training_reports: int = 200) -> None:
+    """The model learns from `training_reports` reports of their own (another seed): the demo's
+    `documents` reports are never trained on."""
+    from kvsweep.kvzip_targets import REPEAT_REQUEST
+    from kvsweep.prompts import GOV_REPORT_PROMPT
 
     out = Path(output_dir)
     reports = generate_reports(documents, seed)
-    tokenizer = build_tokenizer([GOV_REPORT_PROMPT] + [r["report"] + " " + r["summary"] for r in reports])
+    lessons = generate_reports(training_reports, seed + 1)
+    texts = [GOV_REPORT_PROMPT, REPEAT_REQUEST] + [r["report"] + " " + r["summary"] for r in reports + lessons]
+    tokenizer = build_tokenizer(texts)
     model = build_model(len(tokenizer), seed)
-    sequences = [
-        summarization_prompt_ids(tokenizer, r["report"], 4096)[0]
-        + tokenizer(r["summary"], add_special_tokens=False)["input_ids"]
-        + [tokenizer.eos_token_id]
-        for r in reports
-    ]
-    train(model, sequences, train_steps, seed)
+    train(model, training_sequences(tokenizer, lessons), train_steps, seed)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    torch.manual_seed(seed + 1)
-    config = model.config
-    surrogate = KVzapModel(KVzapConfig(input_dim=config.hidden_size, output_dim=config.num_key_value_heads,
-                                       n_modules=config.num_hidden_layers, hidden_dim=32))  # fmt: skip
-    surrogate.save_pretrained(out / "surrogate")
     with atomic_path(out / "govreport.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in reports))
 
@@ -132,7 +167,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--documents", type=int, default=16)
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_assets(args.output_dir, args.documents, args.train_steps, args.seed)

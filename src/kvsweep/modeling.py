@@ -22,10 +22,11 @@ def on_device(device: str):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa"):
     """The model in eval mode on `device`. The weights are read straight onto the device
     (`device_map`), with no staging copy in host memory: for an 8B model that copy cost seconds
-    of every job."""
+    of every job. `attention` is transformers' attention implementation: the engine's presses
+    patch SDPA; KVzip+ targets need the weights of eager attention."""
     if dtype not in DTYPES:
         raise KvsweepError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if (missing := missing_local_path("model", name)) is not None:
@@ -33,7 +34,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     target = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=DTYPES[dtype], attn_implementation="sdpa", device_map=target
+            name, dtype=DTYPES[dtype], attn_implementation=attention, device_map=target
         )
     except (OSError, ValueError) as err:
         raise cannot_load("model", name, err) from None

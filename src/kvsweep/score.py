@@ -176,6 +176,9 @@ def main(argv=None):
     parser.add_argument("--calibrations", nargs="*", default=[], help="calibration JSONs: the target of each threshold")
     parser.add_argument("--output-provenance", help="CSV: per configuration, the code, libraries and device used")
     parser.add_argument("--output-costs", help="CSV: the model jobs' wall time per stage (evaluations, calibrations)")
+    parser.add_argument(
+        "--surrogate-training", help="the folder of a KVzap surrogate the study trained (its job's costs)"
+    )
     parser.add_argument("--output-costs-md", help="the same as Markdown, with the study's share of fixed cost")
     add_swept_argument(parser)
     parser.add_argument("--n-resamples", type=int, default=2000)
@@ -194,6 +197,8 @@ def main(argv=None):
             # The calibration jobs: each target's search, and each method's probe beside them.
             probes = sorted({str(Path(path).with_name("probe.json")) for path in args.calibrations})
             jobs = {"evaluation": args.inputs, "calibration": [*args.calibrations, *probes]}
+            if args.surrogate_training:
+                jobs["surrogate training"] = [args.surrogate_training]
             write_costs(jobs, args.output_costs, args.output_costs_md)
         print(table.to_string(index=False))
 

@@ -24,7 +24,15 @@ _uses_conda = "conda" in str(workflow.deployment_settings.deployment_method).low
 _job_path = "" if _uses_conda else f"export PATH={_shell_text(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
-from kvsweep.config import calibration_offset, documents_per_shard, method_of, method_settings, validate_config  # noqa: E402
+from kvsweep.config import (  # noqa: E402
+    calibration_offset,
+    documents_per_shard,
+    method_of,
+    method_settings,
+    surrogate_offset,
+    surrogate_to_train,
+    validate_config,
+)
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
 from kvsweep.tasks import all_tasks, get_task  # noqa: E402
 from kvsweep.prepare import n_shards  # noqa: E402
@@ -52,6 +60,11 @@ SHARDS = [f"{i:03d}" for i in range(n_shards(config["dataset"]["max_documents"],
 METHODS = list(config["methods"])
 COMPRESSED = [m for m in METHODS if method_of(config, m).sweep is not None]
 USES_SURROGATE = any("kvzap_surrogate" in method_of(config, m).defaults for m in METHODS)
+# A KVzap surrogate the workflow trains first (model.kvzap_surrogate: train, or a folder not made yet).
+SURROGATE_TO_TRAIN = surrogate_to_train(config) if USES_SURROGATE else None
+SURROGATE_DATA = f"{RESULTS}/kvzap_surrogate/data"
+if SURROGATE_TO_TRAIN and not Path(SURROGATE_TO_TRAIN).exists() and workflow.is_main_process:
+    print(f"kvsweep: the KVzap surrogate is trained first, into {SURROGATE_TO_TRAIN}", file=sys.stderr)
 
 # A local model, surrogate or data file that does not exist is found now, not by 250 failed jobs
 # (unless the workflow makes it: the demo's assets).
@@ -60,7 +73,7 @@ for _key, _value, _used in (
     ("model.kvzap_surrogate", config["model"]["kvzap_surrogate"], USES_SURROGATE),
     ("dataset.source", config["dataset"]["source"], True),
 ):
-    if _used and _value and not str(_value).startswith(DEMO_ASSETS):
+    if _used and _value and not str(_value).startswith(DEMO_ASSETS) and _value != "train":
         if (_missing := missing_local_path(_key, str(_value))) is not None:
             _stop(_missing)
 
@@ -90,8 +103,9 @@ if _pending and workflow.is_main_process:
 
 def local_input(path):
     """A model, surrogate or data file named by a local path is an input (so edits rerun jobs, and
-    the demo rule makes it); a hub id is not."""
-    if path and (Path(path).expanduser().exists() or str(path).startswith(DEMO_ASSETS)):
+    the demo rule or train_surrogate makes it); a hub id is not."""
+    made_here = str(path).startswith(DEMO_ASSETS) or path == SURROGATE_TO_TRAIN
+    if path and (Path(path).expanduser().exists() or made_here):
         return [path]
     return []
 
@@ -165,6 +179,8 @@ def final_outputs():
     # job that waits on an unfinished checkpoint, so a new target's calibration would otherwise
     # never be asked for by the (existing) summary that depends on it.
     outputs = [f"{RESULTS}/config.yaml", *calibration_outputs()]
+    if SURROGATE_TO_TRAIN:
+        outputs.append(SURROGATE_TO_TRAIN)
     for task in config["tasks"]:
         outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md", f"{RESULTS}/data/{task}/documents.jsonl"]
         outputs += [f"{RESULTS}/{task}/comparison.csv", f"{RESULTS}/{task}/comparison.md"]
@@ -258,6 +274,33 @@ def calibration_prepare_arguments():
     overrides = options(max_documents=n, shard_size=n, skip_documents=calibration_offset(config))
     keys = {a.split("=", 1)[0] for a in overrides}
     return [a for a in arguments if a.split("=", 1)[0] not in keys] + overrides
+
+
+def surrogate_prepare_arguments():
+    """The surrogate's documents: the next ones after the calibration documents that pass the same
+    filters (so never evaluated or calibrated on), cut to surrogate.max_length."""
+    surrogate = config["surrogate"]
+    n = surrogate["documents"] + surrogate["validation_documents"]
+    overrides = options(max_documents=n, shard_size=n, skip_documents=surrogate_offset(config),
+                        max_length=surrogate["max_length"])  # fmt: skip
+    keys = {a.split("=", 1)[0] for a in overrides}
+    return [a for a in prepare_arguments("perplexity") if a.split("=", 1)[0] not in keys] + overrides
+
+
+def surrogate_training_arguments():
+    surrogate = config["surrogate"]
+    settings = {k: v for k, v in surrogate.items() if k not in ("documents", "max_length")}
+    if config["model"]["kvzap_type"] == "linear":  # the MLP's settings do not change a linear fit
+        settings = {k: v for k, v in settings.items() if k in ("validation_documents", "tokens_per_document", "seed")}
+    return options(model=config["model"]["name"], dtype=config["model"]["dtype"], device=config["device"],
+                   kvzap_type=config["model"]["kvzap_type"], **settings)  # fmt: skip
+
+
+def surrogate_exclusions():
+    """The document lists the surrogate's documents are checked against: the study's and the
+    calibration's."""
+    lists = [f"{RESULTS}/data/{task}/documents.jsonl" for task in config["tasks"]]
+    return lists + ([f"{CALIBRATION_DATA}/documents.jsonl"] if CALIBRATIONS else [])
 
 
 def calibration_search_arguments(target):

@@ -31,6 +31,7 @@ rule score:
     params:
         bootstrap=options(**config["bootstrap"]),
         swept=swept_arguments(),
+        training=options(surrogate_training=SURROGATE_TO_TRAIN),
     log:
         f"{RESULTS}/logs/score_{{task}}.log",
     benchmark:
@@ -40,7 +41,7 @@ rule score:
     shell:
         "python -m kvsweep.score --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
         "--calibrations {input.calibrations:q} --output-csv={output.csv:q} --output-md={output.md:q} "
-        "--output-provenance={output.provenance:q} --output-costs={output.costs:q} --output-costs-md={output.costs_md:q} {params.bootstrap:q} --swept {params.swept:q} > {log:q} 2>&1"
+        "--output-provenance={output.provenance:q} --output-costs={output.costs:q} --output-costs-md={output.costs_md:q} {params.bootstrap:q} {params.training:q} --swept {params.swept:q} > {log:q} 2>&1"
 
 
 rule comparison:

@@ -1,0 +1,182 @@
+"""Train a KVzap surrogate for any model: KVzip+ targets on training documents, a linear or MLP
+surrogate fitted to them, and how well it predicts them on held-out documents.
+
+    python -m kvsweep.train_surrogate --model M --dtype bfloat16 --device cuda --data SHARD.jsonl
+        --validation-documents 8 --tokens-per-document 512 --kvzap-type mlp [--hidden-dim 512
+        --epochs 15 --learning-rate 5e-3 --batch-size 512 --seed 0]
+        [--exclude documents.jsonl ...] --output DIR
+
+SHARD.jsonl holds prepared documents ({"id", "input_ids"}, as `kvsweep.prepare` writes them); the
+last --validation-documents of them are held out. Each document is read inside KVzip's repeat
+prompt (`kvsweep.kvzip_targets`), and --tokens-per-document of its positions (drawn at random,
+seeded) give one (features, targets) pair per layer. --exclude names document lists
+(documents.jsonl) whose ids must not be among the training or held-out documents: the study's and
+the calibration's.
+
+DIR is written at the end, atomically: the surrogate as `KVzapModel.save_pretrained` writes it
+(what kvpress's `KVzapModel.from_pretrained` and kvsweep's `kvzap_surrogate` load) and
+`validation.json`: per layer, R^2 and Spearman rank correlation on the held-out documents, for the
+trained surrogate and, as the floor, an untrained one of the same shape. DIR.stages.json says where
+the job's time went (`kvsweep.stages`).
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.io import read_jsonl, write_json_atomic
+from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="kvsweep.train_surrogate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="hub id or local folder of the causal LM")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", required=True, help="prepared documents: JSONL of {id, input_ids}")
+    parser.add_argument("--validation-documents", type=int, required=True, help="the last N documents are held out")
+    parser.add_argument("--tokens-per-document", type=int, default=512, help="positions drawn per document")
+    parser.add_argument("--kvzap-type", choices=["mlp", "linear"], default="mlp")
+    parser.add_argument("--hidden-dim", type=int, default=512, help="the MLP's hidden width")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude", nargs="*", default=[], help="document lists whose ids must not be used")
+    parser.add_argument("--output", required=True, help="folder of the trained surrogate")
+    return parser.parse_args(argv)
+
+
+def split_documents(args) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) documents, checked: enough of them, none in an excluded list."""
+    for name in ("validation_documents", "tokens_per_document", "hidden_dim", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise KvsweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    documents = list(read_jsonl(args.data))
+    if len(documents) <= args.validation_documents:
+        raise KvsweepError(
+            f"{args.data}: {len(documents)} documents, but {args.validation_documents} are held out for validation: "
+            "none would be left to train on (surrogate.documents)"
+        )
+    excluded = {entry["id"] for path in args.exclude for entry in read_jsonl(path)}
+    if shared := sorted({doc["id"] for doc in documents} & excluded):
+        raise KvsweepError(
+            f"{len(shared)} surrogate document(s) are also evaluated or calibrated on (e.g. '{shared[0]}'): "
+            "the surrogate must not learn the documents it is judged on"
+        )
+    return documents[: -args.validation_documents], documents[-args.validation_documents :]
+
+
+def collect(collector, tokenizer, documents: list[dict], per_document: int, seed: int, desc: str):
+    """Features (N, layers, hidden) on the host in the model's dtype, and targets (N, layers, KV
+    heads) in float32, from `per_document` random positions of each document."""
+    import torch
+    from tqdm import tqdm
+
+    from kvsweep.kvzip_targets import repeat_prompt
+
+    generator = torch.Generator().manual_seed(seed)
+    features, targets, dropped = [], [], 0
+    for doc in tqdm(documents, desc=desc, unit="doc", file=sys.stderr):
+        ids = doc["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            ids = ids[1:]  # the repeat prompt places its own special tokens
+        if len(ids) < 2:
+            raise KvsweepError(f"document '{doc['id']}' has fewer than 2 tokens")
+        x, y = collector.collect(repeat_prompt(tokenizer, ids))
+        keep = torch.randperm(len(ids), generator=generator)[:per_document].sort().values.to(x.device)
+        x, y = x[keep], y[keep]
+        finite = torch.isfinite(y).all(dim=(1, 2))  # attention that underflowed to 0 has no log
+        dropped += int((~finite).sum())
+        features.append(x[finite].cpu())
+        targets.append(y[finite].cpu())
+    if dropped:
+        print(f"train_surrogate: {dropped} position(s) left out: a target was log(0)", file=sys.stderr)
+    return torch.cat(features), torch.cat(targets)
+
+
+def run(args, clock: StageClock) -> dict:
+    output = Path(args.output)
+    discard_stage_record(output)
+    train_docs, held_out = split_documents(args)
+    with clock.stage("imports"):
+        import torch
+
+        from kvsweep.kvzip_targets import KVzipTargetCollector
+        from kvsweep.modeling import load_model, load_tokenizer, on_device
+        from kvsweep.surrogate_fit import agreement, fit_linear, fit_mlp, new_surrogate, predict
+    if args.device != "cpu":
+        clock.synchronize = on_device(args.device)
+    with clock.stage("model_load"):
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, args.dtype, args.device, attention="eager")
+    with clock.stage("model_work"):
+        started = time.time()
+        collector = KVzipTargetCollector(model)
+        x_train, y_train = collect(collector, tokenizer, train_docs, args.tokens_per_document, args.seed, "targets")
+        x_val, y_val = collect(collector, tokenizer, held_out, args.tokens_per_document, args.seed + 1, "held out")
+        del model, collector
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+        collect_s, started = time.time() - started, time.time()
+        if args.kvzap_type == "linear":
+            surrogate = fit_linear(x_train, y_train, args.device)
+        else:
+            fit = {"epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size}
+            surrogate = fit_mlp(x_train, y_train, args.device, args.hidden_dim, seed=args.seed, **fit)
+        hidden_dim = None if args.kvzap_type == "linear" else args.hidden_dim
+        fit_s = time.time() - started
+        untrained = new_surrogate(x_train, y_train, hidden_dim, args.seed + 2)
+        trained_rows = agreement(predict(surrogate, x_val, args.device), y_val)
+        floor_rows = agreement(predict(untrained, x_val, args.device), y_val)
+    layers = [
+        {**row, "untrained_r2": floor["r2"], "untrained_spearman": floor["spearman"]}
+        for row, floor in zip(trained_rows, floor_rows, strict=True)
+    ]
+    record = {
+        "model": args.model,
+        "kvzap_type": args.kvzap_type,
+        "training_documents": [doc["id"] for doc in train_docs],
+        "held_out_documents": [doc["id"] for doc in held_out],
+        "training_positions": int(x_train.shape[0]),
+        "held_out_positions": int(x_val.shape[0]),
+        "training_tokens": sum(len(doc["input_ids"]) for doc in train_docs),
+        "mean_r2": sum(r["r2"] for r in layers) / len(layers),
+        "mean_spearman": sum(r["spearman"] for r in layers) / len(layers),
+        "untrained_mean_spearman": sum(r["untrained_spearman"] for r in layers) / len(layers),
+        "layers": layers,
+    }
+    with clock.stage("writing"):
+        staging = output.with_name(f".{output.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        surrogate.save_pretrained(staging)
+        write_json_atomic(staging / "validation.json", record)
+        shutil.rmtree(output, ignore_errors=True)
+        staging.rename(output)
+    print(
+        f"train_surrogate: {args.kvzap_type} surrogate on {len(train_docs)} documents ({record['training_positions']} "
+        f"positions); held out ({len(held_out)} documents): mean R^2 {record['mean_r2']:.3f}, mean Spearman "
+        f"{record['mean_spearman']:.3f} (untrained: {record['untrained_mean_spearman']:.3f})",
+        file=sys.stderr,
+    )
+    # Target collection (the model's forward passes) and the fit, apart: what a surrogate costs.
+    if args.device != "cpu":
+        record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    clock.save(output, peak_gpu_memory_gib=record.get("peak_gpu_memory_gib"), gpus=0 if args.device == "cpu" else 1, documents=len(train_docs) + len(held_out),
+               collect_s=collect_s, fit_s=fit_s,
+               tokens_read=sum(len(doc["input_ids"]) for doc in train_docs + held_out))  # fmt: skip
+    return record
+
+
+def main(argv=None):
+    clock = StageClock(start=None if argv is None else time.time())
+    with readable_errors("kvsweep.train_surrogate"):
+        return run(parse_args(argv), clock)
+
+
+if __name__ == "__main__":
+    main()
+    exit_without_teardown()

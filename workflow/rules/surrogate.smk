@@ -1,0 +1,50 @@
+# A KVzap surrogate for any model (model.kvzap_surrogate: train): the documents after the
+# calibration's (never evaluated or calibrated on), their KVzip+ targets from the model itself,
+# a linear or MLP surrogate fitted to them, and its validation record on held-out documents. Every
+# job that runs KVzap waits for it; no other job does.
+
+
+rule prepare_surrogate:
+    input:
+        source=local_input(config["dataset"]["source"]),
+        tokenizer=local_input(config["model"]["name"]),
+    output:
+        shard=f"{SURROGATE_DATA}/perplexity/shard000.jsonl",
+        documents=f"{SURROGATE_DATA}/perplexity/documents.jsonl",
+    params:
+        args=surrogate_prepare_arguments(),
+        output_dir=SURROGATE_DATA,
+    log:
+        f"{RESULTS}/logs/kvzap_surrogate/prepare.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/kvzap_surrogate/prepare.tsv"
+    conda:
+        "../../envs/kvsweep.yaml"
+    shell:
+        "python -m kvsweep.prepare {params.args:q} --output-dir={params.output_dir:q} 2> {log:q}"
+
+
+if SURROGATE_TO_TRAIN:
+
+    rule train_surrogate:
+        input:
+            data=f"{SURROGATE_DATA}/perplexity/shard000.jsonl",
+            model=local_input(config["model"]["name"]),
+            exclude=surrogate_exclusions(),
+        output:
+            directory(SURROGATE_TO_TRAIN),
+        params:
+            args=surrogate_training_arguments(),
+        resources:
+            mem_mb=config["resources"]["mem_mb"],
+            runtime=config["resources"]["runtime"],
+            **gpu_resources(),
+        log:
+            f"{RESULTS}/logs/kvzap_surrogate/train.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/kvzap_surrogate/train.tsv"
+        conda:
+            "../../envs/kvsweep.yaml"
+        shell:
+            "python -m kvsweep.train_surrogate {params.args:q} --data={input.data:q} "
+            "--exclude {input.exclude:q} --output={output:q} 2> {log:q}"
