@@ -270,13 +270,12 @@ def test_the_schema_is_found_after_a_non_editable_install(tmp_path):
     "surrogate,trained",
     [
         ("train", "results/x/kvzap_surrogate/mlp"),
-        ("./surrogates/mine", "surrogates/mine"),  # a local path that does not exist yet: trained into it
-        ("surrogates/a/b", "surrogates/a/b"),
+        ("./surrogates/mine", None),  # a local folder: given (a missing one is an error, found before any job)
         ("nvidia/KVzap-mlp-Llama-3.1-8B-Instruct", None),  # a hub id: loaded
         (None, None),  # kvpress's derived hub id
     ],
 )
-def test_which_surrogate_the_workflow_trains(surrogate, trained, tmp_path):
+def test_which_surrogate_the_workflow_trains(surrogate, trained):
     from kvsweep.config import method_settings, surrogate_offset, surrogate_to_train
 
     config = validate_config({"run": "x", "model": {"name": "m", "kvzap_surrogate": surrogate},
@@ -287,10 +286,8 @@ def test_which_surrogate_the_workflow_trains(surrogate, trained, tmp_path):
     assert method_settings(config, "kvzap")["kvzap_surrogate"] == (trained or surrogate)
     assert "kvzap_surrogate" not in method_settings(config, "h2o")
     assert surrogate_offset(config) == 35  # after the study's 30 and the calibration's 5
-    existing = tmp_path / "made"
-    existing.mkdir()
-    config["model"]["kvzap_surrogate"] = str(existing)
-    assert surrogate_to_train(config) is None
+    config["model"]["kvzap_type"] = "linear"
+    assert surrogate_to_train(config) == (trained and "results/x/kvzap_surrogate/linear")
 
 
 def test_surrogate_settings_are_checked():

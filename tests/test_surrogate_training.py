@@ -24,7 +24,7 @@ def eager_float64_llama(seed=0):
     return model
 
 
-def reference_targets(model, prompt: RepeatPrompt) -> np.ndarray:
+def reference_targets(model, prompt: RepeatPrompt, window: int | None = None) -> np.ndarray:
     """KVzip+ by its definition, one (layer, KV head, document position) at a time, in float64:
     the layer's own q/k/v projections, rotary embedding written out, causal softmax, then
     max over the copy's queries and the KV head's query heads of a(t->i) / ||x_t|| * ||W_o,h v_i||."""
@@ -60,6 +60,8 @@ def reference_targets(model, prompt: RepeatPrompt) -> np.ndarray:
             qh, kh = rotate(q[:, h]), rotate(k[:, kv])
             logits = qh @ kh.T / math.sqrt(d)
             logits = logits.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+            if window is not None:  # a sliding window: query t sees keys t - window + 1 .. t
+                logits = logits.masked_fill(torch.tril(torch.ones(T, T, dtype=torch.bool), -window), float("-inf"))
             a = torch.softmax(logits, dim=-1)
             for j, i in enumerate(doc):
                 wov = torch.linalg.norm(w_o[:, h * d : (h + 1) * d] @ v[i, kv]).item()
@@ -83,6 +85,45 @@ def test_kvzip_plus_targets_match_a_direct_float64_computation():
             np.testing.assert_allclose(features[:, index], layer.input_layernorm(hidden[index])[0, 1:12], rtol=1e-12)
 
 
+def test_sliding_window_targets_read_every_positions_value():
+    """A model with a sliding window: the cache must still hold every position's value (a cache
+    built from the config keeps only the window's), and keys outside every copy query's window
+    get log(0)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                           initializer_range=0.15, max_position_embeddings=256)  # fmt: skip
+    model = MistralForCausalLM(config).double().eval()
+    model.set_attn_implementation("eager")
+    document = random_documents([20], seed=6)[0]
+    prompt = RepeatPrompt([1, *document, 7, 8, *document], slice(1, 21), slice(23, 43))
+    _, targets = KVzipTargetCollector(model).collect(prompt)
+    expected = reference_targets(model, prompt, window=16)
+    np.testing.assert_allclose(targets.permute(1, 2, 0).double().numpy(), expected, rtol=1e-6, atol=1e-9)
+    assert np.isinf(expected).any() and np.isfinite(expected).any()
+
+
+def test_log_zero_targets_are_set_to_their_layers_smallest(tmp_path):
+    from kvsweep.train_surrogate import collect
+
+    class Fixed:
+        def collect(self, prompt):
+            y = torch.tensor([[[-1.0, -2.0]], [[float("-inf"), -3.0]], [[-0.5, float("-inf")]]])  # (3, 1, 2)
+            return torch.zeros(3, 1, 4), y
+
+    class Tokenizer:
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1, 5] if add_special_tokens else [5]}
+
+    features, targets, clamped = collect(Fixed(), Tokenizer(), [{"id": "a", "input_ids": [1, 4, 5, 6]}], 3, 0, "t")
+    assert clamped == 2 and features.shape == (3, 1, 4)
+    assert sorted(targets.flatten().tolist()) == [-3.0, -3.0, -3.0, -2.0, -1.0, -0.5]
+
+
 def test_kvzip_targets_need_eager_attention(model):
     with pytest.raises(ValueError, match="eager"):
         KVzipTargetCollector(model)
@@ -96,7 +137,7 @@ def test_repeat_prompt_holds_two_identical_copies():
     )
     document = tokenizer("the report said that costs rose", add_special_tokens=False)["input_ids"]
     plain = repeat_prompt(tokenizer, document)
-    assert plain.input_ids[0] == tokenizer.bos_token_id
+    assert plain.input_ids[0] == tokenizer.bos_token_id  # this tokenizer starts its inputs with BOS
     assert plain.input_ids[plain.document] == document == plain.input_ids[plain.repeat]
     assert plain.repeat.start > plain.document.stop  # the request lies between the copies
     # With a chat template: the user's message holds the document and the request, the assistant's

@@ -44,7 +44,6 @@ def test_demo_produces_tables_and_figures(demo_run):
     # The KVzap surrogate's training job is billed as a kind of its own.
     training = json.loads((results / "kvzap_surrogate" / "mlp.stages.json").read_text())
     assert walls["surrogate training"] == pytest.approx(training["wall_s"])
-    assert training["collect_s"] + training["fit_s"] <= training["stages_s"]["model_work"]
     assert walls["all"] == pytest.approx(walls["evaluation"] + walls["calibration"] + walls["surrogate training"])
     assert "calibration jobs (6):" in (results / "perplexity" / "job_costs.md").read_text()
     table = summary(workdir, "perplexity")

@@ -3,7 +3,6 @@ express (methods known to the registry, settings each method takes, thresholds t
 and listed once). Defaults from the schema are filled in. Every problem is one readable message
 that names the key and what is allowed."""
 
-import os
 import sys
 from functools import partial
 from importlib.resources import files
@@ -12,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from kvsweep.errors import KvsweepError, names_a_local_path, readable_errors
+from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.methods import Method, all_methods, get_method
 from kvsweep.tasks import all_tasks
 from kvsweep.thresholds import canonical_threshold
@@ -106,14 +105,15 @@ TRAIN = "train"
 
 
 def surrogate_to_train(config: dict) -> str | None:
-    """The folder the workflow trains a KVzap surrogate into, or None (a released or existing one):
-    `results/<run>/kvzap_surrogate/<type>` for `model.kvzap_surrogate: train`, or the path given if
-    it is a local path that does not exist yet (`./surrogates/mine`; `owner/name` is a hub id)."""
-    name = config["model"]["kvzap_surrogate"]
-    if name == TRAIN:
+    """The folder the workflow trains a KVzap surrogate into for `model.kvzap_surrogate: train`,
+    `results/<run>/kvzap_surrogate/<type>`, or None (a released surrogate, or a folder given).
+
+    One fixed place, rather than any folder that does not exist yet: such a folder would be "to be
+    made" on the first run and "given" on the next, and the plan would change under the user (the
+    rule gone, edits of `surrogate:` ignored). Naming this folder explicitly later gives every KVzap
+    job the same arguments, so switching from `train` to the path reruns nothing."""
+    if config["model"]["kvzap_surrogate"] == TRAIN:
         return f"results/{config['run']}/kvzap_surrogate/{config['model']['kvzap_type']}"
-    if name and names_a_local_path(name) and not Path(name).expanduser().exists():
-        return os.path.normpath(Path(name).expanduser())
     return None
 
 
@@ -236,8 +236,8 @@ def method_settings(config: dict, name: str) -> dict:
     for setting in method.settings:
         if setting.model_level:
             given[setting.name] = config["model"].get(setting.name)
-    if "kvzap_surrogate" in given and (trained := surrogate_to_train(config)) is not None:
-        given["kvzap_surrogate"] = trained
+    if given.get("kvzap_surrogate") == TRAIN:
+        given["kvzap_surrogate"] = surrogate_to_train(config)
     return method.resolve(0.0 if method.takes_threshold else None, given)
 
 

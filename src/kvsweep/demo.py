@@ -81,8 +81,7 @@ def build_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = {w for text in texts for w in text.split()} | {str(n) for n in range(10, 100)} | set(CODENAMES)
-    words |= {str(year) for year in range(2005, 2025)} | {str(d) for d in range(10)}
+    words = {w for text in texts for w in text.split()} | {str(d) for d in range(10)}
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", "<pad>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -154,6 +153,8 @@ def make_assets(output_dir: str, documents: int, train_steps: int, seed: int = 0
     reports = generate_reports(documents, seed)
     lessons = generate_reports(training_reports, seed + 1)
     texts = [GOV_REPORT_PROMPT, REPEAT_REQUEST] + [r["report"] + " " + r["summary"] for r in reports + lessons]
+    # Every amount, year and code name the generator can draw, seen in training or not.
+    texts.append(" ".join([*map(str, range(10, 100)), *map(str, range(2005, 2025)), *CODENAMES]))
     tokenizer = build_tokenizer(texts)
     model = build_model(len(tokenizer), seed)
     train(model, training_sequences(tokenizer, lessons), train_steps, seed)

@@ -40,9 +40,11 @@ def repeat_prompt(tokenizer, document_ids: list[int]) -> RepeatPrompt:
     """KVzip's repeat prompt around `document_ids` (the document's tokens, no special tokens).
 
     With a chat template: the user asks for the document then its repetition, the assistant answers
-    with it (as the kvpress recipe does). Without one: BOS, the document, the request, the copy.
+    with it (as the kvpress recipe does). Without one: the document, the request, the copy. BOS
+    first if the tokenizer puts it first.
     The pieces around the document are tokenized apart from it, so both copies are token for token
     the same (tokenizing the whole text at once can merge a copy's first token with what precedes)."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     if getattr(tokenizer, "chat_template", None):
         rendered = tokenizer.apply_chat_template(
             [
@@ -55,14 +57,22 @@ def repeat_prompt(tokenizer, document_ids: list[int]) -> RepeatPrompt:
         if len(pieces) != 3:
             raise KvsweepError("the chat template does not show the user's and the assistant's messages as given")
         prefix, request, suffix = (tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in pieces)
+        if bos and prefix[:1] != bos:  # a template that leaves BOS to the tokenizer
+            prefix = bos + prefix
     else:
-        prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prefix = bos
         request = tokenizer(REPEAT_REQUEST + "\n\n", add_special_tokens=False)["input_ids"]
         suffix = []
     first = len(prefix)
     second = first + len(document_ids) + len(request)
     ids = [*prefix, *document_ids, *request, *document_ids, *suffix]
     return RepeatPrompt(ids, slice(first, first + len(document_ids)), slice(second, second + len(document_ids)))
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts what it encodes with BOS (Llama's do, GPT-NeoX's do not): the
+    repeat prompt starts as the model's inputs always do."""
+    return tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def kvzip_plus_scores(
@@ -96,22 +106,27 @@ class KVzipTargetCollector:
     KVzip+ targets (document positions x KV heads)."""
 
     def __init__(self, model):
-        if not hasattr(getattr(model, "model", None), "layers"):
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        attention = [getattr(layer, "self_attn", None) for layer in layers or []]
+        if not attention or not all(hasattr(a, "o_proj") and hasattr(a, "layer_idx") for a in attention):
             raise KvsweepError(
-                f"{type(model).__name__}: no decoder layers at model.model.layers to take KVzip+ targets from"
+                f"{type(model).__name__}: KVzip+ targets need decoder layers at model.model.layers whose "
+                "self_attn has o_proj and layer_idx (Llama, Mistral, Qwen2/3 and their kin)"
             )
         if model.config._attn_implementation != "eager":
             raise ValueError(
                 "KVzip+ targets need the attention weights: load the model with attn_implementation='eager'"
             )
         self.model = model
-        self.layers = [layer.self_attn for layer in model.model.layers]
+        self.layers = attention
         self._prompt: RepeatPrompt | None = None
         self._found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _hook(self, module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         values = kwargs["past_key_values"].layers[module.layer_idx].values
+        if output[1] is None:
+            raise KvsweepError(f"layer {module.layer_idx}: the attention returned no weights (eager attention needed)")
         scores = kvzip_plus_scores(output[1][0], hidden[0], values[0], module.o_proj.weight, self._prompt)
         self._found[module.layer_idx] = (hidden[0, self._prompt.document], scores.T)
         return output
@@ -126,8 +141,10 @@ class KVzipTargetCollector:
         handles = [layer.register_forward_hook(self._hook, with_kwargs=True) for layer in self.layers]
         try:
             ids = torch.tensor([prompt.input_ids], device=self.model.device)
-            # The values are read from the cache: its layers hold exactly what attention used.
-            self.model.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+            # The values are read from the cache: its layers hold exactly what attention used. Built
+            # without the config, every layer keeps every position (a config with a sliding window
+            # gives layers that keep only the window's last tokens; its mask still applies).
+            self.model.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
         finally:
             for handle in handles:
                 handle.remove()

@@ -120,7 +120,7 @@ def prepare(args) -> dict:
     if not kept and args.skip_documents:
         raise KvsweepError(
             f"no document of '{args.source}' with at least {args.min_length} tokens is left after the first "
-            f"{args.skip_documents} ({stats['read']} read): the calibration needs documents beyond the study's"
+            f"{args.skip_documents} ({stats['read']} read): the calibration (and a surrogate's training) needs documents beyond the study's"
         )
     if not kept:
         raise KvsweepError(

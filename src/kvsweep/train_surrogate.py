@@ -71,31 +71,44 @@ def split_documents(args) -> tuple[list[dict], list[dict]]:
 
 
 def collect(collector, tokenizer, documents: list[dict], per_document: int, seed: int, desc: str):
-    """Features (N, layers, hidden) on the host in the model's dtype, and targets (N, layers, KV
-    heads) in float32, from `per_document` random positions of each document."""
+    """Features (N, layers, hidden) on the host in the model's dtype, targets (N, layers, KV heads)
+    in float32, from `per_document` random positions of each document, and how many targets were
+    log(0) (attention that underflowed, or a key outside a sliding window): those are set to the
+    smallest finite target of their document and layer, not dropped, since dropping would remove
+    exactly the unimportant positions the surrogate must learn to rank low."""
     import torch
     from tqdm import tqdm
 
     from kvsweep.kvzip_targets import repeat_prompt
 
-    generator = torch.Generator().manual_seed(seed)
-    features, targets, dropped = [], [], 0
-    for doc in tqdm(documents, desc=desc, unit="doc", file=sys.stderr):
-        ids = doc["input_ids"]
-        if ids and ids[0] == tokenizer.bos_token_id:
-            ids = ids[1:]  # the repeat prompt places its own special tokens
+    bodies = [
+        doc["input_ids"][1:] if doc["input_ids"][:1] == [tokenizer.bos_token_id] else doc["input_ids"]
+        for doc in documents
+    ]  # fmt: skip  (the repeat prompt places its own special tokens)
+    for doc, ids in zip(documents, bodies, strict=True):
         if len(ids) < 2:
             raise KvsweepError(f"document '{doc['id']}' has fewer than 2 tokens")
+    total = sum(min(len(ids), per_document) for ids in bodies)
+    generator = torch.Generator().manual_seed(seed)
+    features = targets = None  # allocated once the first document gives the shapes (no copy at the end)
+    filled = clamped = 0
+    for ids in tqdm(bodies, desc=desc, unit="doc", file=sys.stderr):
         x, y = collector.collect(repeat_prompt(tokenizer, ids))
         keep = torch.randperm(len(ids), generator=generator)[:per_document].sort().values.to(x.device)
-        x, y = x[keep], y[keep]
-        finite = torch.isfinite(y).all(dim=(1, 2))  # attention that underflowed to 0 has no log
-        dropped += int((~finite).sum())
-        features.append(x[finite].cpu())
-        targets.append(y[finite].cpu())
-    if dropped:
-        print(f"train_surrogate: {dropped} position(s) left out: a target was log(0)", file=sys.stderr)
-    return torch.cat(features), torch.cat(targets)
+        x, y = x[keep].cpu(), y[keep].cpu()
+        finite = torch.isfinite(y)
+        if not finite.all():
+            clamped += int((~finite).sum())
+            floor = torch.where(finite, y, torch.inf).amin(dim=(0, 2), keepdim=True)  # per layer
+            if not torch.isfinite(floor).all():
+                raise KvsweepError("every target of a layer is log(0): the model attends to no document position")
+            y = torch.where(finite, y, floor.expand_as(y))
+        if features is None:
+            features = torch.empty((total, *x.shape[1:]), dtype=x.dtype)
+            targets = torch.empty((total, *y.shape[1:]), dtype=torch.float32)
+        features[filled : filled + len(x)], targets[filled : filled + len(x)] = x, y
+        filled += len(x)
+    return features, targets, clamped
 
 
 def run(args, clock: StageClock) -> dict:
@@ -116,8 +129,12 @@ def run(args, clock: StageClock) -> dict:
     with clock.stage("model_work"):
         started = time.time()
         collector = KVzipTargetCollector(model)
-        x_train, y_train = collect(collector, tokenizer, train_docs, args.tokens_per_document, args.seed, "targets")
-        x_val, y_val = collect(collector, tokenizer, held_out, args.tokens_per_document, args.seed + 1, "held out")
+        x_train, y_train, clamped = collect(
+            collector, tokenizer, train_docs, args.tokens_per_document, args.seed, "targets"
+        )
+        x_val, y_val, clamped_val = collect(
+            collector, tokenizer, held_out, args.tokens_per_document, args.seed + 1, "held out"
+        )
         del model, collector
         if args.device != "cpu":
             torch.cuda.empty_cache()
@@ -144,6 +161,8 @@ def run(args, clock: StageClock) -> dict:
         "training_positions": int(x_train.shape[0]),
         "held_out_positions": int(x_val.shape[0]),
         "training_tokens": sum(len(doc["input_ids"]) for doc in train_docs),
+        # Targets that were log(0), set to their layer's smallest (train_surrogate.collect).
+        "clamped_target_share": (clamped + clamped_val) / (y_train.numel() + y_val.numel()),
         "mean_r2": sum(r["r2"] for r in layers) / len(layers),
         "mean_spearman": sum(r["spearman"] for r in layers) / len(layers),
         "untrained_mean_spearman": sum(r["untrained_spearman"] for r in layers) / len(layers),

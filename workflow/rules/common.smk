@@ -75,7 +75,8 @@ for _key, _value, _used in (
 ):
     if _used and _value and not str(_value).startswith(DEMO_ASSETS) and _value != "train":
         if (_missing := missing_local_path(_key, str(_value))) is not None:
-            _stop(_missing)
+            _hint = " (to train a surrogate for this model: kvzap_surrogate: train)" if _key == "model.kvzap_surrogate" else ""
+            _stop(f"{_missing}{_hint}")
 
 
 # The swept value in a path (a threshold, or the window of streaming_llm) and a target density are
@@ -104,7 +105,7 @@ if _pending and workflow.is_main_process:
 def local_input(path):
     """A model, surrogate or data file named by a local path is an input (so edits rerun jobs, and
     the demo rule or train_surrogate makes it); a hub id is not."""
-    made_here = str(path).startswith(DEMO_ASSETS) or path == SURROGATE_TO_TRAIN
+    made_here = str(path).startswith(DEMO_ASSETS) or (SURROGATE_TO_TRAIN and path == SURROGATE_TO_TRAIN)
     if path and (Path(path).expanduser().exists() or made_here):
         return [path]
     return []
@@ -300,7 +301,10 @@ def surrogate_exclusions():
     """The document lists the surrogate's documents are checked against: the study's and the
     calibration's."""
     lists = [f"{RESULTS}/data/{task}/documents.jsonl" for task in config["tasks"]]
-    return lists + ([f"{CALIBRATION_DATA}/documents.jsonl"] if CALIBRATIONS else [])
+    lists += [f"{CALIBRATION_DATA}/documents.jsonl"] if CALIBRATIONS else []
+    # Checked, not learned from: a list rewritten because documents were added must not retrain
+    # the surrogate (and rerun every KVzap job).
+    return [ancient(path) for path in lists]
 
 
 def calibration_search_arguments(target):

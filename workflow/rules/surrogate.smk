@@ -13,7 +13,7 @@ rule prepare_surrogate:
         documents=f"{SURROGATE_DATA}/perplexity/documents.jsonl",
     params:
         args=surrogate_prepare_arguments(),
-        output_dir=SURROGATE_DATA,
+        output_dir=lambda wildcards, output: str(Path(output.documents).parent.parent),
     log:
         f"{RESULTS}/logs/kvzap_surrogate/prepare.log",
     benchmark:
