@@ -271,3 +271,19 @@ def test_the_demos_trained_surrogate_predicts_kvzip_targets_on_held_out_document
     for listing in [*results.glob("data/*/documents.jsonl"), results / "calibration/data/perplexity/documents.jsonl"]:
         assert not used & {json.loads(line)["id"] for line in listing.read_text().splitlines()}, listing
     assert len(used) == 20
+
+
+def test_the_document_check_job_names_a_shared_document(tmp_path, capsys):
+    from kvsweep.train_surrogate import main
+
+    ours, study = tmp_path / "ours.jsonl", tmp_path / "study.jsonl"
+    ours.write_text("".join(json.dumps({"id": f"s{i}"}) + "\n" for i in range(3)))
+    study.write_text("".join(json.dumps({"id": f"d{i}"}) + "\n" for i in range(4)))
+    main(["check", "--documents", str(ours), "--exclude", str(study), "--output", str(tmp_path / "ok.txt")])
+    assert (
+        tmp_path / "ok.txt"
+    ).read_text() == "3 surrogate documents, none among the 4 documents evaluated or calibrated on\n"
+    study.write_text(json.dumps({"id": "s2"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["check", "--documents", str(ours), "--exclude", str(study), "--output", str(tmp_path / "bad.txt")])
+    assert "'s2'" in capsys.readouterr().err and not (tmp_path / "bad.txt").exists()

@@ -67,7 +67,7 @@ def test_demo_produces_tables_and_figures(demo_run):
     figures += [results / "figures" / f"eviction_map_{m}.{ext}" for m in ("h2o", "kvzap") for ext in ("png", "pdf")]
     for figure in figures:
         assert figure.stat().st_size > 5000, figure
-    assert "skipped 2 shorter than 64 tokens" in (results / "logs" / "prepare_perplexity_shard000.log").read_text()
+    assert "skipped 1 shorter than 64 tokens" in (results / "logs" / "prepare_perplexity_shard000.log").read_text()
 
 
 def _falling_densities(rows):
@@ -100,6 +100,13 @@ def test_the_demo_shows_quality_falling_with_the_cache(demo_run):
     assert sum(doc["n_generated"] < cap for doc in baseline) >= 0.8 * len(baseline), "summaries should end themselves"
     sparsest = rouge[rouge.method != "baseline"].sort_values("kv_density").iloc[0]
     assert sparsest.delta_rougeL_ci_high < 0, sparsest.to_dict()
+
+
+def test_naming_the_trained_surrogate_reruns_nothing(demo_run):
+    workdir, config = demo_run
+    edited = copy.deepcopy(config)
+    edited["model"]["kvzap_surrogate"] = "results/demo/kvzap_surrogate/mlp"
+    assert planned_jobs(workdir, write_config(workdir, edited, "named.yaml")) == [("study_config", {})]
 
 
 def test_a_surrogate_setting_reruns_only_the_kvzap_jobs(demo_run):
@@ -330,7 +337,12 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
     """Each task is prepared by its own job with only its own settings."""
     workdir, config = demo_run
     only_perplexity = {**copy.deepcopy(config), "tasks": ["perplexity"]}
-    assert planned_jobs(workdir, write_config(workdir, only_perplexity, "one_task.yaml")) == [("study_config", {})]
+    # Only the config's copy, and the cheap check of the surrogate's documents against the lists
+    # left (the surrogate itself is not retrained).
+    assert sorted(planned_jobs(workdir, write_config(workdir, only_perplexity, "one_task.yaml"))) == [
+        ("check_surrogate_documents", {}),
+        ("study_config", {}),
+    ]
 
     edited = copy.deepcopy(config)
     edited["dataset"]["summary_field"] = "abstract"
@@ -349,7 +361,7 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
 def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, tmp_path):
     workdir, config = demo_run
     copied = tmp_path / "surrogate"
-    shutil.copytree(workdir / config["model"]["kvzap_surrogate"], copied)
+    shutil.copytree(workdir / "results" / "demo" / "kvzap_surrogate" / "mlp", copied)
     edited = copy.deepcopy(config)
     edited["model"]["kvzap_surrogate"] = str(copied)
     jobs = [
@@ -358,6 +370,7 @@ def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, 
         if job[0] != "study_config"
     ]
     kvzap = {"kvzap"}
+    assert not {"train_surrogate", "prepare_surrogate"} & {rule for rule, _ in jobs}  # a given surrogate is used as is
     assert {w["method"] for rule, w in jobs if rule in ("evaluate", "eviction_map", "calibrate")} == kvzap
     # The explicit threshold's jobs now (one per task); the calibrated ones follow the
     # recalibration with the new surrogate.
@@ -375,7 +388,7 @@ def test_config_strings_are_never_interpreted_by_a_shell(demo_run, tmp_path):
     model = tmp_path / "my model; touch model-marker"
     surrogate = tmp_path / "surrogate $(touch surrogate-marker)"
     shutil.copytree(assets / "model", model)
-    shutil.copytree(assets / "surrogate", surrogate)
+    shutil.copytree(workdir / "results" / "demo" / "kvzap_surrogate" / "mlp", surrogate)
     text, summary, ident = (
         "the report $(touch text-marker)",
         "summary `touch summary-marker`",

@@ -18,6 +18,11 @@ DIR is written at the end, atomically: the surrogate as `KVzapModel.save_pretrai
 `validation.json`: per layer, R^2 and Spearman rank correlation on the held-out documents, for the
 trained surrogate and, as the floor, an untrained one of the same shape. DIR.stages.json says where
 the job's time went (`kvsweep.stages`).
+
+    python -m kvsweep.train_surrogate check --documents LIST --exclude LIST ... --output TXT
+
+is the workflow's separate check of the same disjointness on the document lists (a job nothing
+waits for, so that rewriting the study's lists never retrains the surrogate).
 """
 
 import argparse
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import read_jsonl, write_json_atomic
+from kvsweep.io import atomic_path, read_jsonl, write_json_atomic
 from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
 
 
@@ -61,13 +66,36 @@ def split_documents(args) -> tuple[list[dict], list[dict]]:
             f"{args.data}: {len(documents)} documents, but {args.validation_documents} are held out for validation: "
             "none would be left to train on (surrogate.documents)"
         )
-    excluded = {entry["id"] for path in args.exclude for entry in read_jsonl(path)}
-    if shared := sorted({doc["id"] for doc in documents} & excluded):
+    check_disjoint([doc["id"] for doc in documents], args.exclude)
+    return documents[: -args.validation_documents], documents[-args.validation_documents :]
+
+
+def check_disjoint(ids: list[str], exclude: list[str]) -> int:
+    """Raise if any of `ids` is listed in one of the `exclude` document lists; the number of
+    documents listed there otherwise."""
+    excluded = {entry["id"] for path in exclude for entry in read_jsonl(path)}
+    if shared := sorted(set(ids) & excluded):
         raise KvsweepError(
             f"{len(shared)} surrogate document(s) are also evaluated or calibrated on (e.g. '{shared[0]}'): "
             "the surrogate must not learn the documents it is judged on"
         )
-    return documents[: -args.validation_documents], documents[-args.validation_documents :]
+    return len(excluded)
+
+
+def check_documents(argv) -> None:
+    """`check --documents LIST --exclude LIST ... --output TXT`: the workflow's check that the
+    surrogate's documents are none of the study's or the calibration's, written as one line."""
+    parser = argparse.ArgumentParser(prog="kvsweep.train_surrogate check")
+    parser.add_argument("--documents", required=True, help="the surrogate's document list (documents.jsonl)")
+    parser.add_argument("--exclude", nargs="+", required=True, help="the study's and the calibration's lists")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    ids = [entry["id"] for entry in read_jsonl(args.documents)]
+    others = check_disjoint(ids, args.exclude)
+    line = f"{len(ids)} surrogate documents, none among the {others} documents evaluated or calibrated on\n"
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(line)
+    print(line, end="", file=sys.stderr)
 
 
 def collect(collector, tokenizer, documents: list[dict], per_document: int, seed: int, desc: str):
@@ -192,7 +220,10 @@ def run(args, clock: StageClock) -> dict:
 
 def main(argv=None):
     clock = StageClock(start=None if argv is None else time.time())
+    argv = sys.argv[1:] if argv is None else argv
     with readable_errors("kvsweep.train_surrogate"):
+        if argv[:1] == ["check"]:
+            return check_documents(argv[1:])
         return run(parse_args(argv), clock)
 
 

@@ -63,6 +63,11 @@ USES_SURROGATE = any("kvzap_surrogate" in method_of(config, m).defaults for m in
 # A KVzap surrogate the workflow trains first (model.kvzap_surrogate: train, or a folder not made yet).
 SURROGATE_TO_TRAIN = surrogate_to_train(config) if USES_SURROGATE else None
 SURROGATE_DATA = f"{RESULTS}/kvzap_surrogate/data"
+# The surrogate this study trained, whether still `train` or now named by its path (its job's
+# costs stay in job_costs either way, and switching reruns nothing).
+_TRAINED_HERE = f"{RESULTS}/kvzap_surrogate/{config['model']['kvzap_type']}"
+_NAMED = str(config["model"]["kvzap_surrogate"] or "")
+TRAINED_SURROGATE = _TRAINED_HERE if USES_SURROGATE and (SURROGATE_TO_TRAIN or Path(_NAMED) == Path(_TRAINED_HERE)) else None
 if SURROGATE_TO_TRAIN and not Path(SURROGATE_TO_TRAIN).exists() and workflow.is_main_process:
     print(f"kvsweep: the KVzap surrogate is trained first, into {SURROGATE_TO_TRAIN}", file=sys.stderr)
 
@@ -181,7 +186,7 @@ def final_outputs():
     # never be asked for by the (existing) summary that depends on it.
     outputs = [f"{RESULTS}/config.yaml", *calibration_outputs()]
     if SURROGATE_TO_TRAIN:
-        outputs.append(SURROGATE_TO_TRAIN)
+        outputs += [SURROGATE_TO_TRAIN, f"{RESULTS}/kvzap_surrogate/documents_check.txt"]
     for task in config["tasks"]:
         outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md", f"{RESULTS}/data/{task}/documents.jsonl"]
         outputs += [f"{RESULTS}/{task}/comparison.csv", f"{RESULTS}/{task}/comparison.md"]
@@ -301,10 +306,7 @@ def surrogate_exclusions():
     """The document lists the surrogate's documents are checked against: the study's and the
     calibration's."""
     lists = [f"{RESULTS}/data/{task}/documents.jsonl" for task in config["tasks"]]
-    lists += [f"{CALIBRATION_DATA}/documents.jsonl"] if CALIBRATIONS else []
-    # Checked, not learned from: a list rewritten because documents were added must not retrain
-    # the surrogate (and rerun every KVzap job).
-    return [ancient(path) for path in lists]
+    return lists + ([f"{CALIBRATION_DATA}/documents.jsonl"] if CALIBRATIONS else [])
 
 
 def calibration_search_arguments(target):

@@ -31,7 +31,7 @@ rule score:
     params:
         bootstrap=options(**config["bootstrap"]),
         swept=swept_arguments(),
-        training=options(surrogate_training=SURROGATE_TO_TRAIN),
+        training=options(surrogate_training=TRAINED_SURROGATE),
     log:
         f"{RESULTS}/logs/score_{{task}}.log",
     benchmark:

@@ -30,7 +30,6 @@ if SURROGATE_TO_TRAIN:
         input:
             data=f"{SURROGATE_DATA}/perplexity/shard000.jsonl",
             model=local_input(config["model"]["name"]),
-            exclude=surrogate_exclusions(),
         output:
             directory(SURROGATE_TO_TRAIN),
         params:
@@ -46,5 +45,23 @@ if SURROGATE_TO_TRAIN:
         conda:
             "../../envs/kvsweep.yaml"
         shell:
-            "python -m kvsweep.train_surrogate {params.args:q} --data={input.data:q} "
-            "--exclude {input.exclude:q} --output={output:q} 2> {log:q}"
+            "python -m kvsweep.train_surrogate {params.args:q} --data={input.data:q} --output={output:q} 2> {log:q}"
+
+    # The surrogate's documents against the study's and the calibration's: disjoint by construction
+    # (they follow them), checked by a job of its own that nothing waits for, so that adding
+    # documents or a task (which rewrites those lists) never retrains the surrogate.
+    rule check_surrogate_documents:
+        input:
+            documents=f"{SURROGATE_DATA}/perplexity/documents.jsonl",
+            exclude=surrogate_exclusions(),
+        output:
+            f"{RESULTS}/kvzap_surrogate/documents_check.txt",
+        log:
+            f"{RESULTS}/logs/kvzap_surrogate/check_documents.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/kvzap_surrogate/check_documents.tsv"
+        conda:
+            "../../envs/kvsweep.yaml"
+        shell:
+            "python -m kvsweep.train_surrogate check --documents={input.documents:q} --exclude {input.exclude:q} "
+            "--output={output:q} 2> {log:q}"
