@@ -6,7 +6,8 @@ Models of real architectures (configs in benchmarks/configs/) with random bf16 w
 not depend on the weights' values. For each workload and batch size it times `baseline`, `kvzap`
 and `h2o` in the same process, one after the other, and reports tokens/s, peak GPU memory, the
 ratio to baseline and the ratio to the hardware floor, with the floor's two rates (device copy
-bandwidth, bf16 matmul) measured in the same run. Where the upstream path runs (kvpress `DMSPress`
+bandwidth, bf16 matmul) measured in the same run. Each kvsweep row is timed --repeats times (3)
+after one warm-up, in the same process: the median is reported, with every timing and the spread. Where the upstream path runs (kvpress `DMSPress`
 with its fake-key masking), it is timed in the same run as an anchor. Results are written after
 every measurement, so a run cut short keeps what it measured.
 """
@@ -14,6 +15,7 @@ every measurement, so a run cut short keeps what it measured.
 import argparse
 import datetime
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -134,6 +136,7 @@ def main():
     parser.add_argument("--workloads", default="chunk1,chunk128,generate")
     parser.add_argument("--batches", default="1,8,16", help="batch sizes (generation: 1 and 8 of them)")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks on the card")
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each kvsweep row, in this process (median)")
     args = parser.parse_args()
     began = time.time()
     batches = [int(b) for b in args.batches.split(",")]
@@ -188,11 +191,17 @@ def main():
                 continue
             press = kvsweep_press(method, surrogate, thresholds.get(method))
             warm_up(press)
-            results, seconds, peak = timed(lambda: work(press))  # noqa: B023
-            rate = tokens / seconds
+            # Each row timed `repeats` times in this process: the median is what is reported, and
+            # the spread ((max - min) / median) says how far one timing can be trusted.
+            timings = [timed(lambda: work(press)) for _ in range(args.repeats)]  # noqa: B023
+            rates = sorted(tokens / seconds for _, seconds, _ in timings)
+            rate = statistics.median(rates)
+            results, peak = timings[0][0], max(t[2] for t in timings)
             baseline_rate = rate if method == "baseline" else baseline_rate
             record({
-                **fields, "method": method, "tok_per_s": rate, "seconds": seconds, "peak_GiB": peak,
+                **fields, "method": method, "tok_per_s": rate, "seconds": tokens / rate, "peak_GiB": peak,
+                "repeats": len(rates), "tok_per_s_each": [tokens / t[1] for t in timings],
+                "spread": (rates[-1] - rates[0]) / rate,
                 "vs_baseline": rate / baseline_rate if baseline_rate else None,
                 **extra(results, rate),
                 "kv_density": sum(r["kv_kept"] for r in results) / sum(r["kv_total"] for r in results),

@@ -349,7 +349,7 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
     jobs = [
         job
         for job in planned_jobs(workdir, write_config(workdir, edited, "summary_field.yaml"))
-        if job[0] != "study_config"
+        if job[0] not in ("study_config", "check_surrogate_documents")  # the latter reads the rewritten list
     ]
     assert {w.get("task") for _, w in jobs} == {"summarization"}
     assert sorted(rule for rule, _ in jobs if rule != "evaluate") == [

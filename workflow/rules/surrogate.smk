@@ -1,7 +1,12 @@
 # A KVzap surrogate for any model (model.kvzap_surrogate: train): the documents after the
 # calibration's (never evaluated or calibrated on), their KVzip+ targets from the model itself,
 # a linear or MLP surrogate fitted to them, and its validation record on held-out documents. Every
-# job that runs KVzap waits for it; no other job does.
+# job that runs KVzap waits for it; no other job does. Preparing and checking the documents are
+# light steps (run where Snakemake runs); the training is submitted like the evaluation jobs.
+
+
+localrules:
+    prepare_surrogate,
 
 
 rule prepare_surrogate:
@@ -46,6 +51,9 @@ if SURROGATE_TO_TRAIN:
             "../../envs/kvsweep.yaml"
         shell:
             "python -m kvsweep.train_surrogate {params.args:q} --data={input.data:q} --output={output:q} 2> {log:q}"
+
+    localrules:
+        check_surrogate_documents,
 
     # The surrogate's documents against the study's and the calibration's: disjoint by construction
     # (they follow them), checked by a job of its own that nothing waits for, so that adding
