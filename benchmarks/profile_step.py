@@ -2,8 +2,10 @@
 
     python benchmarks/profile_step.py --arch qwen3-8b --workload chunk1 --batch 8 --methods baseline,kvzap
     python benchmarks/profile_step.py --arch qwen3-8b --workload decode --batch 1 --context 8192
+    python benchmarks/profile_step.py --arch llama-3.1-8b --workload chunk128 --batch 8 --context 8192 --profile
 
-`chunk1` times exact streaming per step; `decode` times generation's prefill alone (one new
+`chunk1` times exact streaming per step; `chunk128` times streaming in chunks of 128 over
+`--context` tokens (per pass); `decode` times generation's prefill alone (one new
 token) and prefill + `--new` tokens, so the decoding steps' cost is the difference. Each timing is
 taken twice (the first includes first-touch costs). Then the profiler's top kernels, with
 `--profile`, for a shorter run of the same workload.
@@ -27,10 +29,10 @@ def seconds(fn) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", default="qwen3-8b")
-    parser.add_argument("--workload", choices=["chunk1", "decode"], default="chunk1")
+    parser.add_argument("--workload", choices=["chunk1", "chunk128", "decode"], default="chunk1")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256, help="chunk1: tokens streamed")
-    parser.add_argument("--context", type=int, default=8192, help="decode: prompt tokens")
+    parser.add_argument("--context", type=int, default=8192, help="decode: prompt tokens; chunk128: tokens streamed")
     parser.add_argument("--new", type=int, default=256, help="decode: new tokens")
     parser.add_argument("--methods", default="baseline,kvzap,h2o")
     parser.add_argument("--profile", action="store_true")
@@ -48,6 +50,13 @@ def main():
                     f"{method} chunk1 b{args.batch} try {attempt}: {took / args.tokens * 1e3:.2f} ms/step", flush=True
                 )
             short = lambda: stream_nll(model, [d[:64] for d in docs], 1, press)  # noqa: B023, E731
+        elif args.workload == "chunk128":
+            docs = torch.randint(0, vocab, (args.batch, args.context)).tolist()
+            for attempt in range(3):
+                took = seconds(lambda: stream_nll(model, docs, 128, press))  # noqa: B023
+                print(f"{method} chunk128 b{args.batch} try {attempt}: {args.batch * args.context / took:.0f} tok/s, "
+                      f"{took / (args.context / 128) * 1e3:.1f} ms/pass", flush=True)  # fmt: skip
+            short = lambda: stream_nll(model, [d[:2048] for d in docs], 128, press)  # noqa: B023, E731
         else:
             prompts = torch.randint(0, vocab, (args.batch, args.context)).tolist()
             for attempt in range(2):
@@ -62,7 +71,7 @@ def main():
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 short()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":
