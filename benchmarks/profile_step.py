@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--new", type=int, default=256, help="decode: new tokens")
     parser.add_argument("--methods", default="baseline,kvzap,h2o")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--name-width", type=int, default=70, help="characters of kernel names in the profile table")
     args = parser.parse_args()
     model, surrogate = build_model(args.arch)
     vocab = model.config.vocab_size
@@ -71,7 +72,7 @@ def main():
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 short()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=args.name_width))
 
 
 if __name__ == "__main__":
