@@ -72,7 +72,11 @@ def main():
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 short()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=args.name_width))
+            print(
+                prof.key_averages().table(
+                    sort_by="cuda_time_total", row_limit=25, max_name_column_width=args.name_width
+                )
+            )
 
 
 if __name__ == "__main__":
