@@ -112,9 +112,12 @@ def surrogate_to_train(config: dict) -> str | None:
     made" on the first run and "given" on the next, and the plan would change under the user (the
     rule gone, edits of `surrogate:` ignored). Naming this folder explicitly later gives every KVzap
     job the same arguments, so switching from `train` to the path reruns nothing."""
-    if config["model"]["kvzap_surrogate"] == TRAIN:
-        return f"results/{config['run']}/kvzap_surrogate/{config['model']['kvzap_type']}"
-    return None
+    return trained_surrogate_path(config) if config["model"]["kvzap_surrogate"] == TRAIN else None
+
+
+def trained_surrogate_path(config: dict) -> str:
+    """Where `model.kvzap_surrogate: train` puts the study's surrogate."""
+    return f"results/{config['run']}/kvzap_surrogate/{config['model']['kvzap_type']}"
 
 
 def surrogate_offset(config: dict) -> int:

@@ -109,10 +109,11 @@ def collect(collector, tokenizer, documents: list[dict], per_document: int, seed
 
     from kvsweep.kvzip_targets import repeat_prompt
 
+    # Without the prepared BOS: the repeat prompt places its own special tokens.
     bodies = [
         doc["input_ids"][1:] if doc["input_ids"][:1] == [tokenizer.bos_token_id] else doc["input_ids"]
         for doc in documents
-    ]  # fmt: skip  (the repeat prompt places its own special tokens)
+    ]
     for doc, ids in zip(documents, bodies, strict=True):
         if len(ids) < 2:
             raise KvsweepError(f"document '{doc['id']}' has fewer than 2 tokens")

@@ -29,8 +29,10 @@ from kvsweep.config import (  # noqa: E402
     documents_per_shard,
     method_of,
     method_settings,
+    TRAIN,
     surrogate_offset,
     surrogate_to_train,
+    trained_surrogate_path,
     validate_config,
 )
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
@@ -60,12 +62,12 @@ SHARDS = [f"{i:03d}" for i in range(n_shards(config["dataset"]["max_documents"],
 METHODS = list(config["methods"])
 COMPRESSED = [m for m in METHODS if method_of(config, m).sweep is not None]
 USES_SURROGATE = any("kvzap_surrogate" in method_of(config, m).defaults for m in METHODS)
-# A KVzap surrogate the workflow trains first (model.kvzap_surrogate: train, or a folder not made yet).
+# A KVzap surrogate the workflow trains first (model.kvzap_surrogate: train).
 SURROGATE_TO_TRAIN = surrogate_to_train(config) if USES_SURROGATE else None
 SURROGATE_DATA = f"{RESULTS}/kvzap_surrogate/data"
 # The surrogate this study trained, whether still `train` or now named by its path (its job's
 # costs stay in job_costs either way, and switching reruns nothing).
-_TRAINED_HERE = f"{RESULTS}/kvzap_surrogate/{config['model']['kvzap_type']}"
+_TRAINED_HERE = trained_surrogate_path(config)
 _NAMED = str(config["model"]["kvzap_surrogate"] or "")
 TRAINED_SURROGATE = _TRAINED_HERE if USES_SURROGATE and (SURROGATE_TO_TRAIN or Path(_NAMED) == Path(_TRAINED_HERE)) else None
 if SURROGATE_TO_TRAIN and not Path(SURROGATE_TO_TRAIN).exists() and workflow.is_main_process:
@@ -78,7 +80,7 @@ for _key, _value, _used in (
     ("model.kvzap_surrogate", config["model"]["kvzap_surrogate"], USES_SURROGATE),
     ("dataset.source", config["dataset"]["source"], True),
 ):
-    if _used and _value and not str(_value).startswith(DEMO_ASSETS) and _value != "train":
+    if _used and _value and not str(_value).startswith(DEMO_ASSETS) and _value != TRAIN:
         if (_missing := missing_local_path(_key, str(_value))) is not None:
             _hint = " (to train a surrogate for this model: kvzap_surrogate: train)" if _key == "model.kvzap_surrogate" else ""
             _stop(f"{_missing}{_hint}")
@@ -110,7 +112,7 @@ if _pending and workflow.is_main_process:
 def local_input(path):
     """A model, surrogate or data file named by a local path is an input (so edits rerun jobs, and
     the demo rule or train_surrogate makes it); a hub id is not."""
-    made_here = str(path).startswith(DEMO_ASSETS) or (SURROGATE_TO_TRAIN and path == SURROGATE_TO_TRAIN)
+    made_here = str(path).startswith(DEMO_ASSETS) or path == SURROGATE_TO_TRAIN
     if path and (Path(path).expanduser().exists() or made_here):
         return [path]
     return []
@@ -275,9 +277,14 @@ def speed_resources():
 def calibration_prepare_arguments():
     """The calibration documents: the next ones after the study's (or after calibration.skip_documents)
     that pass the same filters."""
-    arguments = prepare_arguments("perplexity")
     n = config["calibration"]["documents"]
-    overrides = options(max_documents=n, shard_size=n, skip_documents=calibration_offset(config))
+    return overridden(prepare_arguments("perplexity"), max_documents=n, shard_size=n,
+                      skip_documents=calibration_offset(config))  # fmt: skip
+
+
+def overridden(arguments, **values):
+    """`arguments` (`--key=value` strings) with the keys of `values` replaced, the new ones last."""
+    overrides = options(**values)
     keys = {a.split("=", 1)[0] for a in overrides}
     return [a for a in arguments if a.split("=", 1)[0] not in keys] + overrides
 
@@ -287,10 +294,8 @@ def surrogate_prepare_arguments():
     filters (so never evaluated or calibrated on), cut to surrogate.max_length."""
     surrogate = config["surrogate"]
     n = surrogate["documents"] + surrogate["validation_documents"]
-    overrides = options(max_documents=n, shard_size=n, skip_documents=surrogate_offset(config),
-                        max_length=surrogate["max_length"])  # fmt: skip
-    keys = {a.split("=", 1)[0] for a in overrides}
-    return [a for a in prepare_arguments("perplexity") if a.split("=", 1)[0] not in keys] + overrides
+    return overridden(prepare_arguments("perplexity"), max_documents=n, shard_size=n,
+                      skip_documents=surrogate_offset(config), max_length=surrogate["max_length"])  # fmt: skip
 
 
 def surrogate_training_arguments():
