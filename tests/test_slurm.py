@@ -13,6 +13,7 @@ import time
 
 import pandas as pd
 import pytest
+import yaml
 
 from workflow_helpers import ROOT, planned_jobs, snakemake, write_config
 
@@ -46,8 +47,19 @@ def test_profile_plans_gpu_jobs_for_the_real_study(tmp_path):
     assert len(evaluations) == 6  # one shard of 100 documents x (baseline + 2 + 2 + 1)
     for res in evaluations:
         assert (res["gpu"], res["mem_mb"], res["runtime"], res["cpus_per_task"]) == ("1", "64000", "240", "4")
+        assert res["nodes"] == "1"  # the plugin's --nodes=1: a job's GPUs on one node
     prepare = next(res for rule, _, res in jobs if rule == "prepare")
-    assert "gpu" not in prepare and prepare["cpus_per_task"] == "1"
+    assert "gpu" not in prepare and "nodes" not in prepare and prepare["cpus_per_task"] == "1"
+
+
+def test_a_split_model_asks_for_its_gpus_on_one_node(tmp_path):
+    """gpus_per_job: 4 (a 70B model): every GPU job asks for 4 GPUs on one node."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    configfile = write_config(tmp_path, {**config, "gpus_per_job": 4})
+    jobs = planned_jobs(tmp_path, configfile, "--profile", "slurm", resources=True)
+    gpu_jobs = {rule for rule, _, res in jobs if "gpu" in res}
+    assert {"evaluate", "calibrate", "calibration_probe", "eviction_map"} <= gpu_jobs
+    assert all((res["gpu"], res["nodes"]) == ("4", "1") for _, _, res in jobs if "gpu" in res)
 
 
 @pytest.mark.slurm

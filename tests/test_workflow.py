@@ -252,9 +252,11 @@ def test_the_report_holds_figures_tables_config_and_provenance(demo_run, tmp_pat
 
 
 def test_speed_settings_rerun_nothing(demo_run):
-    """batch_size and cuda_graphs change speed, never results: editing them plans no job."""
+    """batch_size, cuda_graphs and the GPUs a job splits its model over change speed, never
+    results: editing them plans no job."""
     workdir, config = demo_run
-    edited = {**copy.deepcopy(config), "batch_size": 1, "cuda_graphs": not config.get("cuda_graphs", True)}
+    edited = {**copy.deepcopy(config), "batch_size": 1, "cuda_graphs": not config.get("cuda_graphs", True),
+              "gpus_per_job": 1}  # fmt: skip
     assert planned_jobs(workdir, write_config(workdir, edited, "speed.yaml")) == []
 
 

@@ -296,7 +296,7 @@ def main(argv=None):
         with clock.stage("writing"):
             write_json_atomic(args.output, record)
         clock.save(args.output, documents=len(record["documents"]), batch_size=args.batch_size,
-                   gpus=gpu_count(args.device), job="calibration")  # fmt: skip
+                   gpus=gpu_count(args), job="calibration")  # fmt: skip
 
 
 if __name__ == "__main__":

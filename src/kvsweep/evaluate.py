@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
+from kvsweep.job_gpus import add_gpus_argument, job_gpus
 from kvsweep.methods import all_settings, get_method
 from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
 from kvsweep.tasks import all_tasks, get_task, task_settings
@@ -51,6 +52,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, required=True, help="documents are truncated to this many tokens")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    add_gpus_argument(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
         "--cuda-graphs",
@@ -189,7 +191,7 @@ def run(args, clock: StageClock | None = None) -> None:
     if not documents:
         print(f"{args.data}: empty shard, nothing to evaluate", file=sys.stderr)
         write_jsonl_atomic(output, [])
-        clock.save(output, documents=0, tokens=0, batch_size=args.batch_size, gpus=gpu_count(args.device))
+        clock.save(output, documents=0, tokens=0, batch_size=args.batch_size, gpus=gpu_count(args))
         return
 
     # Heavy imports only once the input is known to be good. The model first: a hub model not yet
@@ -237,7 +239,7 @@ def run(args, clock: StageClock | None = None) -> None:
         checkpoint.unlink()
     clock.save(
         output, documents=len(todo), tokens=sum(len(d["input_ids"]) for d in todo), batch_size=args.batch_size,
-        device=provenance["device"], gpus=gpu_count(args.device),
+        device=provenance["device"], gpus=gpu_count(args),
     )  # fmt: skip
 
 
@@ -249,9 +251,9 @@ def load_engine_model(args, clock: StageClock):
         import kvsweep.presses.streaming_threshold_press  # noqa: F401
         from kvsweep.modeling import load_model, on_device
     if args.device != "cpu":
-        clock.synchronize = on_device(args.device)
+        clock.synchronize = on_device(args.device, gpu_count(args))
     with clock.stage("model_load"):
-        return load_model(args.model, args.dtype, args.device)
+        return load_model(args.model, args.dtype, args.device, gpus=gpu_count(args))
 
 
 def build_press(method, threshold: float | None, settings: dict, model, clock: StageClock):
@@ -264,9 +266,9 @@ def build_press(method, threshold: float | None, settings: dict, model, clock: S
     return press
 
 
-def gpu_count(device: str) -> int:
-    """The GPUs this job computes on: one on a GPU (the model sits on one device), 0 on the CPU."""
-    return 0 if device == "cpu" else 1
+def gpu_count(args) -> int:
+    """The GPUs this job computes on (0 on the CPU): those its model is split over."""
+    return job_gpus(args.device, args.gpus)
 
 
 def main(argv=None):

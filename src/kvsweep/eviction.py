@@ -78,6 +78,10 @@ class BatchLayout:
     slots: tuple[int, int] = (0, 0)
     max_gap: int = 0  # the most padding slots any document has before its last token (python int)
     document_keys: torch.Tensor | None = None  # (batch,) long: `document_key` of each document
+    # Copies of this layout on the other GPUs of a split model (device -> BatchLayout), for the
+    # layers there; `sync` writes this one into them before each pass.
+    mirrors: dict = field(default_factory=dict, repr=False, compare=False)
+    query_slot_buffers: dict = field(default_factory=dict, repr=False, compare=False)  # a mirror's, by pass size
 
     @classmethod
     def right_padded(cls, documents: list[list[int]], capacity: int, device) -> "BatchLayout":
@@ -98,6 +102,35 @@ class BatchLayout:
         self.tokens_after.copy_(other.tokens_after)
         if self.document_keys is not None:
             self.document_keys.copy_(other.document_keys)
+
+    def on(self, device: torch.device) -> "BatchLayout":
+        """This layout as the layers on `device` read it: itself on its own device, else its mirror
+        there (made on first use, then kept equal to it by `sync`)."""
+        if device == self.position.device:
+            return self
+        if device not in self.mirrors:
+            keys = None if self.document_keys is None else self.document_keys.to(device)
+            self.mirrors[device] = BatchLayout(
+                position=self.position.to(device), tokens_before=self.tokens_before.to(device),
+                tokens_after=self.tokens_after.to(device), query_slots=self.query_slots.to(device),
+                slots=self.slots, max_gap=self.max_gap, document_keys=keys,
+            )  # fmt: skip
+        return self.mirrors[device]
+
+    def sync(self) -> None:
+        """Before a pass: write this layout into its mirrors, in place. A mirror keeps one query-slot
+        tensor per pass size, as this layout gets one from `StaticPasses`, so a graph reads the same one."""
+        for mirror in self.mirrors.values():
+            mirror.position.copy_(self.position)
+            mirror.tokens_before.copy_(self.tokens_before)
+            mirror.tokens_after.copy_(self.tokens_after)
+            if mirror.document_keys is not None:
+                mirror.document_keys.copy_(self.document_keys)
+            q = len(self.query_slots)
+            if q not in mirror.query_slot_buffers:
+                mirror.query_slot_buffers[q] = torch.empty_like(self.query_slots, device=mirror.position.device)
+            mirror.query_slots = mirror.query_slot_buffers[q].copy_(self.query_slots)
+            mirror.slots, mirror.max_gap = self.slots, self.max_gap
 
     def read(self, tokens_before: torch.Tensor, tokens_after: torch.Tensor) -> None:
         """Before a forward pass: each document's token count before and after it (in place)."""

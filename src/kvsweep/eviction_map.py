@@ -54,10 +54,11 @@ def main(argv=None):
         documents = load_shard(args.data, args.max_length)
         if not documents:
             raise KvsweepError(f"{args.data}: no document to draw")
+        from kvsweep.job_gpus import job_gpus
         from kvsweep.modeling import load_model
         from kvsweep.stream_nll import stream_nll
 
-        model = load_model(args.model, args.dtype, args.device)
+        model = load_model(args.model, args.dtype, args.device, gpus=job_gpus(args.device, args.gpus))
         press = method.build(args.threshold, settings)
         doc = documents[0]
         result = stream_nll(

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from kvsweep.h2o_kernels import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -48,11 +50,12 @@ def expected_logits(keys: torch.Tensor, mean: torch.Tensor, covariance: torch.Te
     has_covariance = covariance is not None
     covariance = covariance if has_covariance else mean  # not read
     c_strides = covariance.stride() if has_covariance else (0, 0, 0, 0, 0)
-    _expected_logits[(triton.cdiv(n, BLOCK_N), batch * kv_heads)](
-        keys, *keys.stride(), mean, *mean.stride(), covariance, *c_strides, out, *out.stride(), kv_heads, n,
-        GROUP=group, HEAD_DIM=d, BLOCK_N=BLOCK_N, HAS_COVARIANCE=has_covariance,
-        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4,
-    )  # fmt: skip
+    with on_tensor_device(keys):
+        _expected_logits[(triton.cdiv(n, BLOCK_N), batch * kv_heads)](
+            keys, *keys.stride(), mean, *mean.stride(), covariance, *c_strides, out, *out.stride(), kv_heads, n,
+            GROUP=group, HEAD_DIM=d, BLOCK_N=BLOCK_N, HAS_COVARIANCE=has_covariance,
+            PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4,
+        )  # fmt: skip
     return out
 
 

@@ -59,7 +59,9 @@ def stream_generate(
             # Keep the logits at each prompt's last token, wherever its chunk is.
             last = lengths - 1
             here = (last >= start) & (last < end)
-            picked = logits[rows, (last - start).clamp(0, end - start - 1)].float()
+            # (a split model's logits are on its last GPU)
+            where = (last - start).clamp(0, end - start - 1).to(logits.device)
+            picked = logits[rows.to(logits.device), where].float().to(device)
             next_logits = torch.where(here[:, None], picked, next_logits)
 
         for step in range(max_new_tokens):
@@ -77,7 +79,7 @@ def stream_generate(
             count = lengths + n_generated
             layout.position[:, slot] = torch.where(writing, count - 1, -1)
             layout.read(torch.where(writing, count - 1, count), count)
-            next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float()
+            next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float().to(device)
 
         counts = press.kv_counts()
 

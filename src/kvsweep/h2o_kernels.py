@@ -23,6 +23,7 @@ The kernels run on CUDA tensors, and on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, float32 only), which is how the CPU tests check them against the reference.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -127,17 +128,24 @@ def attend_and_accumulate(
         kv_heads, groups, q_len, k_len, key_stop, scaling * LOG2_E, lse,
     )  # fmt: skip
     default_forward, default_columns = choose_launches(query)
-    launch = forward_launch or default_forward
-    _attention_forward[(triton.cdiv(rows, launch["BLOCK_M"]), batch * kv_heads)](
-        *common, value, *value.stride(), out, *out.transpose(1, 2).stride(),
-        HEAD_DIM=head_dim, PRECISION=precision, **launch,
-    )  # fmt: skip
-    launch = column_sums_launch or default_columns
-    _column_sums[(triton.cdiv(k_len, launch["BLOCK_N"]), batch * kv_heads)](
-        *common, row_weights, row_weights.stride(0), row_weights.stride(1),
-        received, *received.stride(), HEAD_DIM=head_dim, PRECISION=precision, **launch,
-    )  # fmt: skip
+    # Triton launches on the current GPU: a split model's later layers are on others.
+    with on_tensor_device(query):
+        launch = forward_launch or default_forward
+        _attention_forward[(triton.cdiv(rows, launch["BLOCK_M"]), batch * kv_heads)](
+            *common, value, *value.stride(), out, *out.transpose(1, 2).stride(),
+            HEAD_DIM=head_dim, PRECISION=precision, **launch,
+        )  # fmt: skip
+        launch = column_sums_launch or default_columns
+        _column_sums[(triton.cdiv(k_len, launch["BLOCK_N"]), batch * kv_heads)](
+            *common, row_weights, row_weights.stride(0), row_weights.stride(1),
+            received, *received.stride(), HEAD_DIM=head_dim, PRECISION=precision, **launch,
+        )  # fmt: skip
     return out
+
+
+def on_tensor_device(tensor: torch.Tensor):
+    """The tensor's GPU as the current device (where Triton launches), for the duration."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 @functools.cache

@@ -148,6 +148,7 @@ class KVzipTargetCollector:
         finally:
             for handle in handles:
                 handle.remove()
-        features = torch.stack([self._found[i][0] for i in range(len(self.layers))], dim=1)
-        targets = torch.stack([self._found[i][1] for i in range(len(self.layers))], dim=1)
+        # (a split model's layers are on several GPUs: gathered on the first)
+        features = torch.stack([self._found[i][0].to(ids.device) for i in range(len(self.layers))], dim=1)
+        targets = torch.stack([self._found[i][1].to(ids.device) for i in range(len(self.layers))], dim=1)
         return features, targets

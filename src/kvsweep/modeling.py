@@ -1,9 +1,10 @@
 """Loading a causal LM and its tokenizer from a hub id or a local folder, with readable errors."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kvsweep.errors import KvsweepError, cannot_load, missing_local_path
+from kvsweep.placement import keep_outputs_where_made, plan_for_config, visible_gpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,28 +17,47 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def on_device(device: str):
-    """What waits for `device`'s queued work (a stage boundary of `kvsweep.stages`)."""
+def on_device(device: str, gpus: int = 1):
+    """What waits for the queued work of `device` (of the first `gpus` GPUs for a split model): a
+    stage boundary of `kvsweep.stages`."""
     device = resolve_device(device)
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if device.type != "cuda":
+        return lambda: None
+    if gpus > 1:
+        visible_gpus(gpus)  # (the first wait, before the model's load, would fail on a missing GPU)
+    devices = [device] if gpus <= 1 else [torch.device("cuda", index) for index in range(gpus)]
+
+    def wait():
+        for each in devices:
+            torch.cuda.synchronize(each)
+
+    return wait
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa"):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa", gpus: int = 1):
     """The model in eval mode on `device`. The weights are read straight onto the device
     (`device_map`), with no staging copy in host memory: for an 8B model that copy cost seconds
     of every job. `attention` is transformers' attention implementation: the engine's presses
-    patch SDPA; KVzip+ targets need the weights of eager attention."""
+    patch SDPA; KVzip+ targets need the weights of eager attention. With `gpus` > 1 (device
+    "cuda"), the layers are split over GPUs 0..gpus-1 as `kvsweep.placement` plans."""
     if dtype not in DTYPES:
         raise KvsweepError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if (missing := missing_local_path("model", name)) is not None:
         raise missing
     target = resolve_device(device)
+    if gpus > 1:
+        if device != "cuda":
+            raise KvsweepError(f"a model split over {gpus} GPUs needs device 'cuda', got '{device}'")
+        visible_gpus(gpus)
     try:
+        if gpus > 1:
+            target = plan_for_config(AutoConfig.from_pretrained(name), gpus)
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=DTYPES[dtype], attn_implementation=attention, device_map=target
         )
     except (OSError, ValueError) as err:
         raise cannot_load("model", name, err) from None
+    keep_outputs_where_made(model)
     return model.eval()
 
 

@@ -26,6 +26,8 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from kvsweep.eviction import BatchLayout
+from kvsweep.placement import decoder_of, model_devices, module_device
+from kvsweep.segmented_graphs import SegmentedCapture
 
 
 def whole_chunks(n: int, chunk_size: int) -> int:
@@ -76,10 +78,16 @@ class StaticPasses:
         self.bucket = key_bucket or default_bucket(chunk_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = Cache(layers=[StaticLayer(self.capacity) for _ in range(config.num_hidden_layers)])
-        self.cache.early_initialization(batch, config.num_key_value_heads, head_dim, model.dtype, model.device)
+        for cache_layer, layer in zip(self.cache.layers, decoder_of(model).layers, strict=True):
+            # Each layer's cache on its layer's device (a split model's are on several GPUs).
+            empty = torch.zeros((batch, config.num_key_value_heads, 0, head_dim), dtype=model.dtype,
+                                device=module_device(layer))  # fmt: skip
+            cache_layer.lazy_initialization(empty, empty)
         self._inputs = {}  # query count -> (input_ids, position_ids, query_slots) buffers
         self._graphs = {}  # (query count, bucket index) -> (graph, its logits)
         self._pool = None
+        # A model split over several GPUs is captured as one graph per stretch on one GPU.
+        self._segments = SegmentedCapture(model) if cuda_graphs and len(model_devices(model)) > 1 else None
         self._clock = clock
         self._keep_graphs = keep_graphs
 
@@ -115,6 +123,7 @@ class StaticPasses:
         torch.arange(first_slot, first_slot + q, out=slots)
         self.layout.query_slots = slots
         self.layout.slots = (index * self.bucket, min((index + 1) * self.bucket, self.capacity))
+        self.layout.sync()
         if not self.cuda_graphs:
             return self._forward(ids, positions, slots)
 
@@ -131,10 +140,17 @@ class StaticPasses:
         earlier = [] if self._keep_graphs else [key for key in self._graphs if key[1] < index]
         for key in earlier:
             self._graphs[key] = (self._graphs[key][0], None)
-        graph = torch.cuda.CUDAGraph()
-        with self._capture_stage(), torch.cuda.graph(graph, pool=self._pool):
-            captured = self._forward(ids, positions, slots)
-        self._pool = graph.pool()
+            if self._segments is not None:
+                self._graphs[key][0].release()
+        with self._capture_stage():
+            if self._segments is not None:
+                graph = self._segments.capture(lambda: self._forward(ids, positions, slots), ids.device)
+                captured = graph.output
+            else:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    captured = self._forward(ids, positions, slots)
+                self._pool = graph.pool()
         for key in earlier:
             del self._graphs[key]
         self._graphs[(q, index)] = (graph, captured)

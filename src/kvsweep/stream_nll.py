@@ -63,14 +63,16 @@ def stream_nll(
             predicts = (positions[None, :] + 1) < lengths[:, None]
             # Classes on the last axis: cross_entropy over (batch, vocab, chunk) would put the softmax on
             # a strided axis, which PyTorch's CUDA kernel walks serially (measured 80 ms a pass on H100).
-            token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+            # A split model's logits are on its last GPU: the targets go there, not the logits here.
+            targets = targets.flatten().to(logits.device)
+            token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none").to(device)
             nll += (token_nll.view(predicts.shape) * predicts).sum(1, dtype=torch.float64)
 
         counts = press.kv_counts()
         if return_evicted:
-            evicted = torch.stack([press.layers[i].evicted for i in sorted(press.layers)]).cpu().numpy()
+            evicted = torch.stack([press.layers[i].evicted.cpu() for i in sorted(press.layers)]).numpy()
         if return_decision_scores:
-            decisions = torch.stack([press.layers[i].decision_scores for i in sorted(press.layers)]).cpu().numpy()
+            decisions = torch.stack([press.layers[i].decision_scores.cpu() for i in sorted(press.layers)]).numpy()
 
     counts = {key: value.tolist() for key, value in counts.items()}
     results = [

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import atomic_path, read_jsonl, write_json_atomic
+from kvsweep.job_gpus import add_gpus_argument, job_gpus
 from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
 
 
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="hub id or local folder of the causal LM")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    add_gpus_argument(parser)
     parser.add_argument("--data", required=True, help="prepared documents: JSONL of {id, input_ids}")
     parser.add_argument("--validation-documents", type=int, required=True, help="the last N documents are held out")
     parser.add_argument("--tokens-per-document", type=int, default=512, help="positions drawn per document")
@@ -150,11 +152,12 @@ def run(args, clock: StageClock) -> dict:
         from kvsweep.kvzip_targets import KVzipTargetCollector
         from kvsweep.modeling import load_model, load_tokenizer, on_device
         from kvsweep.surrogate_fit import agreement, fit_linear, fit_mlp, new_surrogate, predict
+    gpus = job_gpus(args.device, args.gpus)
     if args.device != "cpu":
-        clock.synchronize = on_device(args.device)
+        clock.synchronize = on_device(args.device, gpus)
     with clock.stage("model_load"):
         tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, args.dtype, args.device, attention="eager")
+        model = load_model(args.model, args.dtype, args.device, attention="eager", gpus=gpus)
     with clock.stage("model_work"):
         started = time.time()
         collector = KVzipTargetCollector(model)
@@ -213,7 +216,7 @@ def run(args, clock: StageClock) -> dict:
     # Target collection (the model's forward passes) and the fit, apart: what a surrogate costs.
     if args.device != "cpu":
         record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    clock.save(output, peak_gpu_memory_gib=record.get("peak_gpu_memory_gib"), gpus=0 if args.device == "cpu" else 1, documents=len(train_docs) + len(held_out),
+    clock.save(output, peak_gpu_memory_gib=record.get("peak_gpu_memory_gib"), gpus=gpus, documents=len(train_docs) + len(held_out),
                collect_s=collect_s, fit_s=fit_s,
                tokens_read=sum(len(doc["input_ids"]) for doc in train_docs + held_out))  # fmt: skip
     return record

@@ -3,6 +3,7 @@
 # No config value ever reaches a shell unquoted: every rule passes its arguments as a list of
 # `--key=value` strings in params and writes `{params.args:q}`, which quotes each element.
 import json
+import os
 import sys
 from pathlib import Path
 from shlex import quote
@@ -36,6 +37,7 @@ from kvsweep.config import (  # noqa: E402
     validate_config,
 )
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
+from kvsweep.job_gpus import GPUS_VARIABLE  # noqa: E402
 from kvsweep.tasks import all_tasks, get_task  # noqa: E402
 from kvsweep.prepare import n_shards  # noqa: E402
 
@@ -50,6 +52,11 @@ try:
     validate_config(config)
 except KvsweepError as err:
     _stop(err)
+
+# Every job splits its model over gpus_per_job GPUs. The count reaches the jobs in the environment
+# (under SLURM too: each job runs this file again), not on their command lines, which Snakemake
+# compares: changing it reruns nothing, as it changes no result.
+os.environ[GPUS_VARIABLE] = str(config["gpus_per_job"])
 
 RESULTS = f"results/{config['run']}"
 # The schema's pattern for `run` keeps it a plain folder name; this states the guarantee itself.
@@ -265,7 +272,8 @@ def prepare_arguments(task, shard=None):
 
 
 def gpu_resources():
-    return {"gpu": config["gpus_per_job"]} if config["gpus_per_job"] > 0 else {}
+    """The job's GPUs, all on one node (the model is split over them: kvsweep.placement)."""
+    return {"gpu": config["gpus_per_job"], "nodes": 1} if config["gpus_per_job"] > 0 else {}
 
 
 def speed_resources():

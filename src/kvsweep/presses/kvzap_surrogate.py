@@ -8,6 +8,7 @@ from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import PretrainedConfig
 
 from kvsweep.errors import KvsweepError, cannot_load, missing_local_path
+from kvsweep.placement import decoder_of, module_device
 
 
 def default_surrogate(model_name: str, model_type: str) -> str:
@@ -54,9 +55,12 @@ class KVzapSurrogatePress(KVzapPress):
     def post_init_from_model(self, model):
         name = self.surrogate or default_surrogate(model.config.name_or_path, self.model_type)
         if name != self.kvzap_model_name:
-            # On the model's device and in its dtype at once (kvpress moves each layer's module on
-            # its first score, in the model's work), so its cost is the surrogate's load.
-            self.kvzap_model = load_surrogate(name).to(model.device, dtype=model.dtype).eval()
+            # Each layer's module on its layer's device (a split model's are on several GPUs) and in
+            # the model's dtype at once (kvpress moves it on its first score, in the model's work),
+            # so its cost is the surrogate's load.
+            self.kvzap_model = load_surrogate(name).to(dtype=model.dtype).eval()
+            for layer, module in zip(decoder_of(model).layers, self.kvzap_model.layers, strict=False):
+                module.to(module_device(layer))
             self.kvzap_model_name = name
         config = model.config.get_text_config()
         surrogate_shape = (self.kvzap_model.config.n_modules, self.kvzap_model.config.output_dim)

@@ -9,6 +9,7 @@ from torch import nn
 
 from kvsweep.attention import ATTENTION_NAME, STATE_ATTRIBUTE
 from kvsweep.eviction import BatchLayout, LayerEviction
+from kvsweep.placement import decoder_of, module_device
 
 
 @dataclass
@@ -75,15 +76,17 @@ class StreamingThresholdPress(DMSPress):
         fresh values are written into those states instead, which a captured graph reads."""
         config = model.config.get_text_config()
         for module in _attention_modules(model):
+            # A split model's layer keeps its state on its own GPU, over the layout's copy there.
+            layer_layout = layout.on(module_device(module))
             state = LayerEviction.allocate(
-                layout,
+                layer_layout,
                 config.num_key_value_heads,
                 entry_scores=self.press is not None and self.scores_on_entry,
                 accumulate_attention=self.press is not None and self.accumulates_attention,
                 record_decisions=self.press is not None and self.record_decisions,
             )
             if self.press is not None and hasattr(self.press, "allocate"):
-                state.scorer_state = self.press.allocate(module, layout)
+                state.scorer_state = self.press.allocate(module, layer_layout)
             if kept is not None:
                 kept[module.layer_idx].assign(state)
                 state = kept[module.layer_idx]
@@ -189,7 +192,8 @@ def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str,
     in_doc = position >= 0
     compressible = (position >= sinks) & (position < (layout.tokens_after - window)[:, None])
     kv_heads = states[0].evicted.shape[1]
-    evicted = torch.stack([state.evicted for state in states]).sum(dim=(0, 2))  # (batch, capacity)
+    # (batch, capacity), summed on each layer's device (a split model's are on several GPUs)
+    evicted = sum(state.evicted.sum(1).to(position.device) for state in states)
     n_entries = len(states) * kv_heads
     return {
         "kv_total": in_doc.sum(1) * n_entries,
@@ -200,8 +204,7 @@ def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str,
 
 
 def _attention_modules(model):
-    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
-    return [layer.self_attn for layer in decoder.layers]
+    return [layer.self_attn for layer in decoder_of(model).layers]
 
 
 def _layer_cache(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
