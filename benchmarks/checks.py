@@ -1,5 +1,7 @@
 """Correctness on the card, checked before the benchmark times anything (`gpu_throughput.py`)."""
 
+import contextlib
+
 import torch
 
 from kvsweep import attention, h2o_kernels
@@ -40,8 +42,28 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
         graphs = stream_generate(model, prompts, 128, 96, press)
         eager = stream_generate(model, prompts, 128, 96, press, cuda_graphs=False)
         checks[f"{method}_generate_graphs_vs_eager_same_tokens_and_kv"] = graphs == eager
+    # Baseline and kvzap attend through the same forward kernel on a GPU: against torch's SDPA.
+    for method in ("baseline", "kvzap"):
+        press = kvsweep_press(method, surrogate, thresholds.get(method))
+        kernel = stream_nll(model, [doc[:1024] for doc in docs], 128, press)
+        with torch_attention():
+            sdpa = stream_nll(model, [doc[:1024] for doc in docs], 128, press)
+        name = f"{method}_chunk128_1024tok_kernel_vs_sdpa"
+        checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernel, sdpa)
+        checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernel], [r["kv_kept"] for r in sdpa]]
     checks.update(h2o_kernel_checks(model, surrogate, docs, kvsweep_press))
     return checks
+
+
+@contextlib.contextmanager
+def torch_attention():
+    """The engine's attention through torch ops (SDPA, or explicit probabilities) rather than Triton."""
+    available = h2o_kernels.available
+    h2o_kernels.available = lambda query: False
+    try:
+        yield
+    finally:
+        h2o_kernels.available = available
 
 
 def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
@@ -77,12 +99,8 @@ def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
     short = [doc[:1024] for doc in docs]
     press = kvsweep_press("h2o", surrogate, 2e-3)
     kernels = stream_nll(model, short, 128, press)
-    available = h2o_kernels.available
-    h2o_kernels.available = lambda query: False
-    try:
+    with torch_attention():
         torch_path = stream_nll(model, short, 128, press)
-    finally:
-        h2o_kernels.available = available
     name = "h2o_chunk128_1024tok_kernels_vs_torch"
     checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernels, torch_path)
     checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernels], [r["kv_kept"] for r in torch_path]]

@@ -25,12 +25,13 @@ def main(work: str, report_path: str) -> None:
             two.stem + ".stages.json").exists() else {}  # fmt: skip
         report["jobs"][str(one.relative_to(work / "gpus1"))] = {
             "documents": len(a), "identical_documents": sum(same), "gpus_recorded_split": stages.get("gpus"),
+            "kv_density": sum(r["kv_kept"] for r in b) / sum(r["kv_total"] for r in b),
             "max_abs_nll_diff": max(abs(x.get("nll_sum", 0) - y.get("nll_sum", 0)) for x, y in zip(a, b, strict=True)),
         }  # fmt: skip
     for gpus in (1, 2):
         validation = json.loads((work / f"gpus{gpus}" / "surrogate" / "validation.json").read_text())
         report[f"surrogate_gpus{gpus}"] = {k: validation[k] for k in ("mean_r2", "mean_spearman", "training_positions")}
-    for name in ("too_many_for_layers", "too_few_visible"):
+    for name in ("too_few_visible",):
         report["refusals"][name] = (work / f"{name}.txt").read_text().strip().splitlines()[-3:]
     Path(report_path).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

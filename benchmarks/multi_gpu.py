@@ -7,13 +7,14 @@ Random bf16 weights of real architectures (configs/), placed as the workflow pla
 Each weight comes from its own seeded generator, so the one-GPU and the split model are the same.
 Steps, in the order given (each is skipped once --budget-s has passed):
 
-- `check`: the Llama-3.1-8B shape on GPU 0, then split over GPUs 0-1. For baseline, kvzap and h2o:
-  streaming at chunk 128 (1,024 tokens) and at chunk 1 (256 tokens), and generation (two prompts
+- `check`: the Llama-3.1-8B shape on GPU 0, then split over GPUs 0-1. For baseline, kvzap, h2o,
+  random and expected_attention: streaming at chunk 128 (four documents of 700-2,600 tokens: two
+  key buckets) and at chunk 1 (256 tokens), and generation (two prompts
   of different lengths, 64 new tokens, eviction while decoding). The split model's NLL, kept
   counts and generated tokens against the one-GPU model's, with CUDA graphs (captured per GPU) and
   without.
 - `qwen3-32b` (2 GPUs), `llama-3.1-70b` (4 GPUs): chunk 128, 8,192 tokens, batch 8, for baseline,
-  kvzap and h2o: tokens/s, peak memory on each GPU, share of the floor (a pipeline computes on one
+  kvzap and h2o, and the baseline with torch's SDPA as its attention (`baseline_sdpa`): tokens/s, peak memory on each GPU, share of the floor (a pipeline computes on one
   GPU at a time: the floor is one GPU's, for the whole model).
 - `speed8b`: the 8B shape on one GPU and split over two, the same workload and generation (an
   8,192-token context, 256 new tokens, batch 8): what the hand-overs cost.
@@ -22,6 +23,7 @@ Results are written after every measurement.
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -34,13 +36,17 @@ from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvsweep.generate import stream_generate
+from kvsweep.methods import get_method
 from kvsweep.placement import decoder_of, keep_outputs_where_made, module_device, placement_plan
 from kvsweep.stream_nll import stream_nll
 
-from checks import worst_nll_diff
+from checks import torch_attention, worst_nll_diff
 from gpu_throughput import CONFIGS, floor_tokens_per_s, kvsweep_press, measure_floors
 
 METHODS = ("baseline", "kvzap", "h2o")
+# The check also runs the reference points whose state differs: random (per-document tables from
+# the layout's document keys) and Expected Attention (query statistics, and RoPE's rotation).
+CHECKED = (*METHODS, "random", "expected_attention")
 
 
 def build_split_model(arch: str, gpus: int, seed: int = 0):
@@ -109,20 +115,33 @@ def timed(fn, gpus: int):
 def check_cases(model, surrogate, threshold: float, cuda_graphs=None) -> dict:
     """Results of every (method, workload) of the `check` step."""
     vocab = model.config.vocab_size
-    docs = torch.randint(0, vocab, (4, 1024), generator=torch.Generator().manual_seed(1)).tolist()
-    docs = [docs[0], docs[1][:900], docs[2][:1000], docs[3][:700]]  # documents of different lengths
+    # Documents of different lengths, past one key bucket at chunk 128 (2,048 slots): the passes
+    # free the first bucket's graphs and capture the second's.
+    docs = torch.randint(0, vocab, (4, 2600), generator=torch.Generator().manual_seed(1)).tolist()
+    docs = [docs[0], docs[1][:2100], docs[2][:1000], docs[3][:700]]
     prompts = [docs[0][:700], docs[1][:530]]
     thresholds = {"baseline": None, "kvzap": threshold}
     results = {}
-    for method in METHODS:
-        chunk128 = kvsweep_press(method, surrogate, thresholds.get(method, 2e-3))
-        chunk1 = kvsweep_press(method, surrogate, thresholds.get(method, 1e-2), window=64)
-        decoding = kvsweep_press(method, surrogate, thresholds.get(method, 2e-3), window=64)
+    for method in CHECKED:
+        chunk128 = check_press(method, surrogate, thresholds.get(method, 2e-3))
+        chunk1 = check_press(method, surrogate, thresholds.get(method, 1e-2), window=64)
+        decoding = check_press(method, surrogate, thresholds.get(method, 2e-3), window=64)
         results[f"{method}_chunk128"] = stream_nll(model, docs, 128, chunk128, cuda_graphs=cuda_graphs)
         results[f"{method}_chunk1"] = stream_nll(model, [d[:256] for d in docs], 1, chunk1, cuda_graphs=cuda_graphs,
                                                  key_bucket=64)  # fmt: skip
         results[f"{method}_generate"] = stream_generate(model, prompts, 128, 64, decoding, cuda_graphs=cuda_graphs)
     return results
+
+
+def check_press(method, surrogate, threshold, window=None):
+    """The benchmark's presses, and random eviction (evicting ~40%) and Expected Attention (scores
+    are attention probabilities, as H2O's: the same thresholds) with the study's windows."""
+    if method not in ("random", "expected_attention"):
+        return kvsweep_press(method, surrogate, threshold, window)
+    spec, settings = get_method(method), {"sliding_window": window or 128, "sinks": 4}
+    if method == "random":
+        threshold, settings = 0.4, {**settings, "seed": 42}
+    return spec.build(threshold, spec.resolve(threshold, settings))
 
 
 def compare(split: dict, single: dict) -> dict:
@@ -146,10 +165,12 @@ def time_chunk128(model, surrogate, gpus: int, floors: dict, record, fields: dic
     thresholds = {"kvzap": kvzap_threshold(model, surrogate), "h2o": 2e-4}
     floor = floor_tokens_per_s(model, floors, batch, n_tokens, 128)
     baseline_rate = None
-    for method in METHODS:
-        press = kvsweep_press(method, surrogate, thresholds.get(method))
-        stream_nll(model, [d[:259] for d in docs], 128, press)  # warm-up (Triton, allocator)
-        results, seconds, peaks = timed(lambda: stream_nll(model, docs, 128, press), gpus)  # noqa: B023
+    for method in (*METHODS, "baseline_sdpa"):
+        press = kvsweep_press(method.removesuffix("_sdpa"), surrogate, thresholds.get(method))
+        # baseline_sdpa: the baseline's attention through torch's SDPA, as before issue 15's kernel.
+        with torch_attention() if method.endswith("_sdpa") else contextlib.nullcontext():
+            stream_nll(model, [d[:259] for d in docs], 128, press)  # warm-up (Triton, allocator)
+            results, seconds, peaks = timed(lambda: stream_nll(model, docs, 128, press), gpus)  # noqa: B023
         rate = batch * n_tokens / seconds
         baseline_rate = baseline_rate or rate
         record({

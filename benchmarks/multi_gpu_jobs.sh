@@ -14,11 +14,13 @@ declare -A METHOD=(
   [baseline]="--method=baseline"
   [h2o]="--method=h2o --threshold=0.005 --local-window=32 --sinks=0"
   [kvzap]="--method=kvzap --threshold=0 --sliding-window=32 --sinks=4 --kvzap-surrogate=$DEMO/kvzap_surrogate/mlp --kvzap-type=mlp"
+  [random]="--method=random --threshold=0.4 --sliding-window=32 --sinks=4 --seed=42"
+  [expected_attention]="--method=expected_attention --threshold=0.002 --sliding-window=32 --sinks=4"
 )
 for gpus in 1 2; do
   for task in perplexity summarization; do
     extra=""; [ "$task" = summarization ] && extra="--max-new-tokens=48"
-    for method in baseline h2o kvzap; do
+    for method in baseline h2o kvzap random expected_attention; do
       mkdir -p "$WORK/gpus$gpus/$task"
       # Two GPUs through the workflow's variable, as a job of the workflow gets them.
       KVSWEEP_GPUS_PER_JOB=$gpus python -m kvsweep.evaluate --model=$MODEL --dtype=bfloat16 --device=cuda \
@@ -32,10 +34,8 @@ for gpus in 1 2; do
     --batch-size=512 --seed=0 --data=$DEMO/kvzap_surrogate/data/perplexity/shard000.jsonl \
     --output="$WORK/gpus$gpus/surrogate" 2> "$WORK/gpus$gpus/surrogate.log"
 done
-# Refusals: more GPUs than layers, more than visible.
+# Refusal: a split over more GPUs than the job sees (more GPUs than layers is tested on the CPU).
 set +e
-python -m kvsweep.evaluate --model=$MODEL --device=cuda --gpus=4 --chunk-size=16 --max-length=512 \
-  --data=$DEMO/data/perplexity/shard000.jsonl --method=baseline --output="$WORK/refused.jsonl" 2> "$WORK/too_many_for_layers.txt"
 CUDA_VISIBLE_DEVICES=0 python -m kvsweep.evaluate --model=$MODEL --device=cuda --gpus=2 --chunk-size=16 --max-length=512 \
   --data=$DEMO/data/perplexity/shard000.jsonl --method=baseline --output="$WORK/refused.jsonl" 2> "$WORK/too_few_visible.txt"
 set -e

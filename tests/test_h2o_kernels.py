@@ -73,6 +73,10 @@ def test_output_and_column_sums_match_an_explicit_loop(batch, kv_heads, groups, 
     out = h2o_kernels.attend_and_accumulate(
         query, key, value, visible, row_weights, scaling, state[:, :, :k_len], stop
     ).cpu()
+    # The output alone (every other method's attention on a GPU): the same, and nothing accumulated.
+    before = state.clone()
+    out_only = h2o_kernels.attend(query, key, value, visible, scaling, stop).cpu()
+    assert torch.equal(out_only, out) and torch.equal(state, before)
     state = state.cpu()
     query, key, value, visible, row_weights = case
     if key_stop is not None:

@@ -6,6 +6,7 @@ where a segment ends, which tensors are copied, and that later blocks read the s
 "meta" device plays the first GPU and the CPU the second.
 """
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,9 +46,13 @@ class RecordingCapture(SegmentedCapture):
     def _begin(self, device, copies):
         self._open = (device, None, None, copies)
 
-    def _end(self):
+    def _close(self):
         device, _, _, copies = self._open
         self._open = None
+        return device, None, copies
+
+    def _end(self):
+        device, _, copies = self._close()
         self.segments.append((device, copies))
 
 
@@ -80,3 +85,28 @@ def test_a_segment_ends_where_a_block_receives_another_gpus_tensors():
     assert fourth.seen[0][2] is capture.segments[2][1][0][1]
     # Blocks on the first GPU read their inputs as they are.
     assert first.seen[0][1] is rotary
+
+
+class Outer(nn.Module):
+    """A block that calls a block of another GPU from inside itself (as a layer calling the first
+    GPU's rotary embedding would)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden):
+        return self.inner(hidden) + 1
+
+
+def test_a_block_of_another_gpu_called_from_inside_a_block_is_refused():
+    inner = Block(FIRST)
+    outer = Outer(inner)
+    capture = RecordingCapture([(outer, SECOND), (inner, FIRST)])
+    with pytest.raises(RuntimeError, match="called from inside another block of the device map"):
+        capture.capture(lambda: outer(torch.zeros(2, 3, device=SECOND)), SECOND)
+
+
+def test_a_model_on_several_gpus_without_its_device_map_is_refused():
+    with pytest.raises(ValueError, match="need its device map"):
+        SegmentedCapture(nn.Linear(2, 2))

@@ -55,10 +55,16 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     visible = state.visible_keys()  # (batch, kv_heads, q, k)
     accumulates = state.attention_received is not None
 
-    if groups * q_len > FUSED_MIN_ROWS and accumulates and h2o_kernels.available(query):
-        # H2O: output and column sums from two Triton kernels that never write the probabilities.
-        row_weights = state.valid_queries() / groups
+    # Many query rows: the Triton kernels, which read the mask once per KV head. H2O gets the output
+    # and the column sums, and never writes the probabilities. The other methods get the output
+    # from the same forward kernel on a GPU (on the CPU, Triton's interpreter would be far slower
+    # than SDPA; the CPU tests check the kernel itself against float64).
+    fused = groups * q_len > FUSED_MIN_ROWS and (accumulates or query.is_cuda) and h2o_kernels.available(query)
+    if fused:
         key_stop = state.layout.query_slots[-1:] + 1  # no query of the pass sees a later key
+        if not accumulates:
+            return h2o_kernels.attend(query, key, value, visible, scaling, key_stop), None
+        row_weights = state.valid_queries() / groups
         received = state.attention_received[:, :, :k_len]
         out = h2o_kernels.attend_and_accumulate(query, key, value, visible, row_weights, scaling, received, key_stop)
         return out, None

@@ -102,11 +102,6 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
 def calibration_offset(config: dict) -> int:
     """Qualifying documents before the calibration documents: `calibration.skip_documents`, or by
     default the study's own (the calibration documents follow them)."""
-    if config["device"] == "cpu" and config["gpus_per_job"] > 1:
-        raise KvsweepError(
-            f"gpus_per_job: {config['gpus_per_job']} splits the model over GPUs, but device is cpu "
-            "(use device: cuda, or gpus_per_job: 0 on the CPU)"
-        )
     skip = config["calibration"]["skip_documents"]
     return config["dataset"]["max_documents"] if skip is None else skip
 

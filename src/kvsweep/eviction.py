@@ -102,6 +102,9 @@ class BatchLayout:
         self.tokens_after.copy_(other.tokens_after)
         if self.document_keys is not None:
             self.document_keys.copy_(other.document_keys)
+        # The mirrors too: the press's fresh state for this batch is made from them (a scorer's
+        # random tables from the document keys) before the first pass syncs them.
+        self.sync()
 
     def on(self, device: torch.device) -> "BatchLayout":
         """This layout as the layers on `device` read it: itself on its own device, else its mirror

@@ -94,9 +94,9 @@ def attend_and_accumulate(
     key: torch.Tensor,
     value: torch.Tensor,
     visible: torch.Tensor,
-    row_weights: torch.Tensor,
+    row_weights: torch.Tensor | None,
     scaling: float,
-    received: torch.Tensor,
+    received: torch.Tensor | None,
     key_stop: torch.Tensor | None = None,
     forward_launch: dict | None = None,
     column_sums_launch: dict | None = None,
@@ -106,7 +106,8 @@ def attend_and_accumulate(
 
     query (batch, kv_heads * groups, q, d); key and value (batch, kv_heads, k, d); visible (batch,
     kv_heads, q, k) bool, shared by the query heads of a group, with at least one visible key per
-    row; row_weights (batch, q) float32; received (batch, kv_heads, k) float32, updated in place.
+    row; row_weights (batch, q) float32; received (batch, kv_heads, k) float32, updated in place
+    (both None: the output alone, for methods that accumulate nothing: `attend`).
     Any strides (the caller's slices and transposes are read as they are). `key_stop`, a
     one-element integer tensor on the device, says that keys at and beyond it are invisible to
     every row (the causal end of a pass whose key range was fixed for a CUDA graph): the kernels
@@ -135,12 +136,21 @@ def attend_and_accumulate(
             *common, value, *value.stride(), out, *out.transpose(1, 2).stride(),
             HEAD_DIM=head_dim, PRECISION=precision, **launch,
         )  # fmt: skip
+        if received is None:
+            return out
         launch = column_sums_launch or default_columns
         _column_sums[(triton.cdiv(k_len, launch["BLOCK_N"]), batch * kv_heads)](
             *common, row_weights, row_weights.stride(0), row_weights.stride(1),
             received, *received.stride(), HEAD_DIM=head_dim, PRECISION=precision, **launch,
         )  # fmt: skip
     return out
+
+
+def attend(query, key, value, visible, scaling: float, key_stop: torch.Tensor | None = None, forward_launch=None):
+    """The masked attention output alone (the forward kernel), for every method: no dense mask is
+    expanded over the query heads and converted for SDPA (on an H100 at chunk 128 that took a
+    quarter of the baseline's GPU time, benchmarks/RESULTS.md). Arguments as `attend_and_accumulate`."""
+    return attend_and_accumulate(query, key, value, visible, None, scaling, None, key_stop, forward_launch)
 
 
 def on_tensor_device(tensor: torch.Tensor):

@@ -15,6 +15,8 @@ the job starts and leaves the last GPU the remainder, so the same job could spli
 run to run, and it does not count the cache.
 """
 
+import copy
+
 import torch
 from torch import nn
 
@@ -108,6 +110,14 @@ def model_devices(model: nn.Module) -> list[torch.device]:
         if tensor.device not in devices:
             devices.append(tensor.device)
     return devices
+
+
+def rotary_copy(rotary: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a model's rotary embedding on `device`, without accelerate's hook (which would send
+    its inputs back to the original's GPU)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    return remove_hook_from_module(copy.deepcopy(rotary)).to(device)
 
 
 def keep_outputs_where_made(model: nn.Module) -> None:

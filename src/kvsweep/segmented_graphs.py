@@ -57,19 +57,27 @@ class SegmentedCapture:
 
     def __init__(self, model: nn.Module):
         self.blocks = block_devices(model)
+        if len({device for _, device in self.blocks}) < 2:
+            raise ValueError(
+                "CUDA graphs of a model on several GPUs need its device map (load it with device_map, "
+                "as kvsweep.modeling.load_model does), or run with cuda_graphs off"
+            )
         self._device_of = {id(block): device for block, device in self.blocks}
         self.pools = {}
         self._streams = {}
         self._captured = None  # the SegmentedGraph being captured
         self._open = None  # (device, graph, stream context, copies) of the segment being captured
         self._buffers = {}  # (device, id(source)) -> buffer, for this capture
+        self._running = 0
 
     def capture(self, forward, first_device: torch.device) -> SegmentedGraph:
         """Capture `forward()` (one pass; its inputs on `first_device`), whose result is kept as the
         graph's `output`."""
         self._synchronize({device for _, device in self.blocks} | {first_device})
         self._captured, self._buffers = SegmentedGraph(), {}
+        self._running = 0  # blocks entered and not yet left
         handles = [block.register_forward_pre_hook(self._hand_over, with_kwargs=True) for block, _ in self.blocks]
+        handles += [block.register_forward_hook(self._leave) for block, _ in self.blocks]
         try:
             self._begin(first_device, [])
             output = forward()
@@ -91,7 +99,16 @@ class SegmentedCapture:
         _collect(args, device, foreign)
         _collect(kwargs, device, foreign)
         new = [tensor for tensor in foreign if (device, id(tensor)) not in self._buffers]
-        if new or device != self._open[0]:
+        boundary = new or device != self._open[0]
+        if boundary and self._running:
+            # The rest of the enclosing block would run outside every segment's graph.
+            raise RuntimeError(
+                f"{type(module).__name__} (on {device}) was called from inside another block of the device "
+                "map: a split model is captured per GPU only when its blocks run one after the other "
+                "(run with cuda_graphs off)"
+            )
+        self._running += 1
+        if boundary:
             self._end()
             copies = []
             for tensor in new:
@@ -113,6 +130,9 @@ class SegmentedCapture:
         buffer = torch.empty_like(tensor, device=device)
         buffer.copy_(tensor)
         return buffer
+
+    def _leave(self, module, args, output) -> None:
+        self._running -= 1
 
     def _begin(self, device: torch.device, copies) -> None:
         stream = self._streams.setdefault(device, torch.cuda.Stream(device))

@@ -26,6 +26,7 @@ waits for, so that rewriting the study's lists never retrains the surrogate).
 """
 
 import argparse
+import gc
 import shutil
 import sys
 import time
@@ -169,6 +170,7 @@ def run(args, clock: StageClock) -> dict:
         )
         del model, collector
         if args.device != "cpu":
+            gc.collect()  # (a model split over GPUs is in a reference cycle: accelerate's hooks)
             torch.cuda.empty_cache()
         collect_s, started = time.time() - started, time.time()
         if args.kvzap_type == "linear":
@@ -215,7 +217,8 @@ def run(args, clock: StageClock) -> dict:
     )
     # Target collection (the model's forward passes) and the fit, apart: what a surrogate costs.
     if args.device != "cpu":
-        record["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # The most any of the job's GPUs held (a split model's first GPU also holds the fit).
+        record["peak_gpu_memory_gib"] = max(torch.cuda.max_memory_allocated(i) for i in range(gpus)) / 2**30
     clock.save(output, peak_gpu_memory_gib=record.get("peak_gpu_memory_gib"), gpus=gpus, documents=len(train_docs) + len(held_out),
                collect_s=collect_s, fit_s=fit_s,
                tokens_read=sum(len(doc["input_ids"]) for doc in train_docs + held_out))  # fmt: skip

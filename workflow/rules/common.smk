@@ -329,9 +329,11 @@ def calibration_search_arguments(target):
 
 def reported_config():
     """The config as the report shows it: defaults filled in, thresholds and targets in their
-    canonical spelling, without the settings that change only speed (batch_size, cuda_graphs). As
-    the params of its rule, it changes (and reruns the rule) exactly when a result may change."""
-    shown = {key: value for key, value in config.items() if key not in ("batch_size", "cuda_graphs")}
+    canonical spelling, without the settings that change only speed (batch_size, cuda_graphs,
+    gpus_per_job). As the params of its rule, it changes (and reruns the rule) exactly when a result
+    may change."""
+    speed_only = ("batch_size", "cuda_graphs", "gpus_per_job")
+    shown = {key: value for key, value in config.items() if key not in speed_only}
     shown["methods"] = {}
     for name, settings in config["methods"].items():
         sweep_key = method_of(config, name).sweep_key

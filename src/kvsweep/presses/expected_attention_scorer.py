@@ -10,6 +10,7 @@ from kvpress.utils import get_prerope_query_states
 from torch import nn
 
 from kvsweep import expected_attention_kernel
+from kvsweep.placement import module_device, rotary_copy
 
 
 @dataclass
@@ -36,13 +37,25 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
     scores_on_entry: ClassVar[bool] = False
     accumulates_attention: ClassVar[bool] = False
     observes_queries: ClassVar[bool] = True
-    _rotation: torch.Tensor | None = field(default=None, init=False, repr=False)
+    # Per (rotary embedding, device): the rotary embedding the layers there use and the first of them,
+    # and the pass's rotation, which that layer computes for the others.
+    _rotaries: dict = field(default_factory=dict, init=False, repr=False)
+    _rotations: dict = field(default_factory=dict, init=False, repr=False)
 
     def allocate(self, module: nn.Module, layout) -> dict[str, torch.Tensor]:
         """Running statistics of the layer's pre-RoPE queries, per document and query head: count,
         mean, and the sum of squared deviations from the mean (the covariance times the count)."""
         heads, dim = module.config.num_attention_heads, module.head_dim
         batch, device = layout.position.shape[0], layout.position.device
+        key = (id(module.rotary_emb), device)
+        rotary, first = self._rotaries.get(key, (None, module.layer_idx))
+        if rotary is None:
+            # A split model's layers on another GPU than the rotary embedding get a copy of it there:
+            # calling the first GPU's module from the middle of a layer would be work on another GPU,
+            # which the CUDA graph captured for this layer's GPU would not hold.
+            same = module_device(module.rotary_emb) == device
+            rotary = module.rotary_emb if same else rotary_copy(module.rotary_emb, device)
+        self._rotaries[key] = (rotary, min(first, module.layer_idx))
         return {
             "count": torch.zeros(batch, device=device),
             "mean": torch.zeros(batch, heads, dim, device=device),
@@ -68,11 +81,12 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
         stats["mean"] += shift * share
         stats["count"].copy_(total)
 
-    def average_rope(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """(batch, d, d): RoPE's rotation averaged over positions [tokens, tokens + n_future)."""
+    def average_rope(self, rotary: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, d, d): RoPE's rotation (the model's `rotary` embedding) averaged over positions
+        [tokens, tokens + n_future)."""
         future = tokens[:, None] + torch.arange(self.n_future_positions, device=tokens.device)
         probe = torch.zeros(1, device=tokens.device, dtype=torch.float32)
-        cos, sin = module.rotary_emb(probe, future)  # (batch, n_future, d)
+        cos, sin = rotary(probe, future)  # (batch, n_future, d)
         cos, sin = cos.float().mean(1), sin.float().mean(1)
         d = cos.shape[-1]
         eye = torch.eye(d, device=cos.device)
@@ -81,11 +95,13 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
         return cos[:, None, :] * eye + sin[:, None, :] * half
 
     def rotation(self, module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """`average_rope`, computed by the first layer of each pass and reused by the others (they
-        share the model's rotary embedding and the documents' lengths)."""
-        if module.layer_idx == 0 or self._rotation is None:
-            self._rotation = self.average_rope(module, tokens)
-        return self._rotation
+        """`average_rope`, computed by the first layer of each pass on each device and reused by the
+        others there (they share the model's rotary embedding and the documents' lengths)."""
+        key = (id(module.rotary_emb), tokens.device)
+        rotary, first = self._rotaries[key]
+        if module.layer_idx == first or key not in self._rotations:
+            self._rotations[key] = self.average_rope(rotary, tokens)
+        return self._rotations[key]
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         """`keys`, `values`: the cache over slots [0, hi); returns the scores of slots [lo, hi)
