@@ -47,20 +47,27 @@ class ExpectedAttentionScorer(ExpectedAttentionPress):
         mean, and the sum of squared deviations from the mean (the covariance times the count)."""
         heads, dim = module.config.num_attention_heads, module.head_dim
         batch, device = layout.position.shape[0], layout.position.device
-        key = (id(module.rotary_emb), device)
-        rotary, first = self._rotaries.get(key, (None, module.layer_idx))
-        if rotary is None:
-            # A split model's layers on another GPU than the rotary embedding get a copy of it there:
-            # calling the first GPU's module from the middle of a layer would be work on another GPU,
-            # which the CUDA graph captured for this layer's GPU would not hold.
-            same = module_device(module.rotary_emb) == device
-            rotary = module.rotary_emb if same else rotary_copy(module.rotary_emb, device)
-        self._rotaries[key] = (rotary, min(first, module.layer_idx))
+        self._place_rotary(module, device)
         return {
             "count": torch.zeros(batch, device=device),
             "mean": torch.zeros(batch, heads, dim, device=device),
             "spread": torch.zeros(batch, heads, dim, dim, device=device) if self.use_covariance else None,
         }
+
+    def _place_rotary(self, module: nn.Module, device: torch.device) -> None:
+        """Note the rotary embedding the layers on `device` rotate with, and the first of them. A
+        split model's layers on another GPU than the embedding get a copy of it there: calling the
+        first GPU's module from the middle of a layer would be work on another GPU, which the CUDA
+        graph captured for this layer's GPU would not hold. (kvpress gives every attention module
+        the model's `rotary_emb` while the press is active.)"""
+        if getattr(module, "rotary_emb", None) is None:
+            return
+        key = (id(module.rotary_emb), device)
+        rotary, first = self._rotaries.get(key, (None, module.layer_idx))
+        if rotary is None:
+            same = module_device(module.rotary_emb) == device
+            rotary = module.rotary_emb if same else rotary_copy(module.rotary_emb, device)
+        self._rotaries[key] = (rotary, min(first, module.layer_idx))
 
     def observe(self, module: nn.Module, hidden_states: torch.Tensor, stats: dict, counted: torch.Tensor) -> None:
         """Merge the pass's queries into the statistics; `counted` (batch, q) is 1 for a query that
