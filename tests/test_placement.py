@@ -13,7 +13,7 @@ from kvsweep.config import validate_config
 from kvsweep.errors import KvsweepError
 from kvsweep.job_gpus import GPUS_VARIABLE, job_gpus
 from kvsweep.modeling import load_model, on_device
-from kvsweep.placement import layers_per_gpu, placement_plan, plan_for_config
+from kvsweep.placement import describe_plan, layers_per_gpu, placement_plan, plan_for_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,10 @@ def test_plan_places_every_weight_once_in_layer_order(config_class, n_gpus):
     assert [layer_gpus.count(gpu) for gpu in range(n_gpus)] == layers_per_gpu(config.num_hidden_layers, n_gpus)
     assert plan["model.embed_tokens"] == plan["model.rotary_emb"] == 0
     assert plan["model.norm"] == plan["lm_head"] == n_gpus - 1
+
+
+def test_the_plan_is_described_for_the_log():
+    assert describe_plan(plan_for_config(tiny(layers=7), 3)) == "layers 0-1 on GPU 0, 2-4 on GPU 1, 5-6 on GPU 2"
 
 
 def test_a_tied_output_head_stays_with_the_embedding():

@@ -1,10 +1,12 @@
 """Loading a causal LM and its tokenizer from a hub id or a local folder, with readable errors."""
 
+import sys
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kvsweep.errors import KvsweepError, cannot_load, missing_local_path
-from kvsweep.placement import keep_outputs_where_made, plan_for_config, visible_gpus
+from kvsweep.placement import describe_plan, keep_outputs_where_made, plan_for_config, visible_gpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +54,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attention
     try:
         if gpus > 1:
             target = plan_for_config(AutoConfig.from_pretrained(name), gpus)
+            # In the job's log: a count left in the environment would otherwise split silently.
+            print(f"kvsweep: {name} split over {gpus} GPUs, {describe_plan(target)}", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=DTYPES[dtype], attn_implementation=attention, device_map=target
         )

@@ -75,6 +75,16 @@ def placement_plan(model: nn.Module, n_gpus: int) -> dict[str, int]:
     return plan
 
 
+def describe_plan(plan: dict[str, int]) -> str:
+    """The decoder layers each GPU holds, for a log: 'layers 0-31 on GPU 0, 32-63 on GPU 1'."""
+    layers = {}
+    for name, gpu in plan.items():
+        if name.rsplit(".", 2)[-2:-1] == ["layers"] and name.rsplit(".", 1)[-1].isdigit():
+            layers.setdefault(gpu, []).append(int(name.rsplit(".", 1)[-1]))
+    spans = [f"{min(held)}-{max(held)} on GPU {gpu}" for gpu, held in sorted(layers.items())]
+    return "layers " + ", ".join(spans)
+
+
 def plan_for_config(config, n_gpus: int) -> dict[str, int]:
     """`placement_plan` for a model of this configuration, built on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
