@@ -47,12 +47,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", attention
     if (missing := missing_local_path("model", name)) is not None:
         raise missing
     target = resolve_device(device)
-    if gpus > 1:
-        if device != "cuda":
-            raise KvsweepError(f"a model split over {gpus} GPUs needs device 'cuda', got '{device}'")
-        visible_gpus(gpus)
     try:
         if gpus > 1:
+            if device != "cuda":
+                raise KvsweepError(f"a model split over {gpus} GPUs needs device 'cuda', got '{device}'")
+            visible_gpus(gpus)
             target = plan_for_config(AutoConfig.from_pretrained(name), gpus)
             # In the job's log: a count left in the environment would otherwise split silently.
             print(f"kvsweep: {name} split over {gpus} GPUs, {describe_plan(target)}", file=sys.stderr)

@@ -125,8 +125,9 @@ class SegmentedCapture:
             torch.cuda.synchronize(device)
 
     def _new_buffer(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A buffer on `device` for `tensor`, allocated outside any graph (the copy into it is the
-        replay's; this one only gives the next segment's capture its values' shape)."""
+        """A buffer on `device` for `tensor`, allocated outside any graph. Each replay copies the
+        tensor into it before the segment; the copy here only fills it once (the capture runs
+        nothing, so the values it gets now are never used)."""
         buffer = torch.empty_like(tensor, device=device)
         buffer.copy_(tensor)
         return buffer
