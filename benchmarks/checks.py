@@ -5,6 +5,7 @@ import contextlib
 import torch
 
 from kvsweep import attention, h2o_kernels
+from kvsweep.eviction import KeyVisibility
 from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
 
@@ -78,11 +79,14 @@ def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
     key = torch.randn(batch, kv_heads, k_len, head_dim, device="cuda", generator=generator)
     value = torch.randn(batch, kv_heads, k_len, head_dim, device="cuda", generator=generator)
     query, key, value = query.bfloat16(), key.bfloat16(), value.bfloat16()
-    visible = torch.rand(batch, kv_heads, q_len, k_len, device="cuda", generator=generator) < 0.7
-    visible[:, :, torch.arange(q_len), torch.arange(q_len) + k_len - q_len] = True
+    # 30% of the keys evicted, the pass's queries in the last q_len slots.
+    evicted = torch.rand(batch, kv_heads, k_len, device="cuda", generator=generator) < 0.3
+    position = torch.arange(k_len, device="cuda").repeat(batch, 1)
+    seen = KeyVisibility(evicted, position, torch.arange(k_len - q_len, k_len, device="cuda"))
+    visible = seen.dense(k_len)
     weights = torch.full((batch, q_len), 1 / groups, device="cuda")
     received = torch.zeros(batch, kv_heads, k_len, device="cuda")
-    out = h2o_kernels.attend_and_accumulate(query, key, value, visible, weights, head_dim**-0.5, received)
+    out = h2o_kernels.attend_and_accumulate(query, key, value, seen, weights, head_dim**-0.5, received)
     grouped = query.double().reshape(batch, kv_heads, groups, q_len, head_dim)
     scores = torch.einsum("bhgqd,bhkd->bhgqk", grouped, key.double()) * head_dim**-0.5
     probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)

@@ -7,9 +7,14 @@ not depend on the weights' values. For each workload and batch size it times `ba
 and `h2o` in the same process, one after the other, and reports tokens/s, peak GPU memory, the
 ratio to baseline and the ratio to the hardware floor, with the floor's two rates (device copy
 bandwidth, bf16 matmul) measured in the same run. Each kvsweep row is timed --repeats times (3)
-after one warm-up, in the same process: the median is reported, with every timing and the spread. Where the upstream path runs (kvpress `DMSPress`
-with its fake-key masking), it is timed in the same run as an anchor. Results are written after
-every measurement, so a run cut short keeps what it measured.
+after one warm-up of the same length, in the same process: the median is reported, with every
+timing and the spread. The calls of a row share their passes and CUDA graphs (`KeptPasses`), as a
+workflow job's batches do, so the timings hold no graph captures (`--fresh-passes`: each call
+builds and captures its own, as a lone `stream_nll` call does). Generation is reported against the
+floor of its whole work (the prompt's chunks, then one pass per new token), and its decoding steps
+alone (the call minus a prefill-only call) against theirs. Where the upstream path runs (kvpress
+`DMSPress` with its fake-key masking), it is timed in the same run as an anchor. Results are
+written after every measurement, so a run cut short keeps what it measured.
 """
 
 import argparse
@@ -25,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvsweep.generate import stream_generate
 from kvsweep.presses import H2OScorer, KVzapSurrogatePress, StreamingThresholdPress
+from kvsweep.static_passes import KeptPasses
 from kvsweep.stream_nll import stream_nll
 
 from anchors import kvpress_pipeline, upstream_kvzap_press, upstream_stream
@@ -80,19 +86,34 @@ def build_model(arch: str):
 def floor_tokens_per_s(model, floors, batch, n_tokens, chunk) -> float:
     """Fewest seconds the work can take: per pass, the larger of (weights + KV read) / bandwidth and
     FLOPs / matmul rate; the KV cache and attention FLOPs grow with the position."""
+    seconds = sum(
+        floor_pass_seconds(model, floors, batch, start, min(start + chunk, n_tokens))
+        for start in range(0, n_tokens, chunk)
+    )
+    return batch * n_tokens / seconds
+
+
+def floor_pass_seconds(model, floors, batch, start, end) -> float:
+    """The floor of one pass of `batch` documents over positions [start, end) (causal attention)."""
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     matmul_params = params - model.get_input_embeddings().weight.numel()
     kv_bytes_per_token = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2
-    seconds = 0.0
-    for start in range(0, n_tokens, chunk):
-        end = min(start + chunk, n_tokens)
-        tokens = batch * (end - start)
-        bytes_moved = params * 2 + batch * end * kv_bytes_per_token
-        attention_flops = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (start + end) / 2
-        flops = tokens * (2 * matmul_params + attention_flops)
-        seconds += max(bytes_moved / (floors["copy_TBps"] * 1e12), flops / (floors["bf16_matmul_TFLOPs"] * 1e12))
-    return batch * n_tokens / seconds
+    tokens = batch * (end - start)
+    bytes_moved = params * 2 + batch * end * kv_bytes_per_token
+    attention_flops = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (start + end) / 2
+    flops = tokens * (2 * matmul_params + attention_flops)
+    return max(bytes_moved / (floors["copy_TBps"] * 1e12), flops / (floors["bf16_matmul_TFLOPs"] * 1e12))
+
+
+def generation_floor_seconds(model, floors, batch, context, new, chunk=128) -> tuple[float, float]:
+    """The floors of generation's two parts: the prompt in chunks, then one pass per new token
+    (the first comes from the prompt's last logits)."""
+    prefill = batch * context / floor_tokens_per_s(model, floors, batch, context, chunk)
+    decode = sum(
+        floor_pass_seconds(model, floors, batch, context + step, context + step + 1) for step in range(new - 1)
+    )
+    return prefill, decode
 
 
 def kvsweep_press(method, surrogate, threshold, window=None):
@@ -137,6 +158,7 @@ def main():
     parser.add_argument("--batches", default="1,8,16", help="batch sizes (generation: 1 and 8 of them)")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks on the card")
     parser.add_argument("--repeats", type=int, default=3, help="timings of each kvsweep row, in this process (median)")
+    parser.add_argument("--fresh-passes", action="store_true", help="each call captures its own graphs (no KeptPasses)")
     args = parser.parse_args()
     began = time.time()
     batches = [int(b) for b in args.batches.split(",")]
@@ -151,6 +173,7 @@ def main():
         probe = model.get_input_embeddings()(torch.randint(0, vocab, (1, 512), device="cuda"))
         thresholds["kvzap"] = float(surrogate.layers[0](probe).float().median())
     report["thresholds"] = thresholds
+    report["passes"] = "fresh per call" if args.fresh_passes else "kept across the calls of a row (KeptPasses)"
     print(json.dumps({k: report[k] for k in ("card", "floors", "params_B", "thresholds")}), flush=True)
 
     def save():
@@ -168,7 +191,7 @@ def main():
         print(json.dumps(run), flush=True)
         save()
 
-    def time_methods(fields: dict, work, warm_up, tokens: int, extra=lambda results, rate: {}, anchors=()):
+    def time_methods(fields: dict, work, warm_up, tokens: int, extra=lambda results, rate, press: {}, anchors=()):
         """Time baseline, kvzap and h2o one after the other on the same work, then the anchors
         (name, work, tokens) of the same workload; record each run."""
         baseline_rate = None
@@ -190,10 +213,11 @@ def main():
                         "tokens_timed": anchor[2] // fields["batch"], "vs_baseline": vs_baseline})  # fmt: skip
                 continue
             press = kvsweep_press(method, surrogate, thresholds.get(method))
-            warm_up(press)
+            kept = None if args.fresh_passes else KeptPasses()
+            warm_up(press, kept)
             # Each row timed `repeats` times in this process: the median is what is reported, and
             # the spread ((max - min) / median) says how far one timing can be trusted.
-            timings = [timed(lambda: work(press)) for _ in range(args.repeats)]  # noqa: B023
+            timings = [timed(lambda: work(press, kept)) for _ in range(args.repeats)]  # noqa: B023
             rates = sorted(tokens / seconds for _, seconds, _ in timings)
             rate = statistics.median(rates)
             results, peak = timings[0][0], max(t[2] for t in timings)
@@ -203,7 +227,7 @@ def main():
                 "repeats": len(rates), "tok_per_s_each": [tokens / t[1] for t in timings],
                 "spread": (rates[-1] - rates[0]) / rate,
                 "vs_baseline": rate / baseline_rate if baseline_rate else None,
-                **extra(results, rate),
+                **extra(results, rate, press),
                 "kv_density": sum(r["kv_kept"] for r in results) / sum(r["kv_total"] for r in results),
             })  # fmt: skip
 
@@ -221,11 +245,34 @@ def main():
                 ("kvpress_pipeline_no_press", kvpress_pipeline(model, surrogate, None, ids, new), new),
                 ("kvpress_pipeline_dms_kvzap", kvpress_pipeline(model, surrogate, thresholds["kvzap"], ids, new), new),
             ]
+        prefill_floor, decode_floor = generation_floor_seconds(model, report["floors"], batch, context, new)
+
+        def decoding_alone(results, rate, press):
+            """The decoding steps alone: the whole call minus a call that stops after the prompt
+            (its own kept passes, warmed up, then timed as often as the row)."""
+            kept = None if args.fresh_passes else KeptPasses()
+            stream_generate(model, prompts, 128, 1, press, kept=kept)
+            prefill = statistics.median(
+                timed(lambda: stream_generate(model, prompts, 128, 1, press, kept=kept))[1] for _ in range(args.repeats)
+            )
+            steps = batch * new / rate - prefill
+            return {
+                "floor_tok_per_s": batch * new / (prefill_floor + decode_floor),
+                "fraction_of_floor": rate * (prefill_floor + decode_floor) / (batch * new),
+                "prefill_s": prefill,
+                "decode_step_ms": steps / (new - 1) * 1e3,
+                "decode_tok_per_s": batch * (new - 1) / steps,
+                "decode_floor_tok_per_s": batch * (new - 1) / decode_floor,
+                "decode_fraction_of_floor": decode_floor / steps,
+            }
+
         time_methods(
             {"workload": "generate", "tokens": context, "new_tokens": new, "chunk": 128, "batch": batch},
-            work=lambda press: stream_generate(model, prompts, 128, new, press),
-            warm_up=lambda press: stream_generate(model, [p[:300] for p in prompts], 128, 4, press),
+            work=lambda press, kept: stream_generate(model, prompts, 128, new, press, kept=kept),
+            # Full length: the warm-up captures every shape the timed calls replay (with kept passes).
+            warm_up=lambda press, kept: stream_generate(model, prompts, 128, new, press, kept=kept),
             tokens=batch * new,
+            extra=decoding_alone,
             anchors=anchors,
         )
 
@@ -254,10 +301,11 @@ def main():
                             upstream_kvzap_press(model, surrogate, thresholds["kvzap"])), batch * eager_tokens))  # fmt: skip
         time_methods(
             {"workload": name, "tokens": n_tokens, "chunk": chunk, "batch": batch},
-            work=lambda press: stream_nll(model, docs, chunk, press),  # noqa: B023
-            warm_up=lambda press: stream_nll(model, [d[: 2 * chunk + 3] for d in docs], chunk, press),  # noqa: B023
+            work=lambda press, kept: stream_nll(model, docs, chunk, press, kept=kept),  # noqa: B023
+            # Full length: the warm-up captures every shape the timed calls replay (with kept passes).
+            warm_up=lambda press, kept: stream_nll(model, docs, chunk, press, kept=kept),  # noqa: B023
             tokens=batch * n_tokens,
-            extra=lambda results, rate: {  # noqa: B023
+            extra=lambda results, rate, press: {  # noqa: B023
                 "floor_tok_per_s": floor,  # noqa: B023
                 "fraction_of_floor": rate / floor,  # noqa: B023
                 "nll_per_token": sum(r["nll_sum"] for r in results) / sum(r["n_predicted"] for r in results),

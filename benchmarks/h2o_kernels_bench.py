@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvsweep import attention, h2o_kernels
+from kvsweep.eviction import KeyVisibility
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -45,11 +46,10 @@ def attention_case(batch, heads, kv_heads, head_dim, q_len=128, key_stop=4096, k
     key = torch.randn(batch, kv_heads, k_len, head_dim, generator=generator, **cuda)
     value = torch.randn_like(key)
     slots = torch.arange(key_stop - q_len, key_stop, device="cuda")
-    keys = torch.arange(k_len, device="cuda")
-    kept = torch.rand(batch, kv_heads, 1, k_len, device="cuda", generator=generator) > 0.3
-    visible = ((keys[None, :] <= slots[:, None]) & kept) | (keys[None, :] == slots[:, None])
+    evicted = torch.rand(batch, kv_heads, k_len, device="cuda", generator=generator) < 0.3
+    seen = KeyVisibility(evicted, torch.arange(k_len, device="cuda").repeat(batch, 1), slots)
     weights = torch.full((batch, q_len), kv_heads / heads, device="cuda")
-    return query, key, value, visible, weights, torch.tensor([key_stop], device="cuda")
+    return query, key, value, seen, weights, torch.tensor([key_stop], device="cuda")
 
 
 def folded(query, key):
@@ -70,8 +70,26 @@ def torch_column_sums(query, key, visible, weights, received):
 
 # Launch settings tried per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 LAUNCHES = {
-    "forward": [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (32, 64, 4, 2)],
-    "column_sums": [(64, 128, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (32, 128, 4, 2), (128, 64, 8, 3)],
+    "forward": [
+        (64, 64, 4, 3),
+        (64, 32, 4, 3),
+        (64, 128, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 128, 8, 2),
+        (128, 128, 4, 2),
+        (32, 64, 4, 2),
+    ],
+    "column_sums": [
+        (64, 128, 4, 3),
+        (128, 128, 4, 2),
+        (128, 128, 8, 2),
+        (64, 128, 8, 3),
+        (64, 64, 4, 3),
+        (32, 128, 4, 2),
+        (128, 64, 8, 3),
+        (64, 256, 8, 2),
+    ],
 }
 
 
@@ -94,13 +112,12 @@ def main():
 
 
 def time_batch(batch, heads, kv_heads, head_dim) -> dict:
-    query, key, value, visible, weights, stop = attention_case(batch, heads, kv_heads, head_dim)
+    query, key, value, seen, weights, stop = attention_case(batch, heads, kv_heads, head_dim)
+    visible = seen.dense(key.shape[2])  # what the torch paths build
     received = torch.zeros(batch, kv_heads, key.shape[2], device="cuda")
 
     def kernels(**launches):
-        h2o_kernels.attend_and_accumulate(
-            query, key, value, visible, weights, head_dim**-0.5, received, stop, **launches
-        )
+        h2o_kernels.attend_and_accumulate(query, key, value, seen, weights, head_dim**-0.5, received, stop, **launches)
 
     row = {
         "sdpa_masked": milliseconds(lambda: sdpa_masked(query, key, value, visible)),

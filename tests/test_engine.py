@@ -78,6 +78,34 @@ def test_h2o_column_sums_either_way_match_reference(model, weights, surrogate_di
     assert bool(calls) == (column_sums == "triton")
 
 
+def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weights, surrogate_dir, monkeypatch):
+    """Column sums in blocks of 16 keys over documents of up to 100 tokens in chunks of 32: from the
+    third pass on, the first blocks hold keys decided earlier only, and the kernel skips them. The
+    keys decided in a pass must still get that pass's sums: NLL and kept counts hold the reference."""
+    if h2o_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(h2o_kernels, "COLUMN_SUMS_LAUNCHES", (small,))
+    skipping = []
+    kernel = h2o_kernels.attend_and_accumulate
+
+    def recording(*args, undecided_from=None, **kwargs):
+        skipping.append(int(undecided_from.max()) >= 2 * small["BLOCK_N"])
+        return kernel(*args, undecided_from=undecided_from, **kwargs)
+
+    monkeypatch.setattr(h2o_kernels, "attend_and_accumulate", recording)
+    documents = random_documents([100, 77], seed=4)
+    press, resolved = build("h2o", 0.02, {"local_window": WINDOW, "sinks": 3}, surrogate_dir)
+    kept, total = 0, 0
+    for doc, result in zip(documents, stream_nll(model, documents, 32, press), strict=True):
+        nll, counts, _ = reference_stream(weights, doc, 32, "h2o", 0.02, WINDOW, resolved["sinks"])
+        assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
+        assert {k: result[k] for k in counts} == counts
+        kept, total = kept + counts["kv_kept_compressible"], total + counts["kv_total_compressible"]
+    assert 0.2 <= 1 - kept / total <= 0.8, f"the threshold evicts {1 - kept / total:.0%}: too few decisions to test"
+    assert any(skipping), "no pass skipped a block: the documents are too short for the test"
+
+
 def test_baseline_matches_reference(model, weights):
     documents = random_documents([40, 29])
     for doc, result in zip(documents, stream_nll(model, documents, 5), strict=True):

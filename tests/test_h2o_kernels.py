@@ -1,5 +1,6 @@
 """H2O's Triton kernels (output and column sums) against an explicit float64 loop (Triton's interpreter on a CPU)."""
 
+import itertools
 import math
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from kvsweep import h2o_kernels
+from kvsweep.eviction import KeyVisibility
 
 pytestmark = pytest.mark.skipif(
     h2o_kernels.triton is None, reason="Triton is not installed (the test extras install it on Linux x86_64)"
@@ -15,12 +17,22 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
-def reference_attention(query, key, value, visible, row_weights, scaling):
+def sees(seen: KeyVisibility, b: int, h: int, i: int, k: int, key_stop: int) -> bool:
+    """The rule, one key at a time: query i sees key slot k if k is before the stop and is its own
+    slot, or an earlier slot holding a real token that KV head h has not evicted."""
+    slot = int(seen.query_slots[i])
+    if k >= key_stop:
+        return False
+    return k == slot or (k <= slot and int(seen.position[b, k]) >= 0 and not bool(seen.evicted[b, h, k]))
+
+
+def reference_attention(query, key, value, seen, row_weights, scaling, key_stop=None):
     """One softmax per (batch row, query head, query) over its visible keys: the output (batch, q,
     heads, d), and for each batch row, KV head and key the sum over query heads of the group and
     queries of row weight x probability."""
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
+    key_stop = k_len if key_stop is None else key_stop
     groups = heads // kv_heads
     out = torch.zeros(batch, q_len, heads, head_dim, dtype=torch.float64)
     received = torch.zeros(batch, kv_heads, k_len, dtype=torch.float64)
@@ -28,11 +40,11 @@ def reference_attention(query, key, value, visible, row_weights, scaling):
         for head in range(heads):
             h = head // groups
             for i in range(q_len):
-                seen = [k for k in range(k_len) if visible[b, h, i, k]]
-                scores = [float(query[b, head, i].double() @ key[b, h, k].double()) * scaling for k in seen]
+                visible = [k for k in range(k_len) if sees(seen, b, h, i, k, key_stop)]
+                scores = [float(query[b, head, i].double() @ key[b, h, k].double()) * scaling for k in visible]
                 top = max(scores)
                 total = sum(math.exp(s - top) for s in scores)
-                for k, s in zip(seen, scores, strict=True):
+                for k, s in zip(visible, scores, strict=True):
                     received[b, h, k] += float(row_weights[b, i]) * math.exp(s - top) / total
                     out[b, i, head] += math.exp(s - top) / total * value[b, h, k].double()
     return out, received
@@ -42,14 +54,28 @@ def random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed, key_stop)
     generator = torch.Generator().manual_seed(seed)
     # Queries as the model hands them over: a (batch, q, heads, d) tensor transposed (not contiguous).
     query = torch.randn(batch, q_len, kv_heads * groups, head_dim, generator=generator).transpose(1, 2)
-    # Keys: the first k_len slots of a larger cache, as the attention slices a static cache.
+    # Keys: the first k_len slots of a larger cache, as the attention slices a static cache; the
+    # eviction flags and positions cover the whole cache, as a layer's state does.
     key = torch.randn(batch, kv_heads, k_len + 9, head_dim, generator=generator)[:, :, :k_len]
     value = torch.randn(batch, kv_heads, k_len + 9, head_dim, generator=generator)[:, :, :k_len]
-    visible = torch.rand(batch, kv_heads, q_len, k_len, generator=generator) < 0.6
-    own = torch.randint(0, key_stop, (q_len,), generator=generator)
-    visible[:, :, torch.arange(q_len), own] = True  # every row sees at least one key
+    evicted = torch.rand(batch, kv_heads, k_len + 9, generator=generator) < 0.35
+    position = torch.arange(k_len + 9).repeat(batch, 1)
+    position[torch.rand(batch, k_len + 9, generator=generator) < 0.15] = -1  # padding slots
+    # Query slots in no particular order, some of them at or past the stop (whose keys the rule
+    # would show them): every row still sees a key before the stop.
+    slots = torch.randint(0, k_len, (q_len,), generator=generator)
+    seen = KeyVisibility(evicted, position, slots)
+    for b, h, i in itertools.product(range(batch), range(kv_heads), range(q_len)):
+        assert any(sees(seen, b, h, i, k, key_stop) for k in range(k_len)), "a row sees nothing: another seed"
     row_weights = (torch.rand(batch, q_len, generator=generator) < 0.8).float() / groups
-    return query, key, value, visible, row_weights
+    return query, key, value, seen, row_weights
+
+
+def on(device, case):
+    """The case's tensors on `device`."""
+    query, key, value, seen, row_weights = case
+    seen = KeyVisibility(*(t.to(device) for t in seen))
+    return query.to(device), key.to(device), value.to(device), seen, row_weights.to(device)
 
 
 @pytest.mark.parametrize(
@@ -64,26 +90,24 @@ def random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed, key_stop)
 )
 def test_output_and_column_sums_match_an_explicit_loop(batch, kv_heads, groups, q_len, k_len, head_dim, key_stop):
     case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=k_len, key_stop=key_stop or k_len)
-    query, key, value, visible, row_weights = (t.to(DEVICE) for t in case)
+    query, key, value, seen, row_weights = on(DEVICE, case)
     scaling = head_dim**-0.5
     assert h2o_kernels.available(query)
     # The kernels add into a slice of a larger, already non-zero buffer (the layer's state).
     state = torch.full((batch, kv_heads, k_len + 5), 0.25, device=DEVICE)
     stop = None if key_stop is None else torch.tensor([key_stop], device=DEVICE)
     out = h2o_kernels.attend_and_accumulate(
-        query, key, value, visible, row_weights, scaling, state[:, :, :k_len], stop
+        query, key, value, seen, row_weights, scaling, state[:, :, :k_len], stop
     ).cpu()
     # The output alone (every other method's attention on a GPU): the same, and nothing accumulated.
     before = state.clone()
-    out_only = h2o_kernels.attend(query, key, value, visible, scaling, stop).cpu()
+    out_only = h2o_kernels.attend(query, key, value, seen, scaling, stop).cpu()
     assert torch.equal(out_only, out) and torch.equal(state, before)
     state = state.cpu()
-    query, key, value, visible, row_weights = case
     if key_stop is not None:
-        assert visible[..., key_stop:].any(), "the case must show keys that the stop hides"
-        visible = visible.clone()
-        visible[..., key_stop:] = False
-    expected_out, expected = reference_attention(query, key, value, visible, row_weights, scaling)
+        shown = (case[3].dense(k_len)[..., key_stop:]).any()
+        assert shown, "the case must have rows that the rule would show keys that the stop hides"
+    expected_out, expected = reference_attention(*case, scaling, key_stop)
     torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state[:, :, :k_len].double(), expected + 0.25, rtol=1e-5, atol=1e-6)
     assert (state[:, :, k_len:] == 0.25).all(), "wrote beyond the keys of the pass"
@@ -94,13 +118,13 @@ def test_every_launch_setting_gives_the_same_result(kernel):
     """Block sizes smaller and larger than the rows and keys of the case, with ragged last blocks."""
     batch, kv_heads, groups, q_len, k_len, head_dim = 1, 2, 3, 21, 150, 16
     case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=5, key_stop=k_len)
-    query, key, value, visible, row_weights = (t.to(DEVICE) for t in case)
+    query, key, value, seen, row_weights = on(DEVICE, case)
     expected_out, expected = reference_attention(*case, head_dim**-0.5)
     settings = h2o_kernels.FORWARD_LAUNCHES if kernel == "forward" else h2o_kernels.COLUMN_SUMS_LAUNCHES
     for launch in settings:
         received = torch.zeros(batch, kv_heads, k_len, device=DEVICE)
         out = h2o_kernels.attend_and_accumulate(
-            query, key, value, visible, row_weights, head_dim**-0.5, received, **{f"{kernel}_launch": launch}
+            query, key, value, seen, row_weights, head_dim**-0.5, received, **{f"{kernel}_launch": launch}
         )
         torch.testing.assert_close(out.cpu().double(), expected_out, rtol=1e-5, atol=1e-5, msg=str(launch))
         torch.testing.assert_close(received.cpu().double(), expected, rtol=1e-5, atol=1e-6, msg=str(launch))
@@ -109,7 +133,7 @@ def test_every_launch_setting_gives_the_same_result(kernel):
 def test_launch_settings_follow_the_shared_memory():
     h100, a100 = 0.75 * 232448, 0.75 * 166912  # bytes a block may use, times SHARED_MEMORY_SHARE
     forward, columns = h2o_kernels.launches_within(h100, head_dim=128, element_size=2)
-    assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_N"]) == (128, 128, 128)
+    assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_N"]) == (64, 64, 128)
     forward, _ = h2o_kernels.launches_within(a100, head_dim=128, element_size=2)
     assert (forward["BLOCK_M"], forward["BLOCK_N"]) == (64, 64)
     forward, _ = h2o_kernels.launches_within(h100, head_dim=128, element_size=4)  # float32
@@ -124,3 +148,34 @@ def test_kernels_are_not_offered_where_they_cannot_run(monkeypatch):
     assert h2o_kernels.available(torch.zeros(1, 2, 3, 16))
     assert not h2o_kernels.available(torch.zeros(1, 2, 3, 24))  # head_dim not a power of two
     assert not h2o_kernels.available(torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16))  # interpreter: float32 only
+
+
+def test_dense_mask_follows_the_rule():
+    """The torch paths' mask (`KeyVisibility.dense`, what `LayerEviction.visible_keys` returns) is
+    the kernels' rule, key by key, over a range of keys shorter than the state."""
+    *_, seen, _ = random_case(2, 3, 1, 11, 40, 16, seed=9, key_stop=40)
+    dense = seen.dense(40)
+    assert dense.shape == (2, 3, 11, 40)
+    for b, h, i, k in itertools.product(range(2), range(3), range(11), range(40)):
+        assert bool(dense[b, h, i, k]) == sees(seen, b, h, i, k, key_stop=40), (b, h, i, k)
+
+
+def test_column_sums_skip_key_blocks_decided_before_the_pass():
+    """Keys below `undecided_from` (per document) need no more sums: blocks of keys wholly below it
+    keep what they had; every other key receives exactly what the reference gives."""
+    batch, kv_heads, groups, q_len, k_len, head_dim = 2, 2, 2, 6, 150, 16
+    case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=11, key_stop=k_len)
+    query, key, value, seen, row_weights = on(DEVICE, case)
+    _, expected = reference_attention(*case, head_dim**-0.5)
+    launch = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
+    undecided_from = torch.tensor([70, 0], device=DEVICE)
+    h2o_kernels.attend_and_accumulate(
+        query, key, value, seen, row_weights, head_dim**-0.5, received,
+        column_sums_launch=launch, undecided_from=undecided_from,
+    )  # fmt: skip
+    received = received.cpu().double()
+    # Document 0: the blocks [0, 32) and [32, 64) lie below 70 and are skipped; [64, 96) is not.
+    assert (received[0, :, :64] == 0.25).all()
+    torch.testing.assert_close(received[0, :, 64:], expected[0, :, 64:] + 0.25, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(received[1], expected[1] + 0.25, rtol=1e-5, atol=1e-6)

@@ -52,23 +52,31 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     k_len = state.layout.slots[1]
     key, value = key[:, :, :k_len], value[:, :, :k_len]
 
-    visible = state.visible_keys()  # (batch, kv_heads, q, k)
     accumulates = state.attention_received is not None
 
-    # Many query rows: the Triton kernels, which read the mask once per KV head. H2O gets the output
-    # and the column sums, and never writes the probabilities. The other methods get the output
-    # from the same forward kernel on a GPU (on the CPU, Triton's interpreter would be far slower
-    # than SDPA; the CPU tests check the kernel itself against float64).
+    # Many query rows: the Triton kernels, which work out from the eviction state which keys each
+    # row sees (no mask of queries x keys is built). H2O gets the output and the column sums, and
+    # never writes the probabilities. The other methods get the output from the same forward
+    # kernel on a GPU (on the CPU, Triton's interpreter would be far slower than SDPA; the CPU tests
+    # check the kernel itself against float64).
     fused = groups * q_len > FUSED_MIN_ROWS and (accumulates or query.is_cuda) and h2o_kernels.available(query)
     if fused:
+        seen = state.key_visibility()
         key_stop = state.layout.query_slots[-1:] + 1  # no query of the pass sees a later key
         if not accumulates:
-            return h2o_kernels.attend(query, key, value, visible, scaling, key_stop), None
+            return h2o_kernels.attend(query, key, value, seen, scaling, key_stop), None
         row_weights = state.valid_queries() / groups
         received = state.attention_received[:, :, :k_len]
-        out = h2o_kernels.attend_and_accumulate(query, key, value, visible, row_weights, scaling, received, key_stop)
+        # Keys decided before this pass are never scored again: their sums are skipped (a slot
+        # holds a position no later than itself, so slots below the first undecided position hold
+        # decided keys only).
+        undecided = None if state.decision_window is None else state.layout.tokens_before - state.decision_window
+        out = h2o_kernels.attend_and_accumulate(
+            query, key, value, seen, row_weights, scaling, received, key_stop, undecided_from=undecided
+        )
         return out, None
 
+    visible = state.visible_keys()  # (batch, kv_heads, q, k)
     grouped_query = query.reshape(batch, kv_heads, groups * q_len, head_dim)
     if groups * q_len > FUSED_MIN_ROWS and not accumulates:
         out = masked_sdpa(grouped_query, key, value, visible, scaling)

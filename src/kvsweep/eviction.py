@@ -15,13 +15,15 @@ Per layer, `LayerEviction` holds:
   enters the cache (KVzap).
 - `attention_received[b, h, slot]`: for accumulating scorers (H2O), the attention probability
   that the queries so far put on the key, summed over queries and averaged over the query heads
-  of the KV group.
+  of the KV group; exact until the key is decided, after which it may stop growing (the Triton
+  kernels skip the sums of keys decided before a pass: `decision_window`).
 - `decision_scores[b, h, slot]` (only when asked, for calibration): the score each position had
   when it was decided, NaN until then.
 """
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -149,6 +151,9 @@ class LayerEviction:
     attention_received: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32
     decision_scores: torch.Tensor | None = None  # (batch, kv_heads, capacity) float32, NaN until decided
     scorer_state: dict | None = None  # what a scorer keeps across passes (Expected Attention's query sums)
+    # With accumulated attention: positions below tokens_before - decision_window were decided
+    # before the pass, so their sums are not needed any more (None: every key keeps receiving).
+    decision_window: int | None = None
 
     @classmethod
     def allocate(
@@ -178,25 +183,42 @@ class LayerEviction:
                 getattr(self, name).copy_(getattr(fresh, name))
         self.scorer_state = _copied_into(self.scorer_state, fresh.scorer_state)
 
-    def visible_keys(self) -> torch.Tensor:
-        """Boolean mask (batch, kv_heads, q, hi): which of the keys [0, hi) each query may attend to.
+    def key_visibility(self) -> "KeyVisibility":
+        """Which keys the pass's queries may attend to, in the factored form the Triton kernels read."""
+        return KeyVisibility(self.evicted, self.layout.position, self.layout.query_slots)
 
-        A query sees the keys of earlier and its own slots that are neither evicted nor padding.
-        A query always sees its own slot: for a real token that changes nothing (its own key is
-        real and decided only after the pass); a padding query then never has an empty row, whose
-        softmax would be NaN.
-        """
-        hi = self.layout.slots[1]
-        key_slot = torch.arange(hi, device=self.evicted.device)
-        query_slot = self.layout.query_slots[:, None]
-        causal = key_slot[None, :] <= query_slot  # (q, k)
-        own = key_slot[None, :] == query_slot
-        real = self.layout.position[:, None, None, :hi] >= 0
-        return (causal[None, None] & real & ~self.evicted[:, :, None, :hi]) | own[None, None]
+    def visible_keys(self) -> torch.Tensor:
+        """Boolean mask (batch, kv_heads, q, hi) of the keys [0, hi) each query may attend to
+        (`KeyVisibility.dense`), for the torch paths."""
+        return self.key_visibility().dense(self.layout.slots[1])
 
     def valid_queries(self) -> torch.Tensor:
         """(batch, q) float: 1 for a real token of the document, 0 for padding."""
         return (self.layout.position.index_select(1, self.layout.query_slots) >= 0).float()
+
+
+class KeyVisibility(NamedTuple):
+    """Which keys each query sees, from per-key and per-query vectors rather than a (q x k) mask.
+
+    A query in cache slot s sees key slot k if k <= s, the slot holds a token of its document
+    (position[b, k] >= 0) and the token is not evicted for the KV head (not evicted[b, h, k]);
+    and it always sees its own slot (k == s): for a real token that changes nothing (its own key
+    is real and decided only after the pass); a padding query then never has an empty row, whose
+    softmax would be NaN.
+    """
+
+    evicted: torch.Tensor  # (batch, kv_heads, >= k) bool
+    position: torch.Tensor  # (batch, >= k) long: document position of each slot, -1 for padding
+    query_slots: torch.Tensor  # (q,) long: the cache slot of each query of the pass
+
+    def dense(self, hi: int) -> torch.Tensor:
+        """The rule as a boolean mask (batch, kv_heads, q, hi) over the keys [0, hi)."""
+        key_slot = torch.arange(hi, device=self.evicted.device)
+        query_slot = self.query_slots[:, None]
+        causal = key_slot[None, :] <= query_slot  # (q, k)
+        own = key_slot[None, :] == query_slot
+        real = self.position[:, None, None, :hi] >= 0
+        return (causal[None, None] & real & ~self.evicted[:, :, None, :hi]) | own[None, None]
 
 
 def _copied_into(kept, fresh):

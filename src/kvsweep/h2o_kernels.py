@@ -14,8 +14,10 @@ Here nothing of that size is written:
    over the rows. Each key's sum is made by one program in a fixed order: no atomics, the same
    result on every run (a CUDA graph replay equals the eager pass).
 
-The mask is read once per KV head and shared by its query heads (never expanded), and keys past
-the pass's last query are skipped. Query heads of a KV group are folded into the rows as in
+No mask is read: which keys a query row sees is computed in the kernels from per-key and per-query
+vectors (`kvsweep.eviction.KeyVisibility`: the eviction flags of the KV head, the slots' document
+positions, the queries' slots), so nothing of size queries x keys is built or read for any method,
+and keys past the pass's last query are skipped. Query heads of a KV group are folded into the rows as in
 `kvsweep.attention` (row = group * q_len + query). Scores, sums and the output are accumulated in
 float32 (scores in base 2: exp2 is the hardware's exponential).
 
@@ -39,10 +41,11 @@ except ImportError:  # no Triton (e.g. macOS, or a CPU-only install): torch ops 
 LOG2_E = math.log2(math.e)
 # Launch settings of the two kernels (block of query rows, block of keys, warps, pipeline stages),
 # in order of preference: each call takes the first whose tiles fit the GPU's shared memory.
-# `benchmarks/h2o_kernels_bench.py` times them on a GPU; on an H100 in bf16 the first forward
-# setting takes 25-30% less time than the second at batch 8-16 and the same at batch 1.
+# `benchmarks/h2o_kernels_bench.py` times them on a GPU. On an H100 in bf16 (Llama-3.1-8B's shape,
+# a pass at key 4,096, results/h100_llama-3.1-8b_2026-11-28_kernels_factored.json), with the first
+# forward setting H2O's two kernels took 0.78 ms at batch 8 against 1.05 ms with 128 x 128 blocks,
+# and at batch 1 as little as with the best setting tried.
 FORWARD_LAUNCHES = (
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
@@ -93,25 +96,30 @@ def attend_and_accumulate(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    visible: torch.Tensor,
+    seen,
     row_weights: torch.Tensor | None,
     scaling: float,
     received: torch.Tensor | None,
     key_stop: torch.Tensor | None = None,
     forward_launch: dict | None = None,
     column_sums_launch: dict | None = None,
+    undecided_from: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked attention output, and received[b, h, k] += sum over rows r of row_weights[b, r % q]
     * softmax_r(scores)[k].
 
-    query (batch, kv_heads * groups, q, d); key and value (batch, kv_heads, k, d); visible (batch,
-    kv_heads, q, k) bool, shared by the query heads of a group, with at least one visible key per
-    row; row_weights (batch, q) float32; received (batch, kv_heads, k) float32, updated in place
+    query (batch, kv_heads * groups, q, d); key and value (batch, kv_heads, k, d); `seen`, a
+    `kvsweep.eviction.KeyVisibility` (evicted (batch, kv_heads, >= k) bool, position (batch, >= k)
+    long, query_slots (q,) long): the keys each query row sees, shared by the query heads of a
+    group; row_weights (batch, q) float32; received (batch, kv_heads, k) float32, updated in place
     (both None: the output alone, for methods that accumulate nothing: `attend`).
     Any strides (the caller's slices and transposes are read as they are). `key_stop`, a
     one-element integer tensor on the device, says that keys at and beyond it are invisible to
     every row (the causal end of a pass whose key range was fixed for a CUDA graph): the kernels
-    skip them. Returns the output as (batch, q, heads, d), the layout the model's projection takes.
+    skip them. `undecided_from` (batch,) long: in each document, keys in slots below it were decided
+    before this pass, so their sums are no longer read (H2O decides a key once): key blocks wholly
+    below it are skipped and keep what they received (default: every key receives). Returns the
+    output as (batch, q, heads, d), the layout the model's projection takes.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -119,14 +127,15 @@ def attend_and_accumulate(
     rows = groups * q_len
     out = torch.empty(batch, q_len, heads, head_dim, dtype=query.dtype, device=query.device)
     lse = torch.empty(batch * kv_heads, rows, dtype=torch.float32, device=query.device)
-    mask = visible.view(torch.uint8) if visible.dtype == torch.bool else visible
+    evicted = seen.evicted.view(torch.uint8) if seen.evicted.dtype == torch.bool else seen.evicted
+    position, slots = seen.position, seen.query_slots
     # Float32 inputs: exact float32 products (not TF32), as torch's float32 matmul.
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     if key_stop is None:
         key_stop = torch.full((1,), k_len, dtype=torch.long, device=query.device)
     common = (
-        query, *query.stride(), key, *key.stride(), mask, *mask.stride(),
-        kv_heads, groups, q_len, k_len, key_stop, scaling * LOG2_E, lse,
+        query, *query.stride(), key, *key.stride(), evicted, *evicted.stride(), position, *position.stride(),
+        slots, slots.stride(0), kv_heads, groups, q_len, k_len, key_stop, scaling * LOG2_E, lse,
     )  # fmt: skip
     default_forward, default_columns = choose_launches(query)
     # Triton launches on the current GPU: a split model's later layers are on others.
@@ -139,18 +148,21 @@ def attend_and_accumulate(
         if received is None:
             return out
         launch = column_sums_launch or default_columns
+        if undecided_from is None:
+            undecided_from = torch.zeros(batch, dtype=torch.long, device=query.device)
         _column_sums[(triton.cdiv(k_len, launch["BLOCK_N"]), batch * kv_heads)](
             *common, row_weights, row_weights.stride(0), row_weights.stride(1),
-            received, *received.stride(), HEAD_DIM=head_dim, PRECISION=precision, **launch,
+            received, *received.stride(), undecided_from, undecided_from.stride(0),
+            HEAD_DIM=head_dim, PRECISION=precision, **launch,
         )  # fmt: skip
     return out
 
 
-def attend(query, key, value, visible, scaling: float, key_stop: torch.Tensor | None = None, forward_launch=None):
+def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | None = None, forward_launch=None):
     """The masked attention output alone (the forward kernel), for every method: no dense mask is
-    expanded over the query heads and converted for SDPA (on an H100 at chunk 128 that took a
+    built, expanded over the query heads or converted for SDPA (on an H100 at chunk 128 that took a
     quarter of the baseline's GPU time, benchmarks/RESULTS.md). Arguments as `attend_and_accumulate`."""
-    return attend_and_accumulate(query, key, value, visible, None, scaling, None, key_stop, forward_launch)
+    return attend_and_accumulate(query, key, value, seen, None, scaling, None, key_stop, forward_launch)
 
 
 def on_tensor_device(tensor: torch.Tensor):
@@ -183,22 +195,30 @@ if triton is not None:
         )
 
     @triton.jit
-    def _masked_scores(
-        q, k, M, smb, smh, smm, smn, b, h, groups, q_len, k_stop, scale_log2, rows, cols, PRECISION: tl.constexpr
-    ):  # fmt: skip
-        """Base-2 scores (rows, cols); -inf where the mask hides the key, at and beyond k_stop,
-        and on rows past the last."""
+    def _query_slots(QS, sqs, rows, q_len, row_ok):
+        """(rows,) int32: the cache slot of each folded row's query (-1 past the last row)."""
+        return tl.load(QS + (rows % q_len) * sqs, mask=row_ok, other=-1).to(tl.int32)
+
+    @triton.jit
+    def _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok):
+        """(cols,) bool: the key holds a token of the document that KV head h has not evicted."""
+        evicted = tl.load(E + b * seb + h * seh + cols * sen, mask=col_ok, other=1)
+        position = tl.load(P + b * spb + cols * spn, mask=col_ok, other=-1)
+        return (evicted == 0) & (position >= 0)
+
+    @triton.jit
+    def _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION: tl.constexpr):
+        """Base-2 scores (rows, cols); -inf where the row may not see the key (`KeyVisibility`'s
+        rule: an earlier kept key, or its own slot), at and beyond the stop (not col_ok), and on
+        rows past the last."""
         s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        seen = tl.load(
-            M + b * smb + h * smh + (rows % q_len)[:, None] * smm + cols[None, :] * smn,
-            mask=(rows[:, None] < groups * q_len) & (cols[None, :] < k_stop),
-            other=0,
-        )
-        return tl.where(seen != 0, s, float("-inf"))
+        causal = (cols[None, :] <= slot[:, None]) & kept[None, :]
+        own = (cols[None, :] == slot[:, None]) & col_ok[None, :]
+        return tl.where((causal | own) & row_ok[:, None], s, float("-inf"))
 
     @triton.jit
     def _attention_forward(
-        Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, M, smb, smh, smm, smn,
+        Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, E, seb, seh, sen, P, spb, spn, QS, sqs,
         kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE,
         V, svb, svh, svn, svd, OUT, sob, soh, som, sod,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -211,13 +231,15 @@ if triton is not None:
         running_sum = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         k_stop = tl.minimum(tl.load(STOP), k_len)
+        row_ok = rows < groups * q_len
         q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
+        slot = _query_slots(QS, sqs, rows, q_len, row_ok)
         for start in range(0, k_stop, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < k_stop
             k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
-            s = _masked_scores(
-                q, k, M, smb, smh, smm, smn, b, h, groups, q_len, k_stop, scale_log2, rows, cols, PRECISION
-            )
+            kept = _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok)
+            s = _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION)
             new_max = tl.maximum(running_max, tl.max(s, axis=1))
             # A row with nothing visible yet keeps max -inf: shift by 0 instead (exp2(-inf) = 0).
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -229,7 +251,6 @@ if triton is not None:
             )
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             running_max = new_max
-        row_ok = rows < groups * q_len
         # Rows past the last one (nothing visible, sum 0) are not stored; 1 keeps them finite.
         total = tl.where(running_sum > 0, running_sum, 1.0)
         tl.store(LSE + bh * groups * q_len + rows, running_max + tl.log2(total), mask=row_ok)
@@ -239,29 +260,33 @@ if triton is not None:
 
     @triton.jit
     def _column_sums(
-        Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, M, smb, smh, smm, smn,
-        kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE, W, swb, swm, R, srb, srh, srn,
+        Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, E, seb, seh, sen, P, spb, spn, QS, sqs,
+        kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE, W, swb, swm, R, srb, srh, srn, U, sub,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(1)
         b, h = bh // kv_heads, bh % kv_heads
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first = tl.program_id(0) * BLOCK_N
+        cols = first + tl.arange(0, BLOCK_N)
         # Summed element-wise per row block, reduced over rows once at the end.
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        k_stop = tl.minimum(tl.load(STOP), k_len)
-        # A block of keys at or beyond the stop receives nothing: no rows to visit.
-        n_rows = tl.where(tl.program_id(0) * BLOCK_N < k_stop, groups * q_len, 0)
+        # A block of keys at or beyond the stop, or wholly decided already, gets nothing: no rows
+        # to visit, nothing loaded (a stop of 0 masks every load).
+        wanted = (first < tl.minimum(tl.load(STOP), k_len)) & (first + BLOCK_N > tl.load(U + b * sub))
+        k_stop = tl.where(wanted, tl.minimum(tl.load(STOP), k_len), 0)
+        n_rows = tl.where(wanted, groups * q_len, 0)
         k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
+        col_ok = cols < k_stop
+        kept = _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok)
         for start in range(0, n_rows, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < groups * q_len
             q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
-            s = _masked_scores(
-                q, k, M, smb, smh, smm, smn, b, h, groups, q_len, k_stop, scale_log2, rows, cols, PRECISION
-            )
+            slot = _query_slots(QS, sqs, rows, q_len, row_ok)
+            s = _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION)
             lse = tl.load(LSE + bh * groups * q_len + rows, mask=row_ok, other=0.0)
             weight = tl.load(W + b * swb + (rows % q_len) * swm, mask=row_ok, other=0.0)
             total += tl.exp2(s - lse[:, None]) * weight[:, None]
         pointers = R + b * srb + h * srh + cols * srn
-        col_ok = cols < k_len
-        tl.store(pointers, tl.load(pointers, mask=col_ok, other=0.0) + tl.sum(total, axis=0), mask=col_ok)
+        in_range = cols < tl.where(wanted, k_len, 0)
+        tl.store(pointers, tl.load(pointers, mask=in_range, other=0.0) + tl.sum(total, axis=0), mask=in_range)

@@ -87,6 +87,8 @@ class StreamingThresholdPress(DMSPress):
             )
             if self.press is not None and hasattr(self.press, "allocate"):
                 state.scorer_state = self.press.allocate(module, layer_layout)
+            if state.attention_received is not None:
+                state.decision_window = self.sliding_window_size
             if kept is not None:
                 kept[module.layer_idx].assign(state)
                 state = kept[module.layer_idx]
