@@ -68,7 +68,9 @@ def test_h2o_column_sums_either_way_match_reference(model, weights, surrogate_di
         if h2o_kernels.triton is None:
             pytest.skip("Triton is not installed")
         kernel = h2o_kernels.attend_and_accumulate
-        monkeypatch.setattr(h2o_kernels, "attend_and_accumulate", lambda *args: calls.append(1) or kernel(*args))
+        monkeypatch.setattr(
+            h2o_kernels, "attend_and_accumulate", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+        )
     documents = random_documents([40, 29])
     press, resolved = build("h2o", 0.06, {"local_window": WINDOW, "sinks": 3}, surrogate_dir)
     for doc, result in zip(documents, stream_nll(model, documents, 32, press), strict=True):
