@@ -94,13 +94,19 @@ def floor_tokens_per_s(model, floors, batch, n_tokens, chunk) -> float:
 
 
 def floor_pass_seconds(model, floors, batch, start, end) -> float:
-    """The floor of one pass of `batch` documents over positions [start, end) (causal attention)."""
+    """The floor of one pass of `batch` documents over positions [start, end) (causal attention).
+    A pass reads every weight but the input embedding table, of which it looks up a row per token
+    (the whole table when the output head shares it), and the KV cache up to `end`."""
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    matmul_params = params - model.get_input_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    matmul_params = params - embedding.numel()
     kv_bytes_per_token = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2
     tokens = batch * (end - start)
-    bytes_moved = params * 2 + batch * end * kv_bytes_per_token
+    weights_read = params if tied else params - embedding.numel() + tokens * embedding.shape[1]
+    bytes_moved = weights_read * 2 + batch * end * kv_bytes_per_token
     attention_flops = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (start + end) / 2
     flops = tokens * (2 * matmul_params + attention_flops)
     return max(bytes_moved / (floors["copy_TBps"] * 1e12), flops / (floors["bf16_matmul_TFLOPs"] * 1e12))
@@ -114,6 +120,36 @@ def generation_floor_seconds(model, floors, batch, context, new, chunk=128) -> t
         floor_pass_seconds(model, floors, batch, context + step, context + step + 1) for step in range(new - 1)
     )
     return prefill, decode
+
+
+def refloor(path: str) -> None:
+    """Recompute the floors of a report written by an earlier version of this script (whose floor
+    counted the input embedding table as read on every pass) from its measured rates, in place.
+    Needs no GPU: the model is built on the meta device."""
+    report = json.loads(Path(path).read_text())
+    spec = json.loads((CONFIGS / f"{report['arch']}.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec))
+    floors = report["floors"]
+    for run in report["runs"]:
+        if "fraction_of_floor" not in run:
+            continue
+        if run["workload"] == "generate":
+            batch, context, new = run["batch"], run["tokens"], run["new_tokens"]
+            prefill, decode = generation_floor_seconds(model, floors, batch, context, new, run["chunk"])
+            run["floor_tok_per_s"] = batch * new / (prefill + decode)
+            if "decode_step_ms" in run:
+                steps = run["decode_step_ms"] / 1e3 * (new - 1)
+                run["decode_floor_tok_per_s"] = batch * (new - 1) / decode
+                run["decode_fraction_of_floor"] = decode / steps
+        else:
+            run["floor_tok_per_s"] = floor_tokens_per_s(model, floors, run["batch"], run["tokens"], run["chunk"])
+        run["fraction_of_floor"] = run["tok_per_s"] / run["floor_tok_per_s"]
+    report["floor_formula"] = FLOOR_FORMULA
+    Path(path).write_text(json.dumps(report, indent=1))
+
+
+FLOOR_FORMULA = "weights read per pass exclude the input embedding table (rows looked up), unless tied to the head"
 
 
 def kvsweep_press(method, surrogate, threshold, window=None):
@@ -136,6 +172,7 @@ def new_report(arch: str) -> dict:
         "torch": torch.__version__,
         "arch": arch,
         "floors": measure_floors(),
+        "floor_formula": FLOOR_FORMULA,
         "runs": [],
     }
 
@@ -152,7 +189,8 @@ def timed(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="qwen3-8b", choices=[p.stem for p in CONFIGS.glob("*.json")])
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="the report (with --refloor: the report to update)")
+    parser.add_argument("--refloor", action="store_true", help="recompute the floors of an existing report (no GPU)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting new measurements after this")
     parser.add_argument("--workloads", default="chunk1,chunk128,generate")
     parser.add_argument("--batches", default="1,8,16", help="batch sizes (generation: 1 and 8 of them)")
@@ -160,6 +198,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timings of each kvsweep row, in this process (median)")
     parser.add_argument("--fresh-passes", action="store_true", help="each call captures its own graphs (no KeptPasses)")
     args = parser.parse_args()
+    if args.refloor:
+        refloor(args.output)
+        return
     began = time.time()
     batches = [int(b) for b in args.batches.split(",")]
 

@@ -66,8 +66,11 @@ def main():
             short = lambda: stream_nll(model, [d[: args.profile_tokens] for d in docs], 128, press, **kept)  # noqa: B023, E731
         else:
             prompts = torch.randint(0, vocab, (args.batch, args.context)).tolist()
+            # The prefill-only call has another shape (capacity): its own kept passes, so that
+            # neither call throws the other's away.
+            kept_prefill = {"kept": KeptPasses()} if args.kept else {}
             for attempt in range(2):
-                prefill = seconds(lambda: stream_generate(model, prompts, 128, 1, press, **kept))  # noqa: B023
+                prefill = seconds(lambda: stream_generate(model, prompts, 128, 1, press, **kept_prefill))  # noqa: B023
                 full = seconds(lambda: stream_generate(model, prompts, 128, args.new, press, **kept))  # noqa: B023
                 per_step = (full - prefill) / (args.new - 1) * 1e3
                 print(f"{method} decode b{args.batch} try {attempt}: prefill {prefill:.2f} s, "

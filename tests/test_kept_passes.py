@@ -3,7 +3,9 @@ captured graphs are reset in place, never carried over. Every method, streaming 
 gives exactly what fresh passes give, batch after batch, across a change of shape and back."""
 
 import pytest
+import torch
 
+from kvsweep.eviction import BatchLayout, LayerEviction
 from kvsweep.generate import stream_generate
 from kvsweep.methods import get_method
 from kvsweep.static_passes import KeptPasses
@@ -65,3 +67,17 @@ def test_kept_passes_generate_as_fresh_ones(model, surrogate_dir, method):
         with_kept = stream_generate(model, documents, 5, 8, press, kept=kept)
         same_results(with_kept, stream_generate(model, documents, 5, 8, press_of(method, surrogate_dir)))
     assert kept.reused == 2
+
+
+def test_a_kept_state_refuses_another_decision_window():
+    """The window from which H2O's kernels skip decided keys is a constant in a captured graph: a
+    kept state takes a fresh one's values only for the same window."""
+    layout = BatchLayout.right_padded([[1, 2, 3], [4, 5]], capacity=8, device="cpu")
+    kept, fresh = (LayerEviction.allocate(layout, 2, entry_scores=False, accumulate_attention=True) for _ in "ab")
+    kept.decision_window = fresh.decision_window = 6
+    fresh.attention_received.fill_(0.5)
+    kept.assign(fresh)
+    assert torch.equal(kept.attention_received, fresh.attention_received)
+    fresh.decision_window = 7
+    with pytest.raises(ValueError, match="decision window"):
+        kept.assign(fresh)

@@ -182,6 +182,9 @@ class LayerEviction:
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(getattr(fresh, name))
         self.scorer_state = _copied_into(self.scorer_state, fresh.scorer_state)
+        # A captured graph holds the window as a constant: kept passes serve the same press only.
+        if fresh.decision_window != self.decision_window:
+            raise ValueError("a kept state is only reused with the same decision window")
 
     def key_visibility(self) -> "KeyVisibility":
         """Which keys the pass's queries may attend to, in the factored form the Triton kernels read."""
