@@ -178,13 +178,13 @@ class LayerEviction:
 
     def assign(self, fresh: "LayerEviction") -> None:
         """Take a freshly allocated state's values (a new batch of the same shape), in place."""
+        # A captured graph holds the window as a constant: kept passes serve the same press only.
+        if fresh.decision_window != self.decision_window:
+            raise ValueError("a kept state is only reused with the same decision window")
         for name in ("evicted", "entry_scores", "attention_received", "decision_scores"):
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(getattr(fresh, name))
         self.scorer_state = _copied_into(self.scorer_state, fresh.scorer_state)
-        # A captured graph holds the window as a constant: kept passes serve the same press only.
-        if fresh.decision_window != self.decision_window:
-            raise ValueError("a kept state is only reused with the same decision window")
 
     def key_visibility(self) -> "KeyVisibility":
         """Which keys the pass's queries may attend to, in the factored form the Triton kernels read."""
