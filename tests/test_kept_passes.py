@@ -5,6 +5,7 @@ gives exactly what fresh passes give, batch after batch, across a change of shap
 import pytest
 import torch
 
+from kvsweep import h2o_kernels
 from kvsweep.eviction import BatchLayout, LayerEviction
 from kvsweep.generate import stream_generate
 from kvsweep.methods import get_method
@@ -66,6 +67,25 @@ def test_kept_passes_generate_as_fresh_ones(model, surrogate_dir, method):
     for documents in ([d[:28] for d in BATCHES[0]], [d[:28] for d in BATCHES[1]], [d[:28] for d in BATCHES[4]]):
         with_kept = stream_generate(model, documents, 5, 8, press, kept=kept)
         same_results(with_kept, stream_generate(model, documents, 5, 8, press_of(method, surrogate_dir)))
+    assert kept.reused == 2
+
+
+def test_h2o_kernels_skipping_decided_keys_keep_passes_as_fresh_ones(model, surrogate_dir, monkeypatch):
+    """H2O through the Triton kernels (chunk 32), column sums in blocks of 16 keys, so that later
+    passes skip the blocks of keys decided before them: batch after batch of kept passes (whose
+    state is reset in place) gives what fresh passes give."""
+    if h2o_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(h2o_kernels, "COLUMN_SUMS_LAUNCHES", (small,))
+    press, kept = press_of("h2o", surrogate_dir), KeptPasses()
+    evicting = 0
+    for seed in (21, 22, 23):
+        documents = random_documents([100, 77], seed=seed)
+        with_kept = stream_nll(model, documents, 32, press, kept=kept)
+        same_results(with_kept, stream_nll(model, documents, 32, press_of("h2o", surrogate_dir)))
+        evicting += sum(r["kv_kept"] < r["kv_total"] for r in with_kept)
+    assert evicting > 0
     assert kept.reused == 2
 
 
