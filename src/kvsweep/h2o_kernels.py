@@ -272,8 +272,9 @@ if triton is not None:
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         # A block of keys at or beyond the stop, or wholly decided already, gets nothing: no rows
         # to visit, nothing loaded (a stop of 0 masks every load).
-        wanted = (first < tl.minimum(tl.load(STOP), k_len)) & (first + BLOCK_N > tl.load(U + b * sub))
-        k_stop = tl.where(wanted, tl.minimum(tl.load(STOP), k_len), 0)
+        stop = tl.minimum(tl.load(STOP), k_len)
+        wanted = (first < stop) & (first + BLOCK_N > tl.load(U + b * sub))
+        k_stop = tl.where(wanted, stop, 0)
         n_rows = tl.where(wanted, groups * q_len, 0)
         k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
         col_ok = cols < k_stop
