@@ -232,7 +232,7 @@ def main():
         print(json.dumps(run), flush=True)
         save()
 
-    def time_methods(fields: dict, work, warm_up, tokens: int, extra=lambda results, rate, press: {}, anchors=()):
+    def time_methods(fields: dict, work, tokens: int, extra=lambda results, rate, press: {}, anchors=()):
         """Time baseline, kvzap and h2o one after the other on the same work, then the anchors
         (name, work, tokens) of the same workload; record each run."""
         baseline_rate = None
@@ -255,7 +255,8 @@ def main():
                 continue
             press = kvsweep_press(method, surrogate, thresholds.get(method))
             kept = None if args.fresh_passes else KeptPasses()
-            warm_up(press, kept)
+            # The warm-up is the work itself: it captures every shape the timed calls replay.
+            work(press, kept)
             # Each row timed `repeats` times in this process: the median is what is reported, and
             # the spread ((max - min) / median) says how far one timing can be trusted.
             timings = [timed(lambda: work(press, kept)) for _ in range(args.repeats)]  # noqa: B023
@@ -310,8 +311,6 @@ def main():
         time_methods(
             {"workload": "generate", "tokens": context, "new_tokens": new, "chunk": 128, "batch": batch},
             work=lambda press, kept: stream_generate(model, prompts, 128, new, press, kept=kept),
-            # Full length: the warm-up captures every shape the timed calls replay (with kept passes).
-            warm_up=lambda press, kept: stream_generate(model, prompts, 128, new, press, kept=kept),
             tokens=batch * new,
             extra=decoding_alone,
             anchors=anchors,
@@ -343,8 +342,6 @@ def main():
         time_methods(
             {"workload": name, "tokens": n_tokens, "chunk": chunk, "batch": batch},
             work=lambda press, kept: stream_nll(model, docs, chunk, press, kept=kept),  # noqa: B023
-            # Full length: the warm-up captures every shape the timed calls replay (with kept passes).
-            warm_up=lambda press, kept: stream_nll(model, docs, chunk, press, kept=kept),  # noqa: B023
             tokens=batch * n_tokens,
             extra=lambda results, rate, press: {  # noqa: B023
                 "floor_tok_per_s": floor,  # noqa: B023
