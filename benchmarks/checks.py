@@ -3,8 +3,9 @@
 import contextlib
 
 import torch
+from transformers.models.llama import modeling_llama
 
-from kvsweep import attention, h2o_kernels
+from kvsweep import attention, decision_kernel, fused_norms, fused_rope, h2o_kernels
 from kvsweep.eviction import KeyVisibility
 from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
@@ -52,34 +53,117 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
         name = f"{method}_chunk128_1024tok_kernel_vs_sdpa"
         checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernel, sdpa)
         checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernel], [r["kv_kept"] for r in sdpa]]
+    # Exact streaming (one query per pass: the kernels with split keys past 512 slots) against the
+    # torch path.
+    for method, threshold in (("kvzap", thresholds["kvzap"]), ("h2o", 2e-3)):
+        press = kvsweep_press(method, surrogate, threshold, window=64)
+        short = [doc[:600] for doc in docs]
+        kernel = stream_nll(model, short, 1, press, key_bucket=256)
+        with torch_attention():
+            torch_path = stream_nll(model, short, 1, press, key_bucket=256)
+        name = f"{method}_chunk1_600tok_kernels_vs_torch"
+        checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernel, torch_path)
+        checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernel], [r["kv_kept"] for r in torch_path]]
+    # The decisions' kernel against the press's torch expression: the same evictions, to the bit.
+    for method, chunk, n_tokens, threshold in cases:
+        short = [doc[:n_tokens] for doc in docs]
+        press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
+        fused = stream_nll(model, short, chunk, press)
+        with replaced(decision_kernel, "applies", lambda evicted, scores: False):
+            plain = stream_nll(model, short, chunk, press)
+        name = f"{method}_chunk{chunk}_{n_tokens}tok_decision_kernel_vs_torch"
+        checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(fused, plain)
+        checks[f"{name}_same_kv_kept"] = [r["kv_kept"] for r in fused] == [r["kv_kept"] for r in plain]
     checks.update(h2o_kernel_checks(model, surrogate, docs, kvsweep_press))
+    checks.update(rms_norm_checks(model))
+    checks.update(rope_checks(model))
     return checks
 
 
 @contextlib.contextmanager
-def torch_attention():
-    """The engine's attention through torch ops (SDPA, or explicit probabilities) rather than Triton."""
-    available = h2o_kernels.available
-    h2o_kernels.available = lambda query: False
+def replaced(owner, name: str, value):
+    """`owner.name` is `value` for the duration."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        h2o_kernels.available = available
+        setattr(owner, name, original)
+
+
+def rope_checks(model) -> dict:
+    """The fused rotary embedding (`kvsweep.fused_rope`) against transformers' function on this
+    model's shapes in bf16 (a chunk of 128 at positions up to 8,192): equal to the bit."""
+    config = model.config
+    batch, seq, head_dim = 2, 128, config.head_dim
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(batch, seq, config.num_attention_heads, head_dim, device="cuda", generator=generator)
+    k = torch.randn(batch, seq, config.num_key_value_heads, head_dim, device="cuda", generator=generator)
+    q, k = q.bfloat16().transpose(1, 2), k.bfloat16().transpose(1, 2)
+    positions = torch.randint(0, 8192, (batch, seq), device="cuda", generator=generator)
+    cos, sin = model.get_decoder().rotary_emb(q, positions)
+    expected = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    got = fused_rope.rotate(q, cos, sin), fused_rope.rotate(k, cos, sin)
+    return {"rope_fused_vs_eager_equal_bf16": all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))}
+
+
+def rms_norm_checks(model) -> dict:
+    """The fused RMSNorm (`kvsweep.fused_norms`) against the eager module, on 4,096 rows of bf16
+    activations of this model's width: how far apart, and on how many elements (the mean's sum is
+    taken in another order)."""
+    norm = model.get_decoder().norm
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    x = (torch.randn(4096, norm.weight.shape[0], device="cuda", generator=generator) * 3).to(norm.weight.dtype)
+    weight = torch.rand(norm.weight.shape, device="cuda", generator=generator).to(norm.weight.dtype) + 0.5
+    with torch.no_grad():
+        saved = norm.weight.clone()
+        norm.weight.copy_(weight)
+        eager = type(norm).forward(norm, x).float()
+        fused = fused_norms.rms_norm(x, norm.weight, norm.variance_epsilon).float()
+        norm.weight.copy_(saved)
+    return {
+        "rms_norm_fused_vs_eager_max_abs_diff_bf16": float((fused - eager).abs().max()),
+        "rms_norm_fused_vs_eager_share_of_elements_differing": float((fused != eager).float().mean()),
+    }
+
+
+def torch_attention():
+    """The engine's attention through torch ops (SDPA, or explicit probabilities) rather than Triton."""
+    return replaced(h2o_kernels, "available", lambda query: False)
 
 
 def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
-    """H2O's Triton kernels in bf16 on one chunk-128 pass of this model's attention shape against
-    float64 (output and column sums); then whole streams with the kernels and with the torch path
+    """H2O's Triton kernels in bf16 on a chunk-128 pass and a decoding step of this model's attention
+    shape against float64 (output and column sums); then whole streams with the kernels and with the torch path
     (bf16 probabilities)."""
-    config = model.config
+    checks = {}
+    for q_len in (128, 1):  # a chunk-128 pass; a decoding step (keys split over programs)
+        tag = "" if q_len == 128 else f"_q{q_len}"
+        for key, value in h2o_kernels_vs_float64(model.config, q_len).items():
+            checks[key.replace("_bf16_", f"{tag}_bf16_")] = value
+
+    short = [doc[:1024] for doc in docs]
+    press = kvsweep_press("h2o", surrogate, 2e-3)
+    kernels = stream_nll(model, short, 128, press)
+    with torch_attention():
+        torch_path = stream_nll(model, short, 128, press)
+    name = "h2o_chunk128_1024tok_kernels_vs_torch"
+    checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernels, torch_path)
+    checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernels], [r["kv_kept"] for r in torch_path]]
+    return checks
+
+
+def h2o_kernels_vs_float64(config, q_len: int) -> dict:
+    """H2O's kernels in bf16 on one pass of `q_len` queries over 2,125 keys, 30% of them evicted,
+    against float64: the output and the column sums, and SDPA's bf16 output for scale."""
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    batch, q_len, k_len, groups = 2, 128, 2125, heads // kv_heads
+    batch, k_len, groups = 2, 2125, heads // kv_heads
     generator = torch.Generator(device="cuda").manual_seed(3)
     query = torch.randn(batch, q_len, heads, head_dim, device="cuda", generator=generator).transpose(1, 2)
     key = torch.randn(batch, kv_heads, k_len, head_dim, device="cuda", generator=generator)
     value = torch.randn(batch, kv_heads, k_len, head_dim, device="cuda", generator=generator)
     query, key, value = query.bfloat16(), key.bfloat16(), value.bfloat16()
-    # 30% of the keys evicted, the pass's queries in the last q_len slots.
+    # The pass's queries in the last q_len slots.
     evicted = torch.rand(batch, kv_heads, k_len, device="cuda", generator=generator) < 0.3
     position = torch.arange(k_len, device="cuda").repeat(batch, 1)
     seen = KeyVisibility(evicted, position, torch.arange(k_len - q_len, k_len, device="cuda"))
@@ -99,15 +183,6 @@ def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
     sdpa = attention.masked_sdpa(query.reshape(batch, kv_heads, groups * q_len, head_dim), key, value, visible)
     sdpa = sdpa.reshape(batch, heads, q_len, head_dim).transpose(1, 2)
     checks["sdpa_bf16_vs_float64_output_max_abs_err"] = float((sdpa.double() - expected_out).abs().max())
-
-    short = [doc[:1024] for doc in docs]
-    press = kvsweep_press("h2o", surrogate, 2e-3)
-    kernels = stream_nll(model, short, 128, press)
-    with torch_attention():
-        torch_path = stream_nll(model, short, 128, press)
-    name = "h2o_chunk128_1024tok_kernels_vs_torch"
-    checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernels, torch_path)
-    checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernels], [r["kv_kept"] for r in torch_path]]
     return checks
 
 

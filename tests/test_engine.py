@@ -6,7 +6,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from kvsweep import h2o_kernels
+from kvsweep import attention, h2o_kernels
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
@@ -78,6 +78,36 @@ def test_h2o_column_sums_either_way_match_reference(model, weights, surrogate_di
         assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
         assert {k: result[k] for k in counts} == counts
     assert bool(calls) == (column_sums == "triton")
+
+
+# Chunk 3: a pass of few rows (6 per KV head; decoding's and exact streaming's kernel settings).
+@pytest.mark.parametrize(
+    "case,chunk", [(CASES[0], 3), (CASES[3], 3), (CASES[3], 32)], ids=["kvzap-3", "h2o-3", "h2o-32"]
+)
+def test_every_pass_through_split_kernels_matches_reference(model, weights, surrogate_dir, monkeypatch, case, chunk):
+    """As on a GPU: every pass attends through the Triton kernels, one-token passes included, and
+    their keys are split over programs (shares of 16 keys, combined after). The NLL and kept counts
+    hold the reference."""
+    if h2o_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    method, threshold, settings = case
+    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: h2o_kernels.available(query))
+    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(h2o_kernels, "FORWARD_LAUNCHES", (small,))
+    monkeypatch.setattr(h2o_kernels, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(h2o_kernels, "INTERPRETER_SMS", 16)  # chunk 32's 16 programs split as well
+    splits = []
+    key_splits = h2o_kernels.key_splits
+    monkeypatch.setattr(
+        h2o_kernels, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
+    )
+    documents = random_documents([40, 29])
+    press, resolved = build(method, threshold, settings, surrogate_dir)
+    for doc, result in zip(documents, stream_nll(model, documents, chunk, press), strict=True):
+        nll, counts, _ = reference_stream(weights, doc, chunk, method, threshold, WINDOW, resolved["sinks"])
+        assert result["nll_sum"] == pytest.approx(nll, rel=1e-6)
+        assert {k: result[k] for k in counts} == counts
+    assert splits and max(splits) > 1, "no pass was split: the case does not test the combination"
 
 
 def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weights, surrogate_dir, monkeypatch):

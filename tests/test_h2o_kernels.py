@@ -179,3 +179,62 @@ def test_column_sums_skip_key_blocks_decided_before_the_pass():
     assert (received[0, :, :64] == 0.25).all()
     torch.testing.assert_close(received[0, :, 64:], expected[0, :, 64:] + 0.25, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(received[1], expected[1] + 0.25, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,groups,q_len,k_len,split_keys,key_stop",
+    [
+        (2, 2, 4, 1, 150, 32, None),  # decoding: 4 rows per KV head, 5 shares, the last ragged
+        (1, 2, 2, 1, 150, 48, 70),  # shares not a multiple of the key block; shares past the stop are empty
+        (2, 1, 3, 24, 130, 64, None),  # a pass of many rows (72, over row blocks) split as well
+        (1, 1, 2, 5, 40, 16, 21),  # only rows whose visible keys are all in one share
+    ],
+)
+def test_keys_split_over_programs_match_an_explicit_loop(batch, kv_heads, groups, q_len, k_len, split_keys, key_stop):
+    """Split-K (flash-decoding): each program walks `split_keys` keys and a second kernel combines
+    the shares. The output and the column sums (which read the combined log-sum-exp) hold the
+    reference, and differ from one unsplit pass by rounding only."""
+    case = random_case(batch, kv_heads, groups, q_len, k_len, 16, seed=k_len + q_len, key_stop=key_stop or k_len)
+    query, key, value, seen, row_weights = on(DEVICE, case)
+    stop = None if key_stop is None else torch.tensor([key_stop], device=DEVICE)
+    received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
+    out = h2o_kernels.attend_and_accumulate(
+        query, key, value, seen, row_weights, 0.25, received, stop, split_keys=split_keys
+    ).cpu()
+    expected_out, expected = reference_attention(*case, 0.25, key_stop)
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(received.cpu().double(), expected + 0.25, rtol=1e-5, atol=1e-6)
+    unsplit = h2o_kernels.attend(query, key, value, seen, 0.25, stop, split_keys=k_len).cpu()
+    torch.testing.assert_close(out, unsplit, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_that_sees_nothing_gets_zeros_split_or_not():
+    """A query whose slot is at or past the stop and whose earlier keys are all hidden: no key at
+    all. Unsplit it gets 0 (its sum is taken as 1); the combined shares must give the same, not NaN."""
+    case = random_case(1, 1, 1, 3, 64, 16, seed=3, key_stop=64)
+    query, key, value, seen, _ = on(DEVICE, case)
+    seen = KeyVisibility(torch.ones_like(seen.evicted), seen.position, torch.tensor([10, 50, 63], device=DEVICE))
+    stop = torch.tensor([40], device=DEVICE)  # rows 1 and 2 lie past it; every earlier key is evicted
+    for split_keys in (64, 16):
+        out = h2o_kernels.attend(query, key, value, seen, 0.25, stop, split_keys=split_keys).cpu()
+        assert torch.isfinite(out).all() and (out[0, 1:] == 0).all(), split_keys
+        torch.testing.assert_close(out[0, 0, 0], value[0, 0, 10].cpu())  # row 0 sees its own slot only
+
+
+def test_passes_are_split_only_when_their_programs_leave_the_gpu_idle(monkeypatch):
+    monkeypatch.setattr(h2o_kernels, "INTERPRETER_SMS", 132)  # an H100's multiprocessors
+    query = torch.zeros(1, 1, 1, 16)
+    # Chunk 128 at batch 1 (8 row blocks x 8 KV heads): 5 shares of 1,664 keys bring 64 programs to 320.
+    assert h2o_kernels.key_splits(query, programs=64, k_len=8192, block_n=64) == (5, 1664)
+    # Decoding at batch 1 (one row block x 8 KV heads): 33 shares wanted, 32 of 256 keys allowed.
+    assert h2o_kernels.key_splits(query, programs=8, k_len=8192, block_n=64) == (32, 256)
+    assert h2o_kernels.key_splits(query, programs=512, k_len=8192, block_n=64) == (1, 8192)  # batch 8
+    assert h2o_kernels.key_splits(query, programs=8, k_len=300, block_n=64) == (1, 300)  # too few keys
+
+
+def test_few_rows_take_the_smallest_row_blocks():
+    h100 = 0.75 * 232448
+    forward, columns = h2o_kernels.launches_within(h100, head_dim=128, element_size=2, rows=4)
+    assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_M"]) == (16, 64, 16)
+    forward, columns = h2o_kernels.launches_within(h100, head_dim=128, element_size=2, rows=24)
+    assert (forward["BLOCK_M"], columns["BLOCK_M"]) == (32, 32)

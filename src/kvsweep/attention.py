@@ -19,10 +19,11 @@ from kvsweep import h2o_kernels
 
 ATTENTION_NAME = "kvsweep_masked_sdpa"
 
-# Up to this many query rows per KV head (query heads of a group x queries of the pass), attention
-# is computed with plain batched matmuls. The fused SDPA kernels parallelize over blocks of query
-# rows: with a few rows (exact streaming, decoding) they run one block per batch row and KV head
-# and walk the whole cache serially, while a matmul splits the keys over the GPU.
+# Without the Triton kernels (the CPU, or a GPU without Triton), up to this many query rows per KV
+# head (query heads of a group x queries of the pass) attention is computed with plain batched
+# matmuls. The fused SDPA kernels parallelize over blocks of query rows: with a few rows (exact
+# streaming, decoding) they run one block per batch row and KV head and walk the whole cache
+# serially, while a matmul splits the keys over the GPU.
 FUSED_MIN_ROWS = 32
 
 # The attribute under which a press hangs a layer's `LayerEviction` on the attention module while
@@ -34,9 +35,8 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """Attention over the keys that are neither evicted nor in the future.
 
     If the layer's state accumulates attention (H2O), the column sums of this pass's probabilities
-    are added to the state: with many query rows by `kvsweep.h2o_kernels` where Triton runs (which
-    computes the output as well), else from the probabilities computed explicitly for this pass
-    only (chunk x cache, never n x n).
+    are added to the state: by `kvsweep.h2o_kernels` on a GPU (which computes the output as well),
+    else from the probabilities computed explicitly for this pass only (chunk x cache, never n x n).
     """
     state = getattr(module, STATE_ATTRIBUTE, None)
     if state is None:
@@ -54,13 +54,13 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     accumulates = state.attention_received is not None
 
-    # Many query rows: the Triton kernels, which work out from the eviction state which keys each
-    # row sees (no mask of queries x keys is built). H2O gets the output and the column sums, and
-    # never writes the probabilities. The other methods get the output from the same forward
-    # kernel on a GPU (on the CPU, Triton's interpreter would be far slower than SDPA; the CPU tests
-    # check the kernel itself against float64).
-    fused = groups * q_len > FUSED_MIN_ROWS and (accumulates or query.is_cuda) and h2o_kernels.available(query)
-    if fused:
+    # On a GPU, every pass: the Triton kernels, which work out from the eviction state which keys
+    # each row sees (no mask of queries x keys is built), and split the keys over programs when the
+    # rows alone would leave the GPU idle (decoding, exact streaming, batch 1). H2O gets the output
+    # and the column sums, and never writes the probabilities. On the CPU, only H2O's passes with
+    # many rows (Triton's interpreter is far slower than torch; the CPU tests check the kernels
+    # themselves against float64, few rows and split keys included).
+    if takes_kernels(query, groups * q_len, accumulates):
         seen = state.key_visibility()
         key_stop = state.layout.query_slots[-1:] + 1  # no query of the pass sees a later key
         if not accumulates:
@@ -88,6 +88,12 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     out = out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
     return out, None
+
+
+def takes_kernels(query, rows: int, accumulates: bool) -> bool:
+    """Whether a pass with `rows` query rows per KV head attends through the Triton kernels: every
+    pass on a GPU; on the CPU (Triton's interpreter) only H2O's passes with many rows."""
+    return h2o_kernels.available(query) and (query.is_cuda or (accumulates and rows > FUSED_MIN_ROWS))
 
 
 def masked_sdpa(grouped_query, key, value, visible, scaling=None) -> torch.Tensor:

@@ -45,16 +45,31 @@ LOG2_E = math.log2(math.e)
 # a pass at key 4,096, results/h100_llama-3.1-8b_2026-11-28_kernels_factored.json), with the first
 # forward setting H2O's two kernels took 0.78 ms at batch 8 against 1.05 ms with 128 x 128 blocks,
 # and at batch 1 as little as with the best setting tried.
+# A pass with few query rows per KV head (decoding, exact streaming: one query times the heads of
+# a group) takes the settings with the smallest row blocks that hold its rows (16, the least a
+# matrix product takes), rather than computing mostly empty rows.
 FORWARD_LAUNCHES = (
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
 )
 COLUMN_SUMS_LAUNCHES = (
     {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
 )
+# Split-K (flash-decoding): when one program per block of rows and KV head would leave the GPU
+# mostly idle (batch 1, decoding), each also gets a share of the keys; a second kernel combines
+# the shares. A pass gets about PROGRAMS_PER_SM programs per multiprocessor, and each share at
+# least MIN_SPLIT_KEYS keys. Under Triton's interpreter the GPU is taken to have
+# INTERPRETER_SMS multiprocessors, so that the CPU tests split passes as a GPU does.
+PROGRAMS_PER_SM = 2
+MIN_SPLIT_KEYS = 256
+INTERPRETER_SMS = 4
 # Triton needs shared memory beyond the pipelined tiles (the probabilities as a matmul operand,
 # layout conversions): a setting is taken only if its tiles use at most this share of it.
 SHARED_MEMORY_SHARE = 0.75
@@ -72,24 +87,39 @@ def available(query: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and query.dtype == torch.float32
 
 
-def choose_launches(query: torch.Tensor) -> tuple[dict, dict] | None:
+def choose_launches(query: torch.Tensor, rows: int = 1 << 30) -> tuple[dict, dict] | None:
     """The forward and column-sum settings for this query tensor's GPU (any under Triton's
-    interpreter), or None if one kernel has none that fits."""
+    interpreter) and `rows` query rows per KV head, or None if one kernel has none that fits."""
     budget = SHARED_MEMORY_SHARE * _shared_memory(query.device.index) if query.is_cuda else math.inf
-    return launches_within(budget, query.shape[-1], query.element_size())
+    return launches_within(budget, query.shape[-1], query.element_size(), rows)
 
 
-def launches_within(budget: float, head_dim: int, element_size: int) -> tuple[dict, dict] | None:
-    """The first settings of each kernel whose pipelined tiles take at most `budget` bytes."""
+def launches_within(budget: float, head_dim: int, element_size: int, rows: int = 1 << 30) -> tuple[dict, dict] | None:
+    """The first settings of each kernel whose pipelined tiles take at most `budget` bytes, among
+    those whose row blocks are no larger than `rows` needs (all of them if none is)."""
+    row_block = max(16, triton.next_power_of_2(rows)) if triton is not None else rows
 
     def first_fitting(launches, tiles):
-        return next((launch for launch in launches if element_size * head_dim * tiles(launch) <= budget), None)
+        small = [launch for launch in launches if launch["BLOCK_M"] <= row_block] or launches
+        return next((launch for launch in small if element_size * head_dim * tiles(launch) <= budget), None)
 
     # Forward: the query block, and a key and a value block per pipeline stage.
     forward = first_fitting(FORWARD_LAUNCHES, lambda lc: lc["BLOCK_M"] + 2 * lc["num_stages"] * lc["BLOCK_N"])
     # Column sums: the key block, and a query block per pipeline stage.
     columns = first_fitting(COLUMN_SUMS_LAUNCHES, lambda lc: lc["BLOCK_N"] + lc["num_stages"] * lc["BLOCK_M"])
     return None if forward is None or columns is None else (forward, columns)
+
+
+def key_splits(query: torch.Tensor, programs: int, k_len: int, block_n: int) -> tuple[int, int]:
+    """(splits, keys per split) for a forward pass of `programs` programs over `k_len` keys: one
+    split if the programs already fill the GPU, else as many as bring them to PROGRAMS_PER_SM per
+    multiprocessor, each over a whole number of key blocks and at least MIN_SPLIT_KEYS keys."""
+    sms = _multiprocessors(query.device.index) if query.is_cuda else INTERPRETER_SMS
+    wanted = min(triton.cdiv(PROGRAMS_PER_SM * sms, programs), k_len // MIN_SPLIT_KEYS)
+    if wanted <= 1:
+        return 1, k_len
+    span = triton.cdiv(triton.cdiv(k_len, wanted), block_n) * block_n
+    return triton.cdiv(k_len, span), span
 
 
 def attend_and_accumulate(
@@ -104,6 +134,7 @@ def attend_and_accumulate(
     forward_launch: dict | None = None,
     column_sums_launch: dict | None = None,
     undecided_from: torch.Tensor | None = None,
+    split_keys: int | None = None,
 ) -> torch.Tensor:
     """Masked attention output, and received[b, h, k] += sum over rows r of row_weights[b, r % q]
     * softmax_r(scores)[k].
@@ -118,8 +149,10 @@ def attend_and_accumulate(
     every row (the causal end of a pass whose key range was fixed for a CUDA graph): the kernels
     skip them. `undecided_from` (batch,) long: in each document, keys in slots below it were decided
     before this pass, so their sums are no longer read (H2O decides a key once): key blocks wholly
-    below it are skipped and keep what they received (default: every key receives). Returns the
-    output as (batch, q, heads, d), the layout the model's projection takes.
+    below it are skipped and keep what they received (default: every key receives). `split_keys`:
+    the keys each program of the forward kernel walks (a multiple of its key block; default: chosen
+    for the GPU by `key_splits`); the shares are combined by `_combine_splits` in a fixed order.
+    Returns the output as (batch, q, heads, d), the layout the model's projection takes.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -137,14 +170,29 @@ def attend_and_accumulate(
         query, *query.stride(), key, *key.stride(), evicted, *evicted.stride(), position, *position.stride(),
         slots, slots.stride(0), kv_heads, groups, q_len, k_len, key_stop, scaling * LOG2_E, lse,
     )  # fmt: skip
-    default_forward, default_columns = choose_launches(query)
+    default_forward, default_columns = choose_launches(query, rows)
+    launch = forward_launch or default_forward
+    row_blocks = triton.cdiv(rows, launch["BLOCK_M"])
+    if split_keys is None:
+        splits, span = key_splits(query, row_blocks * batch * kv_heads, k_len, launch["BLOCK_N"])
+    else:
+        splits, span = triton.cdiv(k_len, split_keys), split_keys
+    # Each split's output (normalized by its own sum) and log-sum-exp, in float32; unused with one.
+    part_out, part_lse = lse, lse
+    if splits > 1:
+        part_out = torch.empty(splits, batch * kv_heads, rows, head_dim, device=query.device)
+        part_lse = torch.empty(splits, batch * kv_heads, rows, device=query.device)
     # Triton launches on the current GPU: a split model's later layers are on others.
     with on_tensor_device(query):
-        launch = forward_launch or default_forward
-        _attention_forward[(triton.cdiv(rows, launch["BLOCK_M"]), batch * kv_heads)](
-            *common, value, *value.stride(), out, *out.transpose(1, 2).stride(),
-            HEAD_DIM=head_dim, PRECISION=precision, **launch,
+        _attention_forward[(row_blocks, batch * kv_heads, splits)](
+            *common, value, *value.stride(), out, *out.transpose(1, 2).stride(), span, part_out, part_lse,
+            HEAD_DIM=head_dim, PRECISION=precision, SPLIT=splits > 1, **launch,
         )  # fmt: skip
+        if splits > 1:
+            _combine_splits[(row_blocks, batch * kv_heads)](
+                part_out, part_lse, splits, kv_heads, groups, q_len, lse, out, *out.transpose(1, 2).stride(),
+                HEAD_DIM=head_dim, BLOCK_M=launch["BLOCK_M"],
+            )  # fmt: skip
         if received is None:
             return out
         launch = column_sums_launch or default_columns
@@ -158,11 +206,12 @@ def attend_and_accumulate(
     return out
 
 
-def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | None = None, forward_launch=None):
+def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | None = None, **launch):
     """The masked attention output alone (the forward kernel), for every method: no dense mask is
     built, expanded over the query heads or converted for SDPA (on an H100 at chunk 128 that took a
-    quarter of the baseline's GPU time, benchmarks/RESULTS.md). Arguments as `attend_and_accumulate`."""
-    return attend_and_accumulate(query, key, value, seen, None, scaling, None, key_stop, forward_launch)
+    quarter of the baseline's GPU time, benchmarks/RESULTS.md). Arguments as `attend_and_accumulate`
+    (`forward_launch`, `split_keys` by keyword)."""
+    return attend_and_accumulate(query, key, value, seen, None, scaling, None, key_stop, **launch)
 
 
 def on_tensor_device(tensor: torch.Tensor):
@@ -174,6 +223,11 @@ def on_tensor_device(tensor: torch.Tensor):
 def _shared_memory(device_index: int) -> int:
     """Bytes of shared memory a block may use on this GPU."""
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 if triton is not None:
@@ -220,9 +274,13 @@ if triton is not None:
     def _attention_forward(
         Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, E, seb, seh, sen, P, spb, spn, QS, sqs,
         kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE,
-        V, svb, svh, svn, svd, OUT, sob, soh, som, sod,
+        V, svb, svh, svn, svd, OUT, sob, soh, som, sod, SPAN, PART_OUT, PART_LSE,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):  # fmt: skip
+        """One block of folded query rows of one KV head over the keys [split * SPAN, (split + 1) *
+        SPAN) before the stop: with SPLIT, that share's output and log-sum-exp go to PART_OUT and
+        PART_LSE for `_combine_splits`; else (one share) the output and LSE themselves."""
         bh = tl.program_id(1)
         b, h = bh // kv_heads, bh % kv_heads
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,11 +288,12 @@ if triton is not None:
         running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        k_stop = tl.minimum(tl.load(STOP), k_len)
+        first = tl.program_id(2) * SPAN
+        k_stop = tl.minimum(tl.minimum(tl.load(STOP), k_len), first + SPAN)
         row_ok = rows < groups * q_len
         q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
         slot = _query_slots(QS, sqs, rows, q_len, row_ok)
-        for start in range(0, k_stop, BLOCK_N):
+        for start in range(first, k_stop, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < k_stop
             k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
@@ -251,12 +310,55 @@ if triton is not None:
             )
             acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             running_max = new_max
-        # Rows past the last one (nothing visible, sum 0) are not stored; 1 keeps them finite.
+        # A row that sees nothing here (past the last row, or every key of its share hidden) has sum
+        # 0: its output 0 and, with SPLIT, log-sum-exp -inf, which gives its share no weight.
         total = tl.where(running_sum > 0, running_sum, 1.0)
-        tl.store(LSE + bh * groups * q_len + rows, running_max + tl.log2(total), mask=row_ok)
+        lse = running_max + tl.log2(total)
+        if SPLIT:
+            part = (tl.program_id(2) * tl.num_programs(1) + bh) * groups * q_len + rows
+            tl.store(PART_LSE + part, lse, mask=row_ok)
+            tl.store(PART_OUT + part[:, None] * HEAD_DIM + d[None, :], acc / total[:, None], mask=row_ok[:, None])
+        else:
+            tl.store(LSE + bh * groups * q_len + rows, lse, mask=row_ok)
+            _store_output(OUT, sob, soh, som, sod, acc / total[:, None], b, h, groups, q_len, rows, row_ok, HEAD_DIM)
+
+    @triton.jit
+    def _store_output(OUT, sob, soh, som, sod, out, b, h, groups, q_len, rows, row_ok, HEAD_DIM: tl.constexpr):
+        """The folded rows' output (rows, HEAD_DIM) into the model's (batch, q, heads, d) layout."""
+        d = tl.arange(0, HEAD_DIM)
         query_head = h * groups + rows // q_len
         pointers = OUT + b * sob + query_head[:, None] * soh + (rows % q_len)[:, None] * som + d[None, :] * sod
-        tl.store(pointers, (acc / total[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(pointers, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _combine_splits(
+        PART_OUT, PART_LSE, splits, kv_heads, groups, q_len, LSE, OUT, sob, soh, som, sod,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        """The output and log-sum-exp of a block of rows from its key shares: each share's output
+        weighted by exp2(its lse - the total's), in split order (the same result on every run)."""
+        bh = tl.program_id(1)
+        b, h = bh // kv_heads, bh % kv_heads
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HEAD_DIM)
+        n_rows = groups * q_len
+        row_ok = rows < n_rows
+        stride = tl.num_programs(1) * n_rows  # one split's rows
+        top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for split in range(splits):
+            top = tl.maximum(top, tl.load(PART_LSE + split * stride + bh * n_rows + rows, mask=row_ok, other=0.0))
+        # A row that sees no key at all keeps top -inf: shift by 0 (every weight 0), sum taken as 1.
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        for split in range(splits):
+            part = split * stride + bh * n_rows + rows
+            weight = tl.exp2(tl.load(PART_LSE + part, mask=row_ok, other=0.0) - shift)
+            total += weight
+            acc += weight[:, None] * tl.load(PART_OUT + part[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None])
+        total = tl.where(total > 0, total, 1.0)
+        tl.store(LSE + bh * n_rows + rows, top + tl.log2(total), mask=row_ok)
+        _store_output(OUT, sob, soh, som, sod, acc / total[:, None], b, h, groups, q_len, rows, row_ok, HEAD_DIM)
 
     @triton.jit
     def _column_sums(

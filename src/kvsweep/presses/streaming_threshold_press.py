@@ -7,8 +7,11 @@ import torch
 from kvpress import DMSPress
 from torch import nn
 
+from kvsweep import decision_kernel
 from kvsweep.attention import ATTENTION_NAME, STATE_ATTRIBUTE
 from kvsweep.eviction import BatchLayout, LayerEviction
+from kvsweep.fused_norms import fused_rms_norms
+from kvsweep.fused_rope import fused_rope
 from kvsweep.placement import decoder_of, module_device
 
 
@@ -97,10 +100,12 @@ class StreamingThresholdPress(DMSPress):
 
     @contextmanager
     def __call__(self, model):
-        """Hooks (kvpress's `BasePress.__call__`) plus the masked attention for the duration."""
+        """Hooks (kvpress's `BasePress.__call__`) plus the masked attention, and the fused RMSNorm
+        and rotary embedding kernels (`kvsweep.fused_norms`, `kvsweep.fused_rope`, on a GPU), for
+        the duration."""
         previous = model.config._attn_implementation
         try:
-            with super().__call__(model):
+            with super().__call__(model), fused_rms_norms(model), fused_rope(model):
                 model.set_attn_implementation(ATTENTION_NAME)
                 yield
         finally:
@@ -140,11 +145,6 @@ class StreamingThresholdPress(DMSPress):
         if hi <= lo:
             return output
         position = layout.position[:, lo:hi]
-        deciding = (
-            (position >= self.sinks)
-            & (position >= (layout.tokens_before - window)[:, None])
-            & (position < (layout.tokens_after - window)[:, None])
-        )
         if self.scores_on_entry:
             scores = state.entry_scores[:, :, lo:hi]
         elif self.accumulates_attention:
@@ -169,7 +169,19 @@ class StreamingThresholdPress(DMSPress):
                 "tokens": layout.tokens_after,
             }
             scores = self.press.score(module, hidden_states, keys[:, :, :last], values[:, :, :last], None, context)
-        state.evicted[:, :, lo:hi] |= deciding[:, None, :] & (scores < self.threshold)
+        evicted = state.evicted[:, :, lo:hi]
+        if state.decision_scores is None and decision_kernel.applies(evicted, scores):
+            # One kernel on a GPU for what follows (without recording the scores).
+            decision_kernel.evict_decided(
+                evicted, scores, position, layout.tokens_before, layout.tokens_after, self.sinks, window, self.threshold
+            )
+            return output
+        deciding = (
+            (position >= self.sinks)
+            & (position >= (layout.tokens_before - window)[:, None])
+            & (position < (layout.tokens_after - window)[:, None])
+        )
+        evicted |= deciding[:, None, :] & (scores < self.threshold)
         if state.decision_scores is not None:
             recorded = state.decision_scores[:, :, lo:hi]
             recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))

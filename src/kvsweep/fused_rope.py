@@ -1,0 +1,128 @@
+"""Rotary position embedding in one Triton kernel per tensor, for the engine's passes on a GPU.
+
+transformers' `apply_rotary_pos_emb` (Llama family) computes q * cos + rotate_half(q) * sin, the
+same for k, as about ten kernels a layer (two slices, a negation, a concatenation, four products,
+two sums), each a round trip through memory. Here one kernel rotates all heads of a tensor, with
+the same operations in the same order: each product and the sum rounded to the tensors' dtype as
+torch rounds them, so the result is the eager one, bit for bit, in bf16 and fp16.
+
+Only the functions whose source is, character for character, Llama's (with its `rotate_half`)
+are replaced (Qwen2/3, Mistral, Gemma, Granite among others in transformers 5.2), and only for CUDA
+tensors of one dtype in the shapes Llama passes; anything else runs the original. The replacement
+is the model family's module attribute `apply_rotary_pos_emb`, which its attention's forward reads
+on every call: `fused_rope(model)` sets it for the duration of a press (and restores it), so eager
+passes and the CUDA graphs captured from them run the same kernels.
+"""
+
+import contextlib
+import functools
+import inspect
+import sys
+
+import torch
+from transformers.models.llama import modeling_llama
+
+from kvsweep.h2o_kernels import on_tensor_device, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+@functools.cache
+def has_llama_rope(module_name: str) -> bool:
+    """Whether the modeling module's `apply_rotary_pos_emb` and `rotate_half` are Llama's."""
+    module = sys.modules.get(module_name)
+    try:
+        return all(
+            inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(modeling_llama, name))
+            for name in ("apply_rotary_pos_emb", "rotate_half")
+        )
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def fused_rope(model: torch.nn.Module):
+    """For the duration, the model family's `apply_rotary_pos_emb` is `apply_rotary` (falling back
+    to the original wherever the kernel does not apply)."""
+    names = {type(m).__module__ for m in model.modules()}
+    originals = {}
+    try:
+        for name in sorted(names):
+            module = sys.modules[name]
+            if has_llama_rope(name) and not isinstance(module.apply_rotary_pos_emb, functools.partial):
+                originals[name] = module.apply_rotary_pos_emb
+                module.apply_rotary_pos_emb = functools.partial(apply_rotary, originals[name])
+        yield
+    finally:
+        for name, original in originals.items():
+            sys.modules[name].apply_rotary_pos_emb = original
+
+
+def apply_rotary(original, q, k, cos, sin, unsqueeze_dim=1):
+    """`original(q, k, cos, sin, unsqueeze_dim)`, by the kernel where it applies."""
+    if not applies(q, k, cos, sin, unsqueeze_dim):
+        return original(q, k, cos, sin, unsqueeze_dim)
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def applies(q, k, cos, sin, unsqueeze_dim) -> bool:
+    """CUDA tensors of one dtype; q and k (batch, heads, seq, d), cos and sin (batch, seq, d)."""
+    if triton is None or unsqueeze_dim != 1 or not q.is_cuda or q.dim() != 4 or k.dim() != 4:
+        return False
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or q.shape[-1] % 2:
+        return False
+    batch, _, seq, d = q.shape
+    return cos.shape == sin.shape == (batch, seq, d) and k.shape[0] == batch and k.shape[2:] == (seq, d)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x (batch, heads, seq, d) and cos, sin (batch, seq, d),
+    each product and the sum rounded to x's dtype. The result is laid out (batch, seq, heads, d) in
+    memory (the projection's layout, as torch's elementwise result of the transposed view is) and
+    returned as a (batch, heads, seq, d) view."""
+    batch, heads, seq, d = x.shape
+    out = torch.empty(batch, seq, heads, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    block_heads = min(triton.next_power_of_2(heads), max(1, 4096 // d))
+    with on_tensor_device(x):
+        _rotate[(batch * seq, triton.cdiv(heads, block_heads))](
+            x, *x.stride(), cos, *cos.stride(), sin, *sin.stride(), out, *out.stride(), seq, heads,
+            HALF=d // 2, BLOCK_HEADS=block_heads,
+        )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate(
+        X, sxb, sxh, sxs, sxd, C, scb, scs, scd, S, ssb, sss, ssd, Y, syb, syh, sys_, syd, seq, heads,
+        HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    ):  # fmt: skip
+        """One token's heads [h0, h0 + BLOCK_HEADS): first half x1 * cos1 - x2 * sin1, second
+        half x2 * cos2 + x1 * sin2 (rotate_half is (-x2, x1))."""
+        b, s = tl.program_id(0) // seq, tl.program_id(0) % seq
+        h = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+        j = tl.arange(0, HALF)
+        ok = h[:, None] < heads
+        row = X + b * sxb + s * sxs + h[:, None] * sxh
+        x1 = tl.load(row + j[None, :] * sxd, mask=ok, other=0.0)
+        x2 = tl.load(row + (j[None, :] + HALF) * sxd, mask=ok, other=0.0)
+        c1 = tl.load(C + b * scb + s * scs + j * scd)[None, :]
+        c2 = tl.load(C + b * scb + s * scs + (j + HALF) * scd)[None, :]
+        s1 = tl.load(S + b * ssb + s * sss + j * ssd)[None, :]
+        s2 = tl.load(S + b * ssb + s * sss + (j + HALF) * ssd)[None, :]
+        first = _rounded_sum(_rounded_product(x1, c1), _rounded_product(-x2, s1))
+        second = _rounded_sum(_rounded_product(x2, c2), _rounded_product(x1, s2))
+        out = Y + b * syb + s * sys_ + h[:, None] * syh
+        tl.store(out + j[None, :] * syd, first, mask=ok)
+        tl.store(out + (j[None, :] + HALF) * syd, second, mask=ok)
+
+    @triton.jit
+    def _rounded_product(a, b):
+        """a * b in float32, rounded to a's dtype (what torch does for a bf16 or fp16 product)."""
+        return (a.to(tl.float32) * b.to(tl.float32)).to(a.dtype)
+
+    @triton.jit
+    def _rounded_sum(a, b):
+        return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)

@@ -1,0 +1,51 @@
+"""The fused rotary embedding against transformers' `apply_rotary_pos_emb` (Triton's interpreter on a CPU)."""
+
+import os
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+from kvsweep import fused_rope
+
+from conftest import tiny_llama
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+@pytest.mark.skipif(fused_rope.triton is None, reason="Triton is not installed")
+@pytest.mark.parametrize("heads,d", [(4, 16), (3, 32), (2, 16)], ids=["4_heads", "3_heads_ragged_block", "2_heads"])
+def test_rotation_matches_the_eager_function(heads, d):
+    """q and k as the model hands them over (transposed views of the projection's output, another
+    number of heads for k), cos and sin of distinct positions per document."""
+    generator = torch.Generator().manual_seed(heads * d)
+    batch, seq = 2, 5
+    q = torch.randn(batch, seq, heads, d, generator=generator).transpose(1, 2).to(DEVICE)
+    k = torch.randn(batch, seq, 1, d, generator=generator).transpose(1, 2).to(DEVICE)
+    angles = torch.rand(batch, seq, d // 2, generator=generator) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(DEVICE)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(DEVICE)
+    expected_q, expected_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = fused_rope.rotate(q, cos, sin), fused_rope.rotate(k, cos, sin)
+    assert got_q.shape == expected_q.shape and got_q.stride() == expected_q.stride()
+    torch.testing.assert_close(got_q, expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_k, expected_k, rtol=1e-6, atol=1e-6)
+
+
+def test_the_function_is_replaced_for_the_duration_and_falls_back_off_the_gpu():
+    model = tiny_llama()
+    original = modeling_llama.apply_rotary_pos_emb
+    assert fused_rope.has_llama_rope("transformers.models.llama.modeling_llama")
+    assert not fused_rope.has_llama_rope("torch.nn.modules.linear")
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    cos, sin = torch.rand(1, 3, 16), torch.rand(1, 3, 16)
+    with fused_rope.fused_rope(model):
+        replaced = modeling_llama.apply_rotary_pos_emb
+        assert replaced is not original
+        with fused_rope.fused_rope(model):  # nested: not wrapped twice
+            assert modeling_llama.apply_rotary_pos_emb is replaced
+        got = replaced(q, k, cos, sin)  # CPU tensors: the original runs
+    assert modeling_llama.apply_rotary_pos_emb is original
+    expected = original(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not fused_rope.applies(q, k, cos, sin, 1)
