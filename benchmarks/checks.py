@@ -5,7 +5,7 @@ import contextlib
 import torch
 from transformers.models.llama import modeling_llama
 
-from kvsweep import attention, decision_kernel, fused_norms, fused_rope, h2o_kernels
+from kvsweep import attention, attention_kernels, decision_kernel, fused_norms, fused_rope
 from kvsweep.eviction import KeyVisibility
 from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
@@ -130,12 +130,15 @@ def rms_norm_checks(model) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(4)
     x = (torch.randn(4096, norm.weight.shape[0], device="cuda", generator=generator) * 3).to(norm.weight.dtype)
     weight = torch.rand(norm.weight.shape, device="cuda", generator=generator).to(norm.weight.dtype) + 0.5
-    with torch.no_grad():
-        saved = norm.weight.clone()
-        norm.weight.copy_(weight)
-        eager = type(norm).forward(norm, x).float()
-        fused = fused_norms.rms_norm(x, norm.weight, norm.variance_epsilon).float()
-        norm.weight.copy_(saved)
+    saved = norm.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            eager = type(norm).forward(norm, x).float()
+            fused = fused_norms.rms_norm(x, norm.weight, norm.variance_epsilon).float()
+    finally:
+        with torch.no_grad():
+            norm.weight.copy_(saved)
     return {
         "rms_norm_fused_vs_eager_max_abs_diff_bf16": float((fused - eager).abs().max()),
         "rms_norm_fused_vs_eager_share_of_elements_differing": float((fused != eager).float().mean()),
@@ -144,7 +147,7 @@ def rms_norm_checks(model) -> dict:
 
 def torch_attention():
     """The engine's attention through torch ops (SDPA, or explicit probabilities) rather than Triton."""
-    return replaced(h2o_kernels, "available", lambda query: False)
+    return replaced(attention_kernels, "available", lambda query: False)
 
 
 def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:
@@ -185,7 +188,7 @@ def h2o_kernels_vs_float64(config, q_len: int) -> dict:
     visible = seen.dense(k_len)
     weights = torch.full((batch, q_len), 1 / groups, device="cuda")
     received = torch.zeros(batch, kv_heads, k_len, device="cuda")
-    out = h2o_kernels.attend_and_accumulate(query, key, value, seen, weights, head_dim**-0.5, received)
+    out = attention_kernels.attend_and_accumulate(query, key, value, seen, weights, head_dim**-0.5, received)
     grouped = query.double().reshape(batch, kv_heads, groups, q_len, head_dim)
     scores = torch.einsum("bhgqd,bhkd->bhgqk", grouped, key.double()) * head_dim**-0.5
     probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)

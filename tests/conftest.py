@@ -11,7 +11,7 @@ import torch
 
 # The tests run their models on the CPU, where Triton's interpreter runs kvsweep's kernels (it is
 # read when a kernel is defined, before kvsweep is imported). On a GPU machine,
-# `TRITON_INTERPRET=0 pytest tests/test_h2o_kernels.py` runs the kernel tests on the GPU.
+# `TRITON_INTERPRET=0 pytest tests/test_attention_kernels.py` runs the kernel tests on the GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -6,7 +6,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from kvsweep import attention, h2o_kernels
+from kvsweep import attention, attention_kernels, kernel_launches
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
@@ -63,13 +63,15 @@ def test_h2o_column_sums_either_way_match_reference(model, weights, surrogate_di
     Triton's interpreter); without Triton, the explicit probabilities. Both hold the reference."""
     calls = []
     if column_sums == "torch":
-        monkeypatch.setattr(h2o_kernels, "available", lambda query: False)
+        monkeypatch.setattr(attention_kernels, "available", lambda query: False)
     else:
-        if h2o_kernels.triton is None:
+        if attention_kernels.triton is None:
             pytest.skip("Triton is not installed")
-        kernel = h2o_kernels.attend_and_accumulate
+        kernel = attention_kernels.attend_and_accumulate
         monkeypatch.setattr(
-            h2o_kernels, "attend_and_accumulate", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+            attention_kernels,
+            "attend_and_accumulate",
+            lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs),
         )
     documents = random_documents([40, 29])
     press, resolved = build("h2o", 0.06, {"local_window": WINDOW, "sinks": 3}, surrogate_dir)
@@ -88,18 +90,18 @@ def test_every_pass_through_split_kernels_matches_reference(model, weights, surr
     """As on a GPU: every pass attends through the Triton kernels, one-token passes included, and
     their keys are split over programs (shares of 16 keys, combined after). The NLL and kept counts
     hold the reference."""
-    if h2o_kernels.triton is None:
+    if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     method, threshold, settings = case
-    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: h2o_kernels.available(query))
+    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(h2o_kernels, "FORWARD_LAUNCHES", (small,))
-    monkeypatch.setattr(h2o_kernels, "MIN_SPLIT_KEYS", 16)
-    monkeypatch.setattr(h2o_kernels, "INTERPRETER_SMS", 16)  # chunk 32's 16 programs split as well
+    monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
+    monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(kernel_launches, "INTERPRETER_SMS", 16)  # chunk 32's 16 programs split as well
     splits = []
-    key_splits = h2o_kernels.key_splits
+    key_splits = kernel_launches.key_splits
     monkeypatch.setattr(
-        h2o_kernels, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
+        kernel_launches, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
     )
     documents = random_documents([40, 29])
     press, resolved = build(method, threshold, settings, surrogate_dir)
@@ -114,18 +116,18 @@ def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weigh
     """Column sums in blocks of 16 keys over documents of up to 100 tokens in chunks of 32: from the
     second pass on, the first blocks hold keys decided earlier only, and the kernel skips them. The
     keys decided in a pass must still get that pass's sums: NLL and kept counts hold the reference."""
-    if h2o_kernels.triton is None:
+    if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(h2o_kernels, "COLUMN_SUMS_LAUNCHES", (small,))
+    monkeypatch.setattr(kernel_launches, "COLUMN_SUMS_LAUNCHES", (small,))
     skipping = []
-    kernel = h2o_kernels.attend_and_accumulate
+    kernel = attention_kernels.attend_and_accumulate
 
     def recording(*args, undecided_from=None, **kwargs):
         skipping.append(int(undecided_from.max()) >= 2 * small["BLOCK_N"])
         return kernel(*args, undecided_from=undecided_from, **kwargs)
 
-    monkeypatch.setattr(h2o_kernels, "attend_and_accumulate", recording)
+    monkeypatch.setattr(attention_kernels, "attend_and_accumulate", recording)
     documents = random_documents([100, 77], seed=4)
     press, resolved = build("h2o", 0.02, {"local_window": WINDOW, "sinks": 3}, surrogate_dir)
     kept, total = 0, 0

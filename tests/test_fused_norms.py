@@ -21,8 +21,8 @@ needs_triton = pytest.mark.skipif(fused_norms.triton is None, reason="Triton is 
     "shape", [(2, 5, 64), (3, 7, 100), (1, 4, 8, 16)], ids=["hidden_64", "ragged_100", "per_head_16"]
 )
 def test_kernel_matches_the_eager_module(shape):
-    """Rows of a power-of-two width, of another width (masked tail), and short per-head rows (16 to
-    a program, the last program partly past the end); weights and eps not the defaults."""
+    """Rows of a power-of-two width, of another width (masked tail), and short per-head rows (40 of
+    them, 16 to a program: the last program partly past the end); weights and eps not the defaults."""
     generator = torch.Generator().manual_seed(shape[-1])
     norm = LlamaRMSNorm(shape[-1], eps=1e-3)
     norm.weight.data = torch.randn(shape[-1], generator=generator)

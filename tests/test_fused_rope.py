@@ -51,19 +51,35 @@ def test_the_function_is_replaced_for_the_duration_and_falls_back_off_the_gpu():
     assert not fused_rope.applies(q, k, cos, sin, 1)
 
 
+def test_only_shapes_the_kernel_takes_are_given_to_it():
+    q, k, cos = torch.zeros(1, 4, 3, 128), torch.zeros(1, 2, 3, 128), torch.zeros(1, 3, 128)
+    assert fused_rope.shapes_fit(q, k, cos, cos, 1)
+    assert fused_rope.shapes_fit(q.bfloat16(), k.bfloat16(), cos.bfloat16(), cos.bfloat16(), 1)
+    assert not fused_rope.shapes_fit(q.half(), k.half(), cos.half(), cos.half(), 1)  # fp16: rounding not reproduced
+    assert not fused_rope.shapes_fit(q, k.bfloat16(), cos, cos, 1)  # mixed dtypes
+    assert not fused_rope.shapes_fit(q, k, cos, cos, 2)
+    q96, k96, cos96 = torch.zeros(1, 4, 3, 96), torch.zeros(1, 2, 3, 96), torch.zeros(1, 3, 96)
+    assert not fused_rope.shapes_fit(q96, k96, cos96, cos96, 1)  # head size 96: halves of 48
+    assert not fused_rope.shapes_fit(q, k, cos[:, :2], cos[:, :2], 1)  # cos of other positions
+
+
 @pytest.mark.skipif(fused_rope.triton is None, reason="Triton is not installed")
 def test_bf16_rotation_rounds_as_torch_does():
     """In bf16 each product and the sum are rounded to bf16, as torch's eager operations round
     them: the result is the eager one, bit for bit (float32 arithmetic with one rounding at the end
     would differ on about a sixth of the elements)."""
     generator = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 64, 8, 32, generator=generator).bfloat16().transpose(1, 2).to(DEVICE)
+    q = torch.randn(2, 64, 8, 32, generator=generator).bfloat16()
+    q[0, 3, 1, 5] = float("nan")  # NaN stays NaN (on a GPU, rounding on the bits once made it -0.0)
+    q = q.transpose(1, 2).to(DEVICE)
     k = torch.randn(2, 64, 2, 32, generator=generator).bfloat16().transpose(1, 2).to(DEVICE)
     angles = torch.rand(2, 64, 16, generator=generator) * 100
     cos = torch.cat([angles.cos(), angles.cos()], -1).bfloat16().to(DEVICE)
     sin = torch.cat([angles.sin(), angles.sin()], -1).bfloat16().to(DEVICE)
     expected_q, expected_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
-    assert torch.equal(fused_rope.rotate(q, cos, sin), expected_q)
+    got_q = fused_rope.rotate(q, cos, sin)
+    assert got_q.isnan().sum() == 2 and torch.equal(got_q.isnan(), expected_q.isnan())
+    assert torch.equal(got_q.nan_to_num(), expected_q.nan_to_num())
     assert torch.equal(fused_rope.rotate(k, cos, sin), expected_k)
     once = (q.float() * cos[:, None].float() + modeling_llama.rotate_half(q).float() * sin[:, None].float()).bfloat16()
     assert (once != expected_q).float().mean() > 0.05, "the case does not tell one rounding from three"

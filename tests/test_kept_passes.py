@@ -5,7 +5,7 @@ gives exactly what fresh passes give, batch after batch, across a change of shap
 import pytest
 import torch
 
-from kvsweep import h2o_kernels
+from kvsweep import attention_kernels, kernel_launches
 from kvsweep.eviction import BatchLayout, LayerEviction
 from kvsweep.generate import stream_generate
 from kvsweep.methods import get_method
@@ -74,10 +74,10 @@ def test_h2o_kernels_skipping_decided_keys_keep_passes_as_fresh_ones(model, surr
     """H2O through the Triton kernels (chunk 32), column sums in blocks of 16 keys, so that later
     passes skip the blocks of keys decided before them: batch after batch of kept passes (whose
     state is reset in place) gives what fresh passes give."""
-    if h2o_kernels.triton is None:
+    if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(h2o_kernels, "COLUMN_SUMS_LAUNCHES", (small,))
+    monkeypatch.setattr(kernel_launches, "COLUMN_SUMS_LAUNCHES", (small,))
     press, kept = press_of("h2o", surrogate_dir), KeptPasses()
     evicting = 0
     for seed in (21, 22, 23):

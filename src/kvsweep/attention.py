@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvsweep import h2o_kernels
+from kvsweep import attention_kernels
 
 ATTENTION_NAME = "kvsweep_masked_sdpa"
 
@@ -35,7 +35,7 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """Attention over the keys that are neither evicted nor in the future.
 
     If the layer's state accumulates attention (H2O), the column sums of this pass's probabilities
-    are added to the state: by `kvsweep.h2o_kernels` on a GPU (which computes the output as well),
+    are added to the state: by `kvsweep.attention_kernels` on a GPU (which computes the output as well),
     else from the probabilities computed explicitly for this pass only (chunk x cache, never n x n).
     """
     state = getattr(module, STATE_ATTRIBUTE, None)
@@ -64,14 +64,14 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         seen = state.key_visibility()
         key_stop = state.layout.query_slots[-1:] + 1  # no query of the pass sees a later key
         if not accumulates:
-            return h2o_kernels.attend(query, key, value, seen, scaling, key_stop), None
+            return attention_kernels.attend(query, key, value, seen, scaling, key_stop), None
         row_weights = state.valid_queries() / groups
         received = state.attention_received[:, :, :k_len]
         # Keys decided before this pass are never scored again: their sums are skipped (a slot
         # holds a position no later than itself, so slots below the first undecided position hold
         # decided keys only).
         undecided = None if state.decision_window is None else state.layout.tokens_before - state.decision_window
-        out = h2o_kernels.attend_and_accumulate(
+        out = attention_kernels.attend_and_accumulate(
             query, key, value, seen, row_weights, scaling, received, key_stop, undecided_from=undecided
         )
         return out, None
@@ -93,7 +93,7 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 def takes_kernels(query, rows: int, accumulates: bool) -> bool:
     """Whether a pass with `rows` query rows per KV head attends through the Triton kernels: every
     pass on a GPU; on the CPU (Triton's interpreter) only H2O's passes with many rows."""
-    return h2o_kernels.available(query) and (query.is_cuda or (accumulates and rows > FUSED_MIN_ROWS))
+    return attention_kernels.available(query) and (query.is_cuda or (accumulates and rows > FUSED_MIN_ROWS))
 
 
 def masked_sdpa(grouped_query, key, value, visible, scaling=None) -> torch.Tensor:

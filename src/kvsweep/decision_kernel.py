@@ -12,7 +12,7 @@ a float32 number, as torch compares a float32 tensor with a python float.
 
 import torch
 
-from kvsweep.h2o_kernels import on_tensor_device, triton
+from kvsweep.kernel_launches import on_tensor_device, triton
 
 if triton is not None:
     import triton.language as tl
@@ -23,15 +23,24 @@ BLOCK = 256
 def applies(evicted: torch.Tensor, scores: torch.Tensor) -> bool:
     """On a GPU, for float32 scores of the slots' shape (scores of another dtype would be compared
     in that dtype)."""
-    return triton is not None and evicted.is_cuda and scores.dtype == torch.float32 and scores.shape == evicted.shape
+    return (
+        triton is not None
+        and evicted.is_cuda
+        and scores.device == evicted.device
+        and scores.dtype == torch.float32
+        and scores.shape == evicted.shape
+    )
 
 
 def evict_decided(evicted, scores, position, tokens_before, tokens_after, sinks: int, window: int, threshold: float):
     """evicted |= deciding & (scores < threshold), in place, where deciding[b, n] = position >= sinks
     and tokens_before[b] - window <= position < tokens_after[b] - window. evicted (batch, kv_heads,
     n) bool and scores (batch, kv_heads, n): views of the layer's state over a slot range;
-    position (batch, n) long over the same range; tokens_before and tokens_after (batch,) long."""
+    position (batch, n) long over the same range; tokens_before and tokens_after (batch,) long,
+    contiguous (the layout's); all on the GPU of `evicted`."""
     batch, kv_heads, n = evicted.shape
+    if tokens_before.stride(0) != 1 or tokens_after.stride(0) != 1:
+        raise ValueError("the token counts must be contiguous")
     flags = evicted.view(torch.uint8)
     with on_tensor_device(evicted):
         _evict_decided[(batch * kv_heads, triton.cdiv(n, BLOCK))](

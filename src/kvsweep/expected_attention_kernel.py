@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from kvsweep.h2o_kernels import on_tensor_device
+from kvsweep.kernel_launches import on_tensor_device
 
 try:
     import triton

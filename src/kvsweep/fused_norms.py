@@ -12,7 +12,9 @@ Only norms whose class has exactly `LlamaRMSNorm`'s forward are replaced (in tra
 Qwen2/3, Mistral and about ninety others; Gemma's `1 + weight` and the like keep theirs), and
 only on CUDA tensors of the weight's dtype; everything else, the CPU included, runs the module's
 own forward. `fused_rms_norms(model)` is active while a press is (`StreamingThresholdPress`), so
-eager passes and the CUDA graphs captured from them run the same kernels.
+eager passes and the CUDA graphs captured from them run the same kernels. A norm whose forward is
+already replaced on the instance (accelerate's hook on the last norm of a model split over GPUs)
+keeps it.
 """
 
 import contextlib
@@ -22,7 +24,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kvsweep.h2o_kernels import on_tensor_device, triton
+from kvsweep.kernel_launches import on_tensor_device, triton
 
 if triton is not None:
     import triton.language as tl
@@ -57,10 +59,12 @@ def _fused_forward(norm: torch.nn.Module, hidden_states: torch.Tensor) -> torch.
 
 
 def applies(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The kernel runs on a GPU, for an input of the weight's dtype with rows of unit stride."""
+    """The kernel runs on a GPU, for an input of the weight's dtype and device with rows of unit
+    stride."""
     return (
         triton is not None
         and hidden_states.is_cuda
+        and hidden_states.device == weight.device
         and hidden_states.dtype == weight.dtype
         and hidden_states.stride(-1) == 1
         and hidden_states.shape[-1] == weight.shape[0]

@@ -3,8 +3,9 @@
 transformers' `apply_rotary_pos_emb` (Llama family) computes q * cos + rotate_half(q) * sin, the
 same for k, as about ten kernels a layer (two slices, a negation, a concatenation, four products,
 two sums), each a round trip through memory. Here one kernel rotates all heads of a tensor, with
-the same operations in the same order: each product and the sum rounded to bf16 as torch rounds
-them, so the result is the eager one, bit for bit (checked on the card, `benchmarks/checks.py`).
+the same operations in the same order: each product and the sum rounded as torch rounds them (to bf16
+on the bits; float32 without fused multiply-adds), so the result is the eager one, bit for bit
+(bf16 checked on the card, `benchmarks/checks.py`).
 
 Only the functions whose source is, character for character, Llama's (with its `rotate_half`)
 are replaced (Qwen2/3, Mistral, Gemma, Granite among others in transformers 5.2), and only for CUDA
@@ -22,7 +23,7 @@ import sys
 import torch
 from transformers.models.llama import modeling_llama
 
-from kvsweep.h2o_kernels import on_tensor_device, triton
+from kvsweep.kernel_launches import on_tensor_device, triton
 
 if triton is not None:
     import triton.language as tl
@@ -31,15 +32,18 @@ if triton is not None:
 ROUNDED = (torch.bfloat16, torch.float32)
 
 
+# Llama's source, read once at import (while a press is active the module holds the replacement).
+LLAMA_SOURCES = {
+    name: inspect.getsource(getattr(modeling_llama, name)) for name in ("apply_rotary_pos_emb", "rotate_half")
+}
+
+
 @functools.cache
 def has_llama_rope(module_name: str) -> bool:
     """Whether the modeling module's `apply_rotary_pos_emb` and `rotate_half` are Llama's."""
     module = sys.modules.get(module_name)
     try:
-        return all(
-            inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(modeling_llama, name))
-            for name in ("apply_rotary_pos_emb", "rotate_half")
-        )
+        return all(inspect.getsource(getattr(module, name)) == source for name, source in LLAMA_SOURCES.items())
     except (OSError, TypeError, AttributeError):
         return False
 
@@ -52,7 +56,7 @@ def fused_rope(model: torch.nn.Module):
     originals = {}
     try:
         for name in sorted(names):
-            module = sys.modules[name]
+            module = sys.modules.get(name)
             if has_llama_rope(name) and not isinstance(module.apply_rotary_pos_emb, functools.partial):
                 originals[name] = module.apply_rotary_pos_emb
                 module.apply_rotary_pos_emb = functools.partial(apply_rotary, originals[name])
@@ -70,12 +74,26 @@ def apply_rotary(original, q, k, cos, sin, unsqueeze_dim=1):
 
 
 def applies(q, k, cos, sin, unsqueeze_dim) -> bool:
-    """CUDA tensors of one dtype; q and k (batch, heads, seq, d), cos and sin (batch, seq, d)."""
-    if triton is None or unsqueeze_dim != 1 or not q.is_cuda or q.dim() != 4 or k.dim() != 4:
+    """On a GPU (all four tensors on one), in the shapes the kernel takes (`shapes_fit`)."""
+    return (
+        triton is not None
+        and q.is_cuda
+        and len({q.device, k.device, cos.device, sin.device}) == 1
+        and shapes_fit(q, k, cos, sin, unsqueeze_dim)
+    )
+
+
+def shapes_fit(q, k, cos, sin, unsqueeze_dim) -> bool:
+    """One dtype of `ROUNDED`; q and k (batch, heads, seq, d), cos and sin (batch, seq, d), with
+    d / 2 a power of two (the kernel's block over each half); cos unsqueezed at axis 1."""
+    if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4:
         return False
-    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or q.dtype not in ROUNDED or q.shape[-1] % 2:
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1 or q.dtype not in ROUNDED:
         return False
     batch, _, seq, d = q.shape
+    half = d // 2
+    if d % 2 or half & (half - 1):
+        return False
     return cos.shape == sin.shape == (batch, seq, d) and k.shape[0] == batch and k.shape[2:] == (seq, d)
 
 
@@ -86,11 +104,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     returned as a (batch, heads, seq, d) view."""
     batch, heads, seq, d = x.shape
     out = torch.empty(batch, seq, heads, d, dtype=x.dtype, device=x.device).transpose(1, 2)
-    block_heads = min(triton.next_power_of_2(heads), max(1, 4096 // d))
+    # Heads a program rotates: up to 4,096 elements, a power of two.
+    block_heads = min(triton.next_power_of_2(heads), 1 << max(0, (4096 // d).bit_length() - 1))
     with on_tensor_device(x):
+        # No fused multiply-adds: float32 rounds each product and the sum, as torch's eager ops do.
         _rotate[(batch * seq, triton.cdiv(heads, block_heads))](
             x, *x.stride(), cos, *cos.stride(), sin, *sin.stride(), out, *out.stride(), seq, heads,
-            HALF=d // 2, BLOCK_HEADS=block_heads,
+            HALF=d // 2, BLOCK_HEADS=block_heads, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 
@@ -140,5 +160,5 @@ if triton is not None:
         if dtype == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
         return x

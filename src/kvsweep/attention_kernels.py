@@ -1,14 +1,18 @@
-"""H2O's attention in two Triton kernels: output and column sums, without writing the matrix.
+"""Attention over the eviction state in Triton kernels: every method's output on a GPU, and H2O's
+column sums, without writing the matrix of queries x keys.
 
 H2O (Zhang et al. 2023, https://arxiv.org/abs/2306.14048) scores a cached key by the attention
 probability it has received. Computed with torch ops, a pass writes and reads the whole
 (batch, kv_heads, query rows, keys) probability matrix several times (scores, mask, softmax, the
 weighted column sum); at chunk 128 with a batch of 8 this costs a quarter of the model's time.
-Here nothing of that size is written:
+The other methods need the output only, which torch's SDPA gives from a mask of that size. Here
+nothing of that size is written:
 
 1. `_attention_forward` (FlashAttention's forward pass): one program per block of query rows
    streams over the keys with a running maximum and sum (online softmax) and gives the attention
-   output and each row's log-sum-exp of its visible scores.
+   output and each row's log-sum-exp of its visible scores. When those programs would leave the
+   GPU idle (batch 1, decoding, exact streaming), each also takes a share of the keys and
+   `_combine_splits` merges the shares (flash-decoding's split-K), in a fixed order.
 2. `_column_sums` (as FlashAttention's backward pass walks keys): one program per block of keys
    streams over all query rows, recomputes the scores, and sums exp(score - logsumexp) * row weight
    over the rows. Each key's sum is made by one program in a fixed order: no atomics, the same
@@ -25,54 +29,18 @@ The kernels run on CUDA tensors, and on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, float32 only), which is how the CPU tests check them against the reference.
 """
 
-import contextlib
-import functools
 import math
 import os
 
 import torch
 
-try:
-    import triton
+from kvsweep import kernel_launches
+from kvsweep.kernel_launches import triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # no Triton (e.g. macOS, or a CPU-only install): torch ops are used instead
-    triton = None
 
 LOG2_E = math.log2(math.e)
-# Launch settings of the two kernels (block of query rows, block of keys, warps, pipeline stages),
-# in order of preference: each call takes the first whose tiles fit the GPU's shared memory.
-# `benchmarks/h2o_kernels_bench.py` times them on a GPU. On an H100 in bf16 (Llama-3.1-8B's shape,
-# a pass at key 4,096, results/h100_llama-3.1-8b_2026-11-28_kernels_factored.json), with the first
-# forward setting H2O's two kernels took 0.78 ms at batch 8 against 1.05 ms with 128 x 128 blocks,
-# and at batch 1 as little as with the best setting tried.
-# A pass with few query rows per KV head (decoding, exact streaming: one query times the heads of
-# a group) takes the settings with the smallest row blocks that hold its rows (16, the least a
-# matrix product takes), rather than computing mostly empty rows.
-FORWARD_LAUNCHES = (
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-)
-COLUMN_SUMS_LAUNCHES = (
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-)
-# Split-K (flash-decoding): when one program per block of rows and KV head would leave the GPU
-# mostly idle (batch 1, decoding), each also gets a share of the keys; a second kernel combines
-# the shares. A pass gets about PROGRAMS_PER_SM programs per multiprocessor, and each share at
-# least MIN_SPLIT_KEYS keys. Under Triton's interpreter the GPU is taken to have
-# INTERPRETER_SMS multiprocessors, so that the CPU tests split passes as a GPU does.
-PROGRAMS_PER_SM = 2
-MIN_SPLIT_KEYS = 256
-INTERPRETER_SMS = 4
-# Triton needs shared memory beyond the pipelined tiles (the probabilities as a matmul operand,
-# layout conversions): a setting is taken only if its tiles use at most this share of it.
-SHARED_MEMORY_SHARE = 0.75
 
 
 def available(query: torch.Tensor) -> bool:
@@ -83,43 +51,8 @@ def available(query: torch.Tensor) -> bool:
     if head_dim < 16 or head_dim & (head_dim - 1):  # tl.arange needs a power of two
         return False
     if query.is_cuda:
-        return choose_launches(query) is not None
+        return kernel_launches.choose_launches(query) is not None
     return os.environ.get("TRITON_INTERPRET") == "1" and query.dtype == torch.float32
-
-
-def choose_launches(query: torch.Tensor, rows: int = 1 << 30) -> tuple[dict, dict] | None:
-    """The forward and column-sum settings for this query tensor's GPU (any under Triton's
-    interpreter) and `rows` query rows per KV head, or None if one kernel has none that fits."""
-    budget = SHARED_MEMORY_SHARE * _shared_memory(query.device.index) if query.is_cuda else math.inf
-    return launches_within(budget, query.shape[-1], query.element_size(), rows)
-
-
-def launches_within(budget: float, head_dim: int, element_size: int, rows: int = 1 << 30) -> tuple[dict, dict] | None:
-    """The first settings of each kernel whose pipelined tiles take at most `budget` bytes, among
-    those whose row blocks are no larger than `rows` needs (all of them if none is)."""
-    row_block = max(16, triton.next_power_of_2(rows)) if triton is not None else rows
-
-    def first_fitting(launches, tiles):
-        small = [launch for launch in launches if launch["BLOCK_M"] <= row_block] or launches
-        return next((launch for launch in small if element_size * head_dim * tiles(launch) <= budget), None)
-
-    # Forward: the query block, and a key and a value block per pipeline stage.
-    forward = first_fitting(FORWARD_LAUNCHES, lambda lc: lc["BLOCK_M"] + 2 * lc["num_stages"] * lc["BLOCK_N"])
-    # Column sums: the key block, and a query block per pipeline stage.
-    columns = first_fitting(COLUMN_SUMS_LAUNCHES, lambda lc: lc["BLOCK_N"] + lc["num_stages"] * lc["BLOCK_M"])
-    return None if forward is None or columns is None else (forward, columns)
-
-
-def key_splits(query: torch.Tensor, programs: int, k_len: int, block_n: int) -> tuple[int, int]:
-    """(splits, keys per split) for a forward pass of `programs` programs over `k_len` keys: one
-    split if the programs already fill the GPU, else as many as bring them to PROGRAMS_PER_SM per
-    multiprocessor, each over a whole number of key blocks and at least MIN_SPLIT_KEYS keys."""
-    sms = _multiprocessors(query.device.index) if query.is_cuda else INTERPRETER_SMS
-    wanted = min(triton.cdiv(PROGRAMS_PER_SM * sms, programs), k_len // MIN_SPLIT_KEYS)
-    if wanted <= 1:
-        return 1, k_len
-    span = triton.cdiv(triton.cdiv(k_len, wanted), block_n) * block_n
-    return triton.cdiv(k_len, span), span
 
 
 def attend_and_accumulate(
@@ -151,7 +84,7 @@ def attend_and_accumulate(
     before this pass, so their sums are no longer read (H2O decides a key once): key blocks wholly
     below it are skipped and keep what they received (default: every key receives). `split_keys`:
     the keys each program of the forward kernel walks (a multiple of its key block; default: chosen
-    for the GPU by `key_splits`); the shares are combined by `_combine_splits` in a fixed order.
+    for the GPU by `kernel_launches.key_splits`); the shares are combined by `_combine_splits` in a fixed order.
     Returns the output as (batch, q, heads, d), the layout the model's projection takes.
     """
     batch, heads, q_len, head_dim = query.shape
@@ -170,20 +103,20 @@ def attend_and_accumulate(
         query, *query.stride(), key, *key.stride(), evicted, *evicted.stride(), position, *position.stride(),
         slots, slots.stride(0), kv_heads, groups, q_len, k_len, key_stop, scaling * LOG2_E, lse,
     )  # fmt: skip
-    default_forward, default_columns = choose_launches(query, rows)
+    default_forward, default_columns = kernel_launches.choose_launches(query, rows)
     launch = forward_launch or default_forward
     row_blocks = triton.cdiv(rows, launch["BLOCK_M"])
     if split_keys is None:
-        splits, span = key_splits(query, row_blocks * batch * kv_heads, k_len, launch["BLOCK_N"])
+        splits, span = kernel_launches.key_splits(query, row_blocks * batch * kv_heads, k_len, launch["BLOCK_N"])
     else:
         splits, span = triton.cdiv(k_len, split_keys), split_keys
     # Each split's output (normalized by its own sum) and log-sum-exp, in float32; unused with one.
     part_out, part_lse = lse, lse
     if splits > 1:
-        part_out = torch.empty(splits, batch * kv_heads, rows, head_dim, device=query.device)
-        part_lse = torch.empty(splits, batch * kv_heads, rows, device=query.device)
+        part_out = torch.empty(splits, batch * kv_heads, rows, head_dim, dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(splits, batch * kv_heads, rows, dtype=torch.float32, device=query.device)
     # Triton launches on the current GPU: a split model's later layers are on others.
-    with on_tensor_device(query):
+    with kernel_launches.on_tensor_device(query):
         _attention_forward[(row_blocks, batch * kv_heads, splits)](
             *common, value, *value.stride(), out, *out.transpose(1, 2).stride(), span, part_out, part_lse,
             HEAD_DIM=head_dim, PRECISION=precision, SPLIT=splits > 1, **launch,
@@ -212,22 +145,6 @@ def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | Non
     quarter of the baseline's GPU time, benchmarks/RESULTS.md). Arguments as `attend_and_accumulate`
     (`forward_launch`, `split_keys` by keyword)."""
     return attend_and_accumulate(query, key, value, seen, None, scaling, None, key_stop, **launch)
-
-
-def on_tensor_device(tensor: torch.Tensor):
-    """The tensor's GPU as the current device (where Triton launches), for the duration."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
-@functools.cache
-def _shared_memory(device_index: int) -> int:
-    """Bytes of shared memory a block may use on this GPU."""
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 if triton is not None:

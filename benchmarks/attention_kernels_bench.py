@@ -1,6 +1,6 @@
 """Time one chunk-128 attention call of H2O's parts on a GPU, and the launch settings of its kernels.
 
-    python benchmarks/h2o_kernels_bench.py --arch qwen3-8b --output h2o_kernels.json
+    python benchmarks/attention_kernels_bench.py --arch qwen3-8b --output attention_kernels.json
 
 Per batch size, on random bf16 tensors of the architecture's attention shape (128 queries, a pass
 at keys 4,096 of a 5,120-key bucket, 30% of the keys evicted): the masked SDPA call every method
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvsweep import attention, h2o_kernels
+from kvsweep import attention, attention_kernels
 from kvsweep.eviction import KeyVisibility
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -117,7 +117,9 @@ def time_batch(batch, heads, kv_heads, head_dim) -> dict:
     received = torch.zeros(batch, kv_heads, key.shape[2], device="cuda")
 
     def kernels(**launches):
-        h2o_kernels.attend_and_accumulate(query, key, value, seen, weights, head_dim**-0.5, received, stop, **launches)
+        attention_kernels.attend_and_accumulate(
+            query, key, value, seen, weights, head_dim**-0.5, received, stop, **launches
+        )
 
     row = {
         "sdpa_masked": milliseconds(lambda: sdpa_masked(query, key, value, visible)),

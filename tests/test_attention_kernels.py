@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from kvsweep import h2o_kernels
+from kvsweep import attention_kernels, kernel_launches
 from kvsweep.eviction import KeyVisibility
 
 pytestmark = pytest.mark.skipif(
-    h2o_kernels.triton is None, reason="Triton is not installed (the test extras install it on Linux x86_64)"
+    attention_kernels.triton is None, reason="Triton is not installed (the test extras install it on Linux x86_64)"
 )
 # conftest.py turns Triton's interpreter on unless TRITON_INTERPRET=0 is set.
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -92,16 +92,16 @@ def test_output_and_column_sums_match_an_explicit_loop(batch, kv_heads, groups, 
     case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=k_len, key_stop=key_stop or k_len)
     query, key, value, seen, row_weights = on(DEVICE, case)
     scaling = head_dim**-0.5
-    assert h2o_kernels.available(query)
+    assert attention_kernels.available(query)
     # The kernels add into a slice of a larger, already non-zero buffer (the layer's state).
     state = torch.full((batch, kv_heads, k_len + 5), 0.25, device=DEVICE)
     stop = None if key_stop is None else torch.tensor([key_stop], device=DEVICE)
-    out = h2o_kernels.attend_and_accumulate(
+    out = attention_kernels.attend_and_accumulate(
         query, key, value, seen, row_weights, scaling, state[:, :, :k_len], stop
     ).cpu()
     # The output alone (every other method's attention on a GPU): the same, and nothing accumulated.
     before = state.clone()
-    out_only = h2o_kernels.attend(query, key, value, seen, scaling, stop).cpu()
+    out_only = attention_kernels.attend(query, key, value, seen, scaling, stop).cpu()
     assert torch.equal(out_only, out) and torch.equal(state, before)
     state = state.cpu()
     if key_stop is not None:
@@ -120,10 +120,10 @@ def test_every_launch_setting_gives_the_same_result(kernel):
     case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=5, key_stop=k_len)
     query, key, value, seen, row_weights = on(DEVICE, case)
     expected_out, expected = reference_attention(*case, head_dim**-0.5)
-    settings = h2o_kernels.FORWARD_LAUNCHES if kernel == "forward" else h2o_kernels.COLUMN_SUMS_LAUNCHES
+    settings = kernel_launches.FORWARD_LAUNCHES if kernel == "forward" else kernel_launches.COLUMN_SUMS_LAUNCHES
     for launch in settings:
         received = torch.zeros(batch, kv_heads, k_len, device=DEVICE)
-        out = h2o_kernels.attend_and_accumulate(
+        out = attention_kernels.attend_and_accumulate(
             query, key, value, seen, row_weights, head_dim**-0.5, received, **{f"{kernel}_launch": launch}
         )
         torch.testing.assert_close(out.cpu().double(), expected_out, rtol=1e-5, atol=1e-5, msg=str(launch))
@@ -132,22 +132,22 @@ def test_every_launch_setting_gives_the_same_result(kernel):
 
 def test_launch_settings_follow_the_shared_memory():
     h100, a100 = 0.75 * 232448, 0.75 * 166912  # bytes a block may use, times SHARED_MEMORY_SHARE
-    forward, columns = h2o_kernels.launches_within(h100, head_dim=128, element_size=2)
+    forward, columns = kernel_launches.launches_within(h100, head_dim=128, element_size=2)
     assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_N"]) == (64, 64, 128)
-    forward, _ = h2o_kernels.launches_within(a100, head_dim=128, element_size=2)
+    forward, _ = kernel_launches.launches_within(a100, head_dim=128, element_size=2)
     assert (forward["BLOCK_M"], forward["BLOCK_N"]) == (64, 64)
-    forward, _ = h2o_kernels.launches_within(h100, head_dim=128, element_size=4)  # float32
+    forward, _ = kernel_launches.launches_within(h100, head_dim=128, element_size=4)  # float32
     assert (forward["BLOCK_M"], forward["BLOCK_N"]) == (64, 32)
-    assert h2o_kernels.launches_within(16 * 1024, head_dim=256, element_size=4) is None
+    assert kernel_launches.launches_within(16 * 1024, head_dim=256, element_size=4) is None
 
 
 def test_kernels_are_not_offered_where_they_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not h2o_kernels.available(torch.zeros(1, 2, 3, 16))  # CPU tensor without the interpreter
+    assert not attention_kernels.available(torch.zeros(1, 2, 3, 16))  # CPU tensor without the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert h2o_kernels.available(torch.zeros(1, 2, 3, 16))
-    assert not h2o_kernels.available(torch.zeros(1, 2, 3, 24))  # head_dim not a power of two
-    assert not h2o_kernels.available(torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16))  # interpreter: float32 only
+    assert attention_kernels.available(torch.zeros(1, 2, 3, 16))
+    assert not attention_kernels.available(torch.zeros(1, 2, 3, 24))  # head_dim not a power of two
+    assert not attention_kernels.available(torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16))  # interpreter: float32 only
 
 
 def test_dense_mask_follows_the_rule():
@@ -170,7 +170,7 @@ def test_column_sums_skip_key_blocks_decided_before_the_pass():
     launch = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
     undecided_from = torch.tensor([70, 0], device=DEVICE)
-    h2o_kernels.attend_and_accumulate(
+    attention_kernels.attend_and_accumulate(
         query, key, value, seen, row_weights, head_dim**-0.5, received,
         column_sums_launch=launch, undecided_from=undecided_from,
     )  # fmt: skip
@@ -198,13 +198,13 @@ def test_keys_split_over_programs_match_an_explicit_loop(batch, kv_heads, groups
     query, key, value, seen, row_weights = on(DEVICE, case)
     stop = None if key_stop is None else torch.tensor([key_stop], device=DEVICE)
     received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
-    out = h2o_kernels.attend_and_accumulate(
+    out = attention_kernels.attend_and_accumulate(
         query, key, value, seen, row_weights, 0.25, received, stop, split_keys=split_keys
     ).cpu()
     expected_out, expected = reference_attention(*case, 0.25, key_stop)
     torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(received.cpu().double(), expected + 0.25, rtol=1e-5, atol=1e-6)
-    unsplit = h2o_kernels.attend(query, key, value, seen, 0.25, stop, split_keys=k_len).cpu()
+    unsplit = attention_kernels.attend(query, key, value, seen, 0.25, stop, split_keys=k_len).cpu()
     torch.testing.assert_close(out, unsplit, rtol=1e-5, atol=1e-6)
 
 
@@ -216,25 +216,25 @@ def test_a_row_that_sees_nothing_gets_zeros_split_or_not():
     seen = KeyVisibility(torch.ones_like(seen.evicted), seen.position, torch.tensor([10, 50, 63], device=DEVICE))
     stop = torch.tensor([40], device=DEVICE)  # rows 1 and 2 lie past it; every earlier key is evicted
     for split_keys in (64, 16):
-        out = h2o_kernels.attend(query, key, value, seen, 0.25, stop, split_keys=split_keys).cpu()
+        out = attention_kernels.attend(query, key, value, seen, 0.25, stop, split_keys=split_keys).cpu()
         assert torch.isfinite(out).all() and (out[0, 1:] == 0).all(), split_keys
         torch.testing.assert_close(out[0, 0, 0], value[0, 0, 10].cpu())  # row 0 sees its own slot only
 
 
 def test_passes_are_split_only_when_their_programs_leave_the_gpu_idle(monkeypatch):
-    monkeypatch.setattr(h2o_kernels, "INTERPRETER_SMS", 132)  # an H100's multiprocessors
+    monkeypatch.setattr(kernel_launches, "INTERPRETER_SMS", 132)  # an H100's multiprocessors
     query = torch.zeros(1, 1, 1, 16)
     # Chunk 128 at batch 1 (8 row blocks x 8 KV heads): 5 shares of 1,664 keys bring 64 programs to 320.
-    assert h2o_kernels.key_splits(query, programs=64, k_len=8192, block_n=64) == (5, 1664)
+    assert kernel_launches.key_splits(query, programs=64, k_len=8192, block_n=64) == (5, 1664)
     # Decoding at batch 1 (one row block x 8 KV heads): 33 shares wanted, 32 of 256 keys allowed.
-    assert h2o_kernels.key_splits(query, programs=8, k_len=8192, block_n=64) == (32, 256)
-    assert h2o_kernels.key_splits(query, programs=512, k_len=8192, block_n=64) == (1, 8192)  # batch 8
-    assert h2o_kernels.key_splits(query, programs=8, k_len=300, block_n=64) == (1, 300)  # too few keys
+    assert kernel_launches.key_splits(query, programs=8, k_len=8192, block_n=64) == (32, 256)
+    assert kernel_launches.key_splits(query, programs=512, k_len=8192, block_n=64) == (1, 8192)  # batch 8
+    assert kernel_launches.key_splits(query, programs=8, k_len=300, block_n=64) == (1, 300)  # too few keys
 
 
 def test_few_rows_take_the_smallest_row_blocks():
     h100 = 0.75 * 232448
-    forward, columns = h2o_kernels.launches_within(h100, head_dim=128, element_size=2, rows=4)
+    forward, columns = kernel_launches.launches_within(h100, head_dim=128, element_size=2, rows=4)
     assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_M"]) == (16, 64, 16)
-    forward, columns = h2o_kernels.launches_within(h100, head_dim=128, element_size=2, rows=24)
+    forward, columns = kernel_launches.launches_within(h100, head_dim=128, element_size=2, rows=24)
     assert (forward["BLOCK_M"], columns["BLOCK_M"]) == (32, 32)
