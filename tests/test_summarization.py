@@ -10,7 +10,7 @@ import torch
 from rouge import Rouge
 from rouge_score import rouge_scorer
 
-from kvsweep import evaluate, prepare
+from kvsweep import attention, attention_kernels, evaluate, kernel_launches, prepare
 from kvsweep.demo import build_tokenizer
 from kvsweep.generate import stream_generate
 from kvsweep.methods import get_method
@@ -104,6 +104,34 @@ def test_batch_of_three_generates_what_batch_one_does(model, surrogate_dir, meth
     assert stream_generate(model, prompts, 8, 16, press(), key_bucket=8) == alone
     if method:
         assert all(r["kv_kept"] < r["kv_total"] for r in together), "eviction should happen"
+
+
+@pytest.mark.parametrize("method,threshold", [("kvzap", 0.0), ("h2o", 0.06)])
+def test_generation_through_split_kernels_generates_what_the_torch_path_does(
+    model, surrogate_dir, monkeypatch, method, threshold
+):
+    """As on a GPU: every pass, prompt chunks and decoding steps, attends through the Triton
+    kernels, with keys split in shares of 16, over generation's layout (prompts of different
+    lengths, so padding slots between a prompt and its new tokens). The tokens and the kept
+    counts are those of the torch path, alone and in a batch."""
+    if attention_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    prompts = random_documents([41, 19, 30], seed=7)
+    torch_path = [stream_generate(model, [p], 8, 16, press_for(method, threshold, surrogate_dir))[0] for p in prompts]
+    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
+    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
+    monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)
+    splits = []
+    key_splits = kernel_launches.key_splits
+    monkeypatch.setattr(
+        kernel_launches, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
+    )
+    kernels = stream_generate(model, prompts, 8, 16, press_for(method, threshold, surrogate_dir))
+    assert max(splits) > 1, "no pass was split: the case does not test the combination"
+    assert [r["generated_ids"] for r in kernels] == [r["generated_ids"] for r in torch_path]
+    assert [r["kv_kept"] for r in kernels] == [r["kv_kept"] for r in torch_path]
+    assert all(r["kv_kept"] < r["kv_total"] for r in kernels), "eviction should happen"
 
 
 def test_eviction_continues_while_decoding(model, surrogate_dir):
