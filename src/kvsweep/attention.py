@@ -2,8 +2,10 @@
 
 kvpress hides evicted keys by overwriting them with a "fake key" that must give exp(q.k) = 0 for
 every query of the forward pass; with more than a few queries per pass no such key exists and it
-raises. Here the evicted positions become a boolean mask for
-`torch.nn.functional.scaled_dot_product_attention`, which works for any chunk size.
+raises. Here the eviction state decides which keys each query sees, for any chunk size: on a GPU
+in kvsweep's Triton kernels (`kvsweep.attention_kernels`, which read the state itself), and on
+the CPU as a boolean mask for `torch.nn.functional.scaled_dot_product_attention` or explicit
+probabilities.
 
 Grouped-query attention is handled by folding the query heads of a KV group into the query axis:
 (batch, kv_heads * groups, q, d) -> (batch, kv_heads, groups * q, d), so the kernel sees plain
