@@ -16,7 +16,32 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kvsweep import attention, attention_kernels, kernel_launches
+
 VOCAB = 97
+# Where the kernel tests run their kernels: the CPU under Triton's interpreter, else the GPU.
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def every_pass_through_split_kernels(monkeypatch, interpreter_sms: int | None = None) -> list[int]:
+    """As on a GPU: every pass attends through the Triton kernels (one-token passes included), in
+    16 x 16 blocks, with keys split in shares of at least 16 (`interpreter_sms` multiprocessors
+    taken, to split passes of more programs). Returns the list the share counts of the passes are
+    appended to, for the test to check that some pass was split."""
+    if attention_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
+    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
+    monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)
+    if interpreter_sms is not None:
+        monkeypatch.setattr(kernel_launches, "INTERPRETER_SMS", interpreter_sms)
+    splits = []
+    key_splits = kernel_launches.key_splits
+    monkeypatch.setattr(
+        kernel_launches, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
+    )
+    return splits
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, head_dim: int = 16) -> LlamaForCausalLM:

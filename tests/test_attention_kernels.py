@@ -1,8 +1,7 @@
-"""H2O's Triton kernels (output and column sums) against an explicit float64 loop (Triton's interpreter on a CPU)."""
+"""The attention kernels (output, H2O's column sums, split keys) against an explicit float64 loop (Triton's interpreter on a CPU)."""
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -10,11 +9,11 @@ import torch
 from kvsweep import attention_kernels, kernel_launches
 from kvsweep.eviction import KeyVisibility
 
+from conftest import KERNEL_DEVICE as DEVICE
+
 pytestmark = pytest.mark.skipif(
     attention_kernels.triton is None, reason="Triton is not installed (the test extras install it on Linux x86_64)"
 )
-# conftest.py turns Triton's interpreter on unless TRITON_INTERPRET=0 is set.
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def sees(seen: KeyVisibility, b: int, h: int, i: int, k: int, key_stop: int) -> bool:

@@ -1,13 +1,12 @@
 """The decision kernel against the press's torch expression (Triton's interpreter on a CPU)."""
 
-import os
-
 import pytest
 import torch
 
 from kvsweep import decision_kernel
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+from conftest import KERNEL_DEVICE as DEVICE
+
 pytestmark = pytest.mark.skipif(decision_kernel.triton is None, reason="Triton is not installed")
 
 

@@ -6,11 +6,11 @@ from itertools import pairwise
 import pytest
 import torch
 
-from kvsweep import attention, attention_kernels, kernel_launches
+from kvsweep import attention_kernels, kernel_launches
 from kvsweep.methods import get_method
 from kvsweep.stream_nll import stream_nll
 
-from conftest import random_documents, tiny_llama, tiny_surrogate
+from conftest import every_pass_through_split_kernels, random_documents, tiny_llama, tiny_surrogate
 from reference import Weights, reference_stream
 
 WINDOW = 6
@@ -90,19 +90,8 @@ def test_every_pass_through_split_kernels_matches_reference(model, weights, surr
     """As on a GPU: every pass attends through the Triton kernels, one-token passes included, and
     their keys are split over programs (shares of 16 keys, combined after). The NLL and kept counts
     hold the reference."""
-    if attention_kernels.triton is None:
-        pytest.skip("Triton is not installed")
     method, threshold, settings = case
-    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
-    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
-    monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)
-    monkeypatch.setattr(kernel_launches, "INTERPRETER_SMS", 16)  # chunk 32's 16 programs split as well
-    splits = []
-    key_splits = kernel_launches.key_splits
-    monkeypatch.setattr(
-        kernel_launches, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
-    )
+    splits = every_pass_through_split_kernels(monkeypatch, interpreter_sms=16)  # chunk 32's 16 programs too
     documents = random_documents([40, 29])
     press, resolved = build(method, threshold, settings, surrogate_dir)
     for doc, result in zip(documents, stream_nll(model, documents, chunk, press), strict=True):

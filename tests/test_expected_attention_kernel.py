@@ -2,16 +2,14 @@
 CPU in float32; `TRITON_INTERPRET=0 pytest tests/test_expected_attention_kernel.py` runs it on
 the GPU, in bf16 as the study does)."""
 
-import os
-
 import pytest
 import torch
 
 from kvsweep import expected_attention_kernel
 
+from conftest import KERNEL_DEVICE as DEVICE
+
 pytestmark = pytest.mark.skipif(expected_attention_kernel.triton is None, reason="Triton is not installed")
-# conftest.py turns Triton's interpreter on unless TRITON_INTERPRET=0 is set.
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 
 

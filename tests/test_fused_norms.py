@@ -1,7 +1,5 @@
 """The fused RMSNorm kernel against transformers' eager module (Triton's interpreter on a CPU)."""
 
-import os
-
 import pytest
 import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
@@ -10,9 +8,9 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from kvsweep import fused_norms
 
+from conftest import KERNEL_DEVICE as DEVICE
 from conftest import tiny_llama
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 needs_triton = pytest.mark.skipif(fused_norms.triton is None, reason="Triton is not installed")
 
 

@@ -1,16 +1,13 @@
 """The fused rotary embedding against transformers' `apply_rotary_pos_emb` (Triton's interpreter on a CPU)."""
 
-import os
-
 import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
 from kvsweep import fused_rope
 
+from conftest import KERNEL_DEVICE as DEVICE
 from conftest import tiny_llama
-
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 @pytest.mark.skipif(fused_rope.triton is None, reason="Triton is not installed")

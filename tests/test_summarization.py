@@ -10,7 +10,7 @@ import torch
 from rouge import Rouge
 from rouge_score import rouge_scorer
 
-from kvsweep import attention, attention_kernels, evaluate, kernel_launches, prepare
+from kvsweep import evaluate, prepare
 from kvsweep.demo import build_tokenizer
 from kvsweep.generate import stream_generate
 from kvsweep.methods import get_method
@@ -19,7 +19,7 @@ from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
 from kvsweep.score import load_results
 from kvsweep.tasks import get_task
 
-from conftest import random_documents
+from conftest import every_pass_through_split_kernels, random_documents
 
 PAIRS = [
     ("the cat sat on the mat", "the cat was on the mat"),
@@ -114,19 +114,9 @@ def test_generation_through_split_kernels_generates_what_the_torch_path_does(
     kernels, with keys split in shares of 16, over generation's layout (prompts of different
     lengths, so padding slots between a prompt and its new tokens). The tokens and the kept
     counts are those of the torch path, alone and in a batch."""
-    if attention_kernels.triton is None:
-        pytest.skip("Triton is not installed")
     prompts = random_documents([41, 19, 30], seed=7)
     torch_path = [stream_generate(model, [p], 8, 16, press_for(method, threshold, surrogate_dir))[0] for p in prompts]
-    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
-    small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
-    monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)
-    splits = []
-    key_splits = kernel_launches.key_splits
-    monkeypatch.setattr(
-        kernel_launches, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
-    )
+    splits = every_pass_through_split_kernels(monkeypatch)
     kernels = stream_generate(model, prompts, 8, 16, press_for(method, threshold, surrogate_dir))
     assert max(splits) > 1, "no pass was split: the case does not test the combination"
     assert [r["generated_ids"] for r in kernels] == [r["generated_ids"] for r in torch_path]
