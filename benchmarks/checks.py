@@ -64,12 +64,16 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
         name = f"{method}_chunk1_600tok_kernels_vs_torch"
         checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernel, torch_path)
         checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernel], [r["kv_kept"] for r in torch_path]]
-    # The decisions' kernel against the press's torch expression: the same evictions, to the bit.
+    # The decisions' kernels (H2O's score and KVzap's stored scores included) against the press's
+    # torch expressions: the same evictions, to the bit.
     for method, chunk, n_tokens, threshold in cases:
         short = [doc[:n_tokens] for doc in docs]
         press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
         fused = stream_nll(model, short, chunk, press)
-        with replaced(decision_kernel, "applies", lambda evicted, scores: False):
+        with (
+            replaced(decision_kernel, "applies", lambda *_: False),
+            replaced(decision_kernel, "stores", lambda *_: False),
+        ):
             plain = stream_nll(model, short, chunk, press)
         name = f"{method}_chunk{chunk}_{n_tokens}tok_decision_kernel_vs_torch"
         checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(fused, plain)

@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--profile-tokens", type=int, default=2048, help="chunk128 and decode: prompt tokens profiled")
     parser.add_argument("--kept", action="store_true", help="reuse each method's passes across calls, as a job does")
     parser.add_argument("--name-width", type=int, default=70, help="characters of kernel names in the profile table")
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed in the profile table")
     args = parser.parse_args()
     model, surrogate = build_model(args.arch)
     vocab = model.config.vocab_size
@@ -83,7 +84,7 @@ def main():
                 torch.cuda.synchronize()
             print(
                 prof.key_averages().table(
-                    sort_by="cuda_time_total", row_limit=25, max_name_column_width=args.name_width
+                    sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=args.name_width
                 )
             )
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvsweep import attention, attention_kernels, kernel_launches
+from kvsweep import attention, attention_kernels, decision_kernel, kernel_launches
 
 VOCAB = 97
 # Where the kernel tests run their kernels: the CPU under Triton's interpreter, else the GPU.
@@ -26,11 +26,21 @@ KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 def every_pass_through_split_kernels(monkeypatch, interpreter_sms: int | None = None) -> list[int]:
     """As on a GPU: every pass attends through the Triton kernels (one-token passes included), in
     16 x 16 blocks, with keys split in shares of at least 16 (`interpreter_sms` multiprocessors
-    taken, to split passes of more programs). Returns the list the share counts of the passes are
-    appended to, for the test to check that some pass was split."""
+    taken, to split passes of more programs); the press stores entry scores and takes its
+    decisions (H2O's score included) in `kvsweep.decision_kernel`'s kernels. Returns the list the
+    share counts of the passes are appended to, for the test to check that some pass was split."""
     if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
+    # What `applies` and `stores` ask for, less the GPU.
+    monkeypatch.setattr(
+        decision_kernel,
+        "applies",
+        lambda evicted, scores: scores.dtype == torch.float32 and scores.shape == evicted.shape,
+    )
+    monkeypatch.setattr(
+        decision_kernel, "stores", lambda entry, new: entry.dtype == torch.float32 and new.is_floating_point()
+    )
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
     monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)

@@ -132,7 +132,7 @@ def test_every_launch_setting_gives_the_same_result(kernel):
 def test_launch_settings_follow_the_shared_memory():
     h100, a100 = 0.75 * 232448, 0.75 * 166912  # bytes a block may use, times SHARED_MEMORY_SHARE
     forward, columns = kernel_launches.launches_within(h100, head_dim=128, element_size=2)
-    assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_N"]) == (64, 64, 128)
+    assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_N"]) == (64, 64, 64)
     forward, _ = kernel_launches.launches_within(a100, head_dim=128, element_size=2)
     assert (forward["BLOCK_M"], forward["BLOCK_N"]) == (64, 64)
     forward, _ = kernel_launches.launches_within(h100, head_dim=128, element_size=4)  # float32
@@ -178,6 +178,85 @@ def test_column_sums_skip_key_blocks_decided_before_the_pass():
     assert (received[0, :, :64] == 0.25).all()
     torch.testing.assert_close(received[0, :, 64:], expected[0, :, 64:] + 0.25, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(received[1], expected[1] + 0.25, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_splits", [2, 3, 9])
+def test_column_sums_over_shares_of_the_rows_match_an_explicit_loop(row_splits):
+    """With few programs (batch 1), each sums a share of the row blocks and `_add_row_splits` adds
+    the shares. 148 rows in blocks of 32 (five, the last ragged) in 2, 3 or 9 shares (nine: one
+    block each, five shares); the blocks below `undecided_from` keep what they had."""
+    batch, kv_heads, groups, q_len, k_len, head_dim = 2, 2, 4, 37, 130, 16
+    case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=17, key_stop=k_len)
+    query, key, value, seen, row_weights = on(DEVICE, case)
+    _, expected = reference_attention(*case, head_dim**-0.5)
+    launch = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    undecided_from = torch.tensor([40, 0], device=DEVICE)
+
+    def received_by(shares):
+        received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
+        attention_kernels.attend_and_accumulate(
+            query, key, value, seen, row_weights, head_dim**-0.5, received, column_sums_launch=launch,
+            undecided_from=undecided_from, row_splits=shares,
+        )  # fmt: skip
+        return received.cpu().double()
+
+    received = received_by(row_splits)
+    assert (received[0, :, :32] == 0.25).all()
+    torch.testing.assert_close(received[0, :, 32:], expected[0, :, 32:] + 0.25, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(received[1], expected[1] + 0.25, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(received, received_by(1), rtol=1e-6, atol=1e-7)
+
+
+def test_rows_are_split_only_when_the_programs_leave_the_gpu_idle():
+    query = torch.zeros(1, 4, 1, 16)  # a CPU tensor: INTERPRETER_SMS (4) multiprocessors taken
+    target = kernel_launches.PROGRAMS_PER_SM * kernel_launches.INTERPRETER_SMS
+    assert kernel_launches.row_splits(query, target, row_blocks=8) == 1
+    assert kernel_launches.row_splits(query, 3, row_blocks=8) == -(-target // 3)
+    assert kernel_launches.row_splits(query, 1, row_blocks=2) == 2  # at most one share a row block
+
+
+@pytest.mark.parametrize("split_keys", [None, 16])
+def test_what_the_kernels_read_from_the_layout_matches_an_explicit_loop(split_keys):
+    """As the model's attention calls them (`kvsweep.attention`): the stop after the pass's last
+    query slot, H2O's row weights (1 / groups a query of the document, 0 a padding query) and the
+    first undecided slot (tokens_before - window) are worked out in the kernels, with no tensor
+    passed. They give what the explicit arguments and the reference give."""
+    batch, kv_heads, groups, q_len, k_len, head_dim = 2, 2, 3, 7, 120, 16
+    case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=13, key_stop=k_len)
+    query, key, value, seen, _ = case
+    # A pass's queries sit in consecutive slots; keys from the last one's slot + 1 on are hidden.
+    seen = KeyVisibility(seen.evicted, seen.position, torch.arange(90, 90 + q_len))
+    seen.position[1, 92] = seen.position[0, 95] = -1  # padding queries
+    real = (seen.position.index_select(1, seen.query_slots) >= 0).float()
+    assert 0 < real.sum() < real.numel(), "the case needs real and padding queries"
+    weights = real / groups
+    stop = 90 + q_len
+    case = (query, key, value, seen, weights)
+    _, expected = reference_attention(*case, head_dim**-0.5, stop)
+    launch = {"column_sums_launch": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
+    query, key, value, seen, weights = on(DEVICE, case)
+    tokens_before, window = torch.tensor([100, 84], device=DEVICE), 20  # undecided from slots 80 and 64
+
+    def received_by(**options):
+        received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
+        out = attention_kernels.attend_and_accumulate(
+            query, key, value, seen, options.pop("row_weights", None), head_dim**-0.5, received,
+            split_keys=split_keys, **launch, **options,
+        )  # fmt: skip
+        return out.cpu(), received.cpu()
+
+    out, received = received_by(stop_after_last_query=True, undecided_from=tokens_before, undecided_offset=-window)
+    explicit_out, explicit = received_by(
+        row_weights=weights, key_stop=torch.tensor([stop], device=DEVICE), undecided_from=tokens_before - window
+    )
+    assert torch.equal(out, explicit_out) and torch.equal(received, explicit)
+    # Both documents: the key blocks [0, 64) lie below their first undecided slot, skipped; [64, 96)
+    # does not (it would in document 0 without the window: 96 <= 100).
+    assert (received[:, :, :64] == 0.25).all()
+    torch.testing.assert_close(received[:, :, 64:].double(), expected[:, :, 64:] + 0.25, rtol=1e-5, atol=1e-6)
+    assert (received[:, :, stop:] == 0.25).all(), "keys past the last query's slot got sums"
+    with pytest.raises(ValueError, match="not both"):
+        received_by(stop_after_last_query=True, key_stop=torch.tensor([stop], device=DEVICE))
 
 
 @pytest.mark.parametrize(

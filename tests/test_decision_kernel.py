@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvsweep import decision_kernel
+from kvsweep.presses import H2OScorer
 
 from conftest import KERNEL_DEVICE as DEVICE
 
@@ -55,3 +56,45 @@ def test_the_kernel_applies_on_a_gpu_to_float32_scores_only():
         assert decision_kernel.applies(evicted, torch.zeros(1, 2, 5, device="cuda"))
         assert not decision_kernel.applies(evicted, torch.zeros(1, 2, 5, device="cuda", dtype=torch.bfloat16))
         assert not decision_kernel.applies(evicted, torch.zeros(1, 1, 5, device="cuda"))
+
+
+@pytest.mark.parametrize("threshold", [0.7, float("-inf")])
+def test_h2o_scores_in_the_kernel_match_the_scorer(threshold):
+    """`mean_over_queries`: the kernel divides the attention received by the queries that attended
+    (`H2OScorer.score`: received / max(tokens_after - position, 1)) before comparing. Sums whose
+    mean lies at the threshold, padding slots (-1: tokens_after + 1 queries) and a document
+    with no tokens."""
+    generator = torch.Generator().manual_seed(8)
+    batch, kv_heads, capacity, lo, hi = 3, 2, 400, 21, 333
+    state = torch.rand(batch, kv_heads, capacity, generator=generator) < 0.1
+    position = torch.arange(capacity).repeat(batch, 1)
+    position[torch.rand(batch, capacity, generator=generator) < 0.1] = -1
+    tokens_before, tokens_after = torch.tensor([120, 0, 260]), torch.tensor([248, 0, 261])
+    n_queries = tokens_after[:, None] - position
+    received = torch.rand(batch, kv_heads, capacity, generator=generator) * 1.4 * n_queries.clamp(min=1)[:, None]
+    received[:, :, ::5] = torch.tensor(0.7, dtype=torch.float32) * n_queries.clamp(min=1)[:, None, ::5]
+    scores = H2OScorer().score(None, None, None, None, received[:, :, lo:hi], {"n_queries": n_queries[:, lo:hi]})
+    args = (position[:, lo:hi], tokens_before, tokens_after, 2, 16, threshold)
+    expected = torch_decisions(state[:, :, lo:hi], scores, *args)
+    assert (expected != state[:, :, lo:hi]).any() or threshold == float("-inf")
+    state, received = state.to(DEVICE), received.to(DEVICE)
+    decision_kernel.evict_decided(
+        state[:, :, lo:hi], received[:, :, lo:hi], *(a.to(DEVICE) if torch.is_tensor(a) else a for a in args),
+        mean_over_queries=True,
+    )  # fmt: skip
+    assert torch.equal(state[:, :, lo:hi].cpu(), expected)
+
+
+def test_entry_scores_are_stored_at_the_query_slots_as_float32():
+    """`store_entry_scores` does what `index_copy_` of the float32 scores does: bf16 scores of a
+    transposed view (as KVzap's surrogate returns them), more slots than a block, nothing else
+    written."""
+    generator = torch.Generator().manual_seed(9)
+    batch, kv_heads, capacity, q_len = 2, 3, 700, 300
+    entry = torch.rand(batch, kv_heads, capacity, generator=generator)
+    new = torch.randn(batch, q_len, kv_heads, generator=generator).to(torch.bfloat16).transpose(1, 2)
+    slots = torch.arange(350, 350 + q_len)
+    expected = entry.clone().index_copy_(2, slots, new.float())
+    entry = entry.to(DEVICE)
+    decision_kernel.store_entry_scores(entry, new.to(DEVICE), slots.to(DEVICE))
+    assert torch.equal(entry.cpu(), expected)

@@ -101,20 +101,27 @@ def test_every_pass_through_split_kernels_matches_reference(model, weights, surr
     assert splits and max(splits) > 1, "no pass was split: the case does not test the combination"
 
 
-def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weights, surrogate_dir, monkeypatch):
+@pytest.mark.parametrize("sms", [4, 64], ids=["rows-whole", "rows-split"])
+def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weights, surrogate_dir, monkeypatch, sms):
     """Column sums in blocks of 16 keys over documents of up to 100 tokens in chunks of 32: from the
     second pass on, the first blocks hold keys decided earlier only, and the kernel skips them. The
-    keys decided in a pass must still get that pass's sums: NLL and kept counts hold the reference."""
+    keys decided in a pass must still get that pass's sums: NLL and kept counts hold the reference.
+    With a GPU of 64 multiprocessors taken, the few programs over the undecided keys also split
+    their rows into shares (as at batch 1 on a GPU), which are added up after."""
     if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     monkeypatch.setattr(kernel_launches, "COLUMN_SUMS_LAUNCHES", (small,))
+    monkeypatch.setattr(kernel_launches, "INTERPRETER_SMS", sms)
+    shares = []
+    row_splits = kernel_launches.row_splits
+    monkeypatch.setattr(kernel_launches, "row_splits", lambda *args: shares.append(row_splits(*args)) or shares[-1])
     skipping = []
     kernel = attention_kernels.attend_and_accumulate
 
-    def recording(*args, undecided_from=None, **kwargs):
-        skipping.append(int(undecided_from.max()) >= 2 * small["BLOCK_N"])
-        return kernel(*args, undecided_from=undecided_from, **kwargs)
+    def recording(*args, undecided_from=None, undecided_offset=0, **kwargs):
+        skipping.append(int((undecided_from + undecided_offset).max()) >= 2 * small["BLOCK_N"])
+        return kernel(*args, undecided_from=undecided_from, undecided_offset=undecided_offset, **kwargs)
 
     monkeypatch.setattr(attention_kernels, "attend_and_accumulate", recording)
     documents = random_documents([100, 77], seed=4)
@@ -128,6 +135,7 @@ def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weigh
         kept, total = kept + counts["kv_kept_compressible"], total + counts["kv_total_compressible"]
     assert 0.2 <= 1 - kept / total <= 0.8, f"the threshold evicts {1 - kept / total:.0%}: too few decisions to test"
     assert any(skipping), "no pass skipped a block: the documents are too short for the test"
+    assert (max(shares) > 1) == (sms == 64), shares
 
 
 def test_baseline_matches_reference(model, weights):

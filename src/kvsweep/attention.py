@@ -63,19 +63,25 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     # many rows (Triton's interpreter is far slower than torch; the CPU tests check the kernels
     # themselves against float64, few rows and split keys included).
     if takes_kernels(query, groups * q_len, accumulates):
+        # No query of the pass sees a key past its last query's slot: the kernels read that slot
+        # themselves, as they work out H2O's row weights (1 / groups a real query) and the first
+        # undecided slot from the layout. Each torch op here would be a kernel a layer, a few
+        # microseconds each, which at batch 1 are a visible share of a decoding step.
         seen = state.key_visibility()
-        key_stop = state.layout.query_slots[-1:] + 1  # no query of the pass sees a later key
         if not accumulates:
-            return attention_kernels.attend(query, key, value, seen, scaling, key_stop), None
-        row_weights = state.valid_queries() / groups
+            return attention_kernels.attend(query, key, value, seen, scaling, stop_after_last_query=True), None
         received = state.attention_received[:, :, :k_len]
         # Keys decided before this pass are never scored again: their sums are skipped (a slot
-        # holds a position no later than itself, so slots below the first undecided position hold
-        # decided keys only).
-        undecided = None if state.decision_window is None else state.layout.tokens_before - state.decision_window
+        # holds a position no later than itself, so slots below the first undecided position,
+        # tokens_before - window, hold decided keys only). The undecided ones lie in at most
+        # window + the pass's queries + the padding gaps slots: few programs at batch 1, so the
+        # kernel splits its rows over more.
+        window, layout = state.decision_window, state.layout
         out = attention_kernels.attend_and_accumulate(
-            query, key, value, seen, row_weights, scaling, received, key_stop, undecided_from=undecided
-        )
+            query, key, value, seen, None, scaling, received, stop_after_last_query=True,
+            undecided_from=None if window is None else layout.tokens_before, undecided_offset=-(window or 0),
+            undecided_keys=None if window is None else window + q_len + layout.max_gap,
+        )  # fmt: skip
         return out, None
 
     visible = state.visible_keys()  # (batch, kv_heads, q, k)

@@ -68,6 +68,10 @@ def attend_and_accumulate(
     column_sums_launch: dict | None = None,
     undecided_from: torch.Tensor | None = None,
     split_keys: int | None = None,
+    stop_after_last_query: bool = False,
+    undecided_offset: int = 0,
+    undecided_keys: int | None = None,
+    row_splits: int | None = None,
 ) -> torch.Tensor:
     """Masked attention output, and received[b, h, k] += sum over rows r of row_weights[b, r % q]
     * softmax_r(scores)[k].
@@ -75,14 +79,23 @@ def attend_and_accumulate(
     query (batch, kv_heads * groups, q, d); key and value (batch, kv_heads, k, d); `seen`, a
     `kvsweep.eviction.KeyVisibility` (evicted (batch, kv_heads, >= k) bool, position (batch, >= k)
     long, query_slots (q,) long): the keys each query row sees, shared by the query heads of a
-    group; row_weights (batch, q) float32; received (batch, kv_heads, k) float32, updated in place
-    (both None: the output alone, for methods that accumulate nothing: `attend`).
+    group; row_weights (batch, q) float32, or None: H2O's, 1 / groups for a query of the document
+    and 0 for padding (a slot whose position is -1), worked out in the kernel; received (batch,
+    kv_heads, k) float32, updated in place (None: the output alone, for methods that accumulate
+    nothing: `attend`).
     Any strides (the caller's slices and transposes are read as they are). `key_stop`, a
     one-element integer tensor on the device, says that keys at and beyond it are invisible to
     every row (the causal end of a pass whose key range was fixed for a CUDA graph): the kernels
-    skip them. `undecided_from` (batch,) long: in each document, keys in slots below it were decided
-    before this pass, so their sums are no longer read (H2O decides a key once): key blocks wholly
-    below it are skipped and keep what they received (default: every key receives). `split_keys`:
+    skip them. `stop_after_last_query`: the stop is the last query's slot + 1, read by the kernels
+    from `seen.query_slots` (no query of a pass sees a later key; no tensor op is launched for it).
+    `undecided_from` (batch,) long, plus `undecided_offset`: in each document, keys in slots below
+    undecided_from[b] + undecided_offset were decided before this pass, so their sums are no longer
+    read (H2O decides a key once): key blocks wholly below it are skipped and keep what they
+    received (default: every key receives). `undecided_keys`: at most this many slots of a document
+    can still need sums (H2O: its window, the pass's queries and padding gaps); when the programs
+    over them would leave the GPU idle (batch 1), the column sums split the rows into shares as
+    well (`kernel_launches.row_splits`), which `_add_row_splits` adds up in a fixed order.
+    `row_splits`: that number of shares, forced (default: chosen). `split_keys`:
     the keys each program of the forward kernel walks (a multiple of its key block; default: chosen
     for the GPU by `kernel_launches.key_splits`); the shares are combined by `_combine_splits` in a fixed order.
     Returns the output as (batch, q, heads, d), the layout the model's projection takes.
@@ -97,11 +110,15 @@ def attend_and_accumulate(
     position, slots = seen.position, seen.query_slots
     # Float32 inputs: exact float32 products (not TF32), as torch's float32 matmul.
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    if key_stop is None:
-        key_stop = torch.full((1,), k_len, dtype=torch.long, device=query.device)
+    if key_stop is not None and stop_after_last_query:
+        raise ValueError("give key_stop or stop_after_last_query, not both")
+    # Every row's stop: k_len (0), key_stop's value (1), or the last query's slot + 1 (2). The
+    # pointer is unread in modes 0 and 2.
+    stop_mode = 1 if key_stop is not None else 2 if stop_after_last_query else 0
     common = (
         query, *query.stride(), key, *key.stride(), evicted, *evicted.stride(), position, *position.stride(),
-        slots, slots.stride(0), kv_heads, groups, q_len, k_len, key_stop, scaling * LOG2_E, lse,
+        slots, slots.stride(0), kv_heads, groups, q_len, k_len, slots if key_stop is None else key_stop,
+        scaling * LOG2_E, lse,
     )  # fmt: skip
     default_forward, default_columns = kernel_launches.choose_launches(query, rows)
     launch = forward_launch or default_forward
@@ -119,7 +136,7 @@ def attend_and_accumulate(
     with kernel_launches.on_tensor_device(query):
         _attention_forward[(row_blocks, batch * kv_heads, splits)](
             *common, value, *value.stride(), out, *out.transpose(1, 2).stride(), span, part_out, part_lse,
-            HEAD_DIM=head_dim, PRECISION=precision, SPLIT=splits > 1, **launch,
+            HEAD_DIM=head_dim, PRECISION=precision, STOP_MODE=stop_mode, SPLIT=splits > 1, **launch,
         )  # fmt: skip
         if splits > 1:
             _combine_splits[(row_blocks, batch * kv_heads)](
@@ -129,22 +146,38 @@ def attend_and_accumulate(
         if received is None:
             return out
         launch = column_sums_launch or default_columns
-        if undecided_from is None:
-            undecided_from = torch.zeros(batch, dtype=torch.long, device=query.device)
-        _column_sums[(triton.cdiv(k_len, launch["BLOCK_N"]), batch * kv_heads)](
-            *common, row_weights, row_weights.stride(0), row_weights.stride(1),
-            received, *received.stride(), undecided_from, undecided_from.stride(0),
-            HEAD_DIM=head_dim, PRECISION=precision, **launch,
+        # Unread pointers where a mode needs none (row weights from the positions; every key receives).
+        weights = position[:, :1] if row_weights is None else row_weights
+        undecided = slots if undecided_from is None else undecided_from
+        key_blocks, row_blocks = triton.cdiv(k_len, launch["BLOCK_N"]), triton.cdiv(rows, launch["BLOCK_M"])
+        if row_splits is None:
+            live_blocks = (
+                key_blocks if undecided_keys is None else min(key_blocks, undecided_keys // launch["BLOCK_N"] + 2)
+            )
+            row_splits = kernel_launches.row_splits(query, live_blocks * batch * kv_heads, row_blocks)
+        span = triton.cdiv(row_blocks, max(row_splits, 1)) * launch["BLOCK_M"]  # rows per share
+        shares = triton.cdiv(rows, span)
+        # Each share's sums, in float32, when the rows are split (every key below k_len written).
+        part = torch.empty(shares, batch * kv_heads, k_len, device=query.device) if shares > 1 else received
+        _column_sums[(key_blocks, batch * kv_heads, shares)](
+            *common, weights, weights.stride(0), weights.stride(1), 1.0 / groups,
+            received, *received.stride(), undecided, undecided.stride(0), undecided_offset, span, part,
+            HEAD_DIM=head_dim, PRECISION=precision, STOP_MODE=stop_mode, WEIGHTS_GIVEN=row_weights is not None,
+            SOME_DECIDED=undecided_from is not None, ROW_SPLIT=shares > 1, **launch,
         )  # fmt: skip
+        if shares > 1:
+            _add_row_splits[(key_blocks, batch * kv_heads)](
+                part, shares, k_len, kv_heads, received, *received.stride(), BLOCK_N=launch["BLOCK_N"]
+            )
     return out
 
 
-def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | None = None, **launch):
+def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | None = None, **options):
     """The masked attention output alone (the forward kernel), for every method: no dense mask is
     built, expanded over the query heads or converted for SDPA (on an H100 at chunk 128 that took a
     quarter of the baseline's GPU time, benchmarks/RESULTS.md). Arguments as `attend_and_accumulate`
-    (`forward_launch`, `split_keys` by keyword)."""
-    return attend_and_accumulate(query, key, value, seen, None, scaling, None, key_stop, **launch)
+    (`forward_launch`, `split_keys`, `stop_after_last_query` by keyword)."""
+    return attend_and_accumulate(query, key, value, seen, None, scaling, None, key_stop, **options)
 
 
 if triton is not None:
@@ -171,6 +204,17 @@ if triton is not None:
         return tl.load(QS + (rows % q_len) * sqs, mask=row_ok, other=-1).to(tl.int32)
 
     @triton.jit
+    def _key_stop(STOP, QS, sqs, q_len, k_len, STOP_MODE: tl.constexpr):
+        """The slot at and beyond which no row sees a key (`attend_and_accumulate`'s modes)."""
+        if STOP_MODE == 1:
+            stop = tl.minimum(tl.load(STOP).to(tl.int32), k_len)
+        elif STOP_MODE == 2:
+            stop = tl.minimum(tl.load(QS + (q_len - 1) * sqs).to(tl.int32) + 1, k_len)
+        else:
+            stop = k_len
+        return stop
+
+    @triton.jit
     def _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok):
         """(cols,) bool: the key holds a token of the document that KV head h has not evicted."""
         evicted = tl.load(E + b * seb + h * seh + cols * sen, mask=col_ok, other=1)
@@ -193,7 +237,7 @@ if triton is not None:
         kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE,
         V, svb, svh, svn, svd, OUT, sob, soh, som, sod, SPAN, PART_OUT, PART_LSE,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        SPLIT: tl.constexpr,
+        STOP_MODE: tl.constexpr, SPLIT: tl.constexpr,
     ):  # fmt: skip
         """One block of folded query rows of one KV head over the keys [split * SPAN, (split + 1) *
         SPAN) before the stop: with SPLIT, that share's output and log-sum-exp go to PART_OUT and
@@ -206,7 +250,7 @@ if triton is not None:
         running_sum = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         first = tl.program_id(2) * SPAN
-        k_stop = tl.minimum(tl.minimum(tl.load(STOP), k_len), first + SPAN)
+        k_stop = tl.minimum(_key_stop(STOP, QS, sqs, q_len, k_len, STOP_MODE), first + SPAN)
         row_ok = rows < groups * q_len
         q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
         slot = _query_slots(QS, sqs, rows, q_len, row_ok)
@@ -280,9 +324,13 @@ if triton is not None:
     @triton.jit
     def _column_sums(
         Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, E, seb, seh, sen, P, spb, spn, QS, sqs,
-        kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE, W, swb, swm, R, srb, srh, srn, U, sub,
+        kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE, W, swb, swm, real_weight, R, srb, srh, srn,
+        U, sub, u_offset, SPAN, PART,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        STOP_MODE: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, SOME_DECIDED: tl.constexpr, ROW_SPLIT: tl.constexpr,
     ):  # fmt: skip
+        """The sums of one block of keys of one KV head over the rows [share * SPAN, (share + 1) *
+        SPAN): added into R, or with ROW_SPLIT written to PART for `_add_row_splits`."""
         bh = tl.program_id(1)
         b, h = bh // kv_heads, bh % kv_heads
         first = tl.program_id(0) * BLOCK_N
@@ -291,22 +339,48 @@ if triton is not None:
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         # A block of keys at or beyond the stop, or wholly decided already, gets nothing: no rows
         # to visit, nothing loaded (a stop of 0 masks every load).
-        stop = tl.minimum(tl.load(STOP), k_len)
-        wanted = (first < stop) & (first + BLOCK_N > tl.load(U + b * sub))
+        stop = _key_stop(STOP, QS, sqs, q_len, k_len, STOP_MODE)
+        wanted = first < stop
+        if SOME_DECIDED:
+            wanted = wanted & (first + BLOCK_N > tl.load(U + b * sub) + u_offset)
         k_stop = tl.where(wanted, stop, 0)
-        n_rows = tl.where(wanted, groups * q_len, 0)
+        row_first = tl.program_id(2) * SPAN
+        n_rows = tl.where(wanted, tl.minimum(groups * q_len, row_first + SPAN), 0)
         k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
         col_ok = cols < k_stop
         kept = _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok)
-        for start in range(0, n_rows, BLOCK_M):
+        for start in range(row_first, n_rows, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < groups * q_len
             q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
             slot = _query_slots(QS, sqs, rows, q_len, row_ok)
             s = _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION)
             lse = tl.load(LSE + bh * groups * q_len + rows, mask=row_ok, other=0.0)
-            weight = tl.load(W + b * swb + (rows % q_len) * swm, mask=row_ok, other=0.0)
+            if WEIGHTS_GIVEN:
+                weight = tl.load(W + b * swb + (rows % q_len) * swm, mask=row_ok, other=0.0)
+            else:  # H2O's: 1 / groups (as a float32 number) for a query of the document, 0 for padding
+                real = tl.load(P + b * spb + slot * spn, mask=row_ok, other=-1) >= 0
+                weight = tl.where(real, real_weight, 0.0)
             total += tl.exp2(s - lse[:, None]) * weight[:, None]
+        if ROW_SPLIT:  # every key of the share (0 where not wanted), so that PART is written in full
+            tl.store(
+                PART + (tl.program_id(2) * tl.num_programs(1) + bh) * k_len + cols, tl.sum(total, 0), mask=cols < k_len
+            )
+        else:
+            pointers = R + b * srb + h * srh + cols * srn
+            in_range = cols < tl.where(wanted, k_len, 0)
+            tl.store(pointers, tl.load(pointers, mask=in_range, other=0.0) + tl.sum(total, axis=0), mask=in_range)
+
+    @triton.jit
+    def _add_row_splits(PART, shares, k_len, kv_heads, R, srb, srh, srn, BLOCK_N: tl.constexpr):
+        """R += the row shares' sums of a block of keys, in share order (the same on every run; a
+        key no share summed gets 0 added)."""
+        bh = tl.program_id(1)
+        b, h = bh // kv_heads, bh % kv_heads
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = cols < k_len
+        total = tl.zeros((BLOCK_N,), tl.float32)
+        for share in range(shares):
+            total += tl.load(PART + (share * tl.num_programs(1) + bh) * k_len + cols, mask=ok, other=0.0)
         pointers = R + b * srb + h * srh + cols * srn
-        in_range = cols < tl.where(wanted, k_len, 0)
-        tl.store(pointers, tl.load(pointers, mask=in_range, other=0.0) + tl.sum(total, axis=0), mask=in_range)
+        tl.store(pointers, tl.load(pointers, mask=ok, other=0.0) + total, mask=ok)

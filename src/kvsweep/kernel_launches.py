@@ -33,9 +33,12 @@ FORWARD_LAUNCHES = (
     {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
 )
+# Column sums: 64 x 64 blocks first. In a CUDA-graph sweep on an H200 (Llama-3.1-8B's shape, H2O's
+# 512-key window, results/h200_llama-3.1-8b_2026-11-28_launch_sweep.json) they took 4-5 us less
+# than 64 x 128 at chunk 128 and batch 1, and the same at batch 8.
 COLUMN_SUMS_LAUNCHES = (
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
@@ -86,6 +89,14 @@ def key_splits(query: torch.Tensor, programs: int, k_len: int, block_n: int) -> 
         return 1, k_len
     span = triton.cdiv(triton.cdiv(k_len, wanted), block_n) * block_n
     return triton.cdiv(k_len, span), span
+
+
+def row_splits(query: torch.Tensor, programs: int, row_blocks: int) -> int:
+    """Shares of the rows for H2O's column sums, whose `programs` (live key blocks x batch x KV
+    heads) each walk all `row_blocks` blocks of query rows: one if they already fill the GPU, else
+    as many as bring them to PROGRAMS_PER_SM per multiprocessor, at most one per row block."""
+    sms = _multiprocessors(query.device.index) if query.is_cuda else INTERPRETER_SMS
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, max(programs, 1)), row_blocks))
 
 
 def on_tensor_device(tensor: torch.Tensor):

@@ -51,6 +51,8 @@ class KVzapSurrogatePress(KVzapPress):
     surrogate: str | None = None
     scores_on_entry: ClassVar[bool] = True
     accumulates_attention: ClassVar[bool] = False
+    # The surrogate reads the hidden states only: the press gathers no keys or values for it.
+    reads_cache: ClassVar[bool] = False
 
     def post_init_from_model(self, model):
         name = self.surrogate or default_surrogate(model.config.name_or_path, self.model_type)

@@ -13,6 +13,7 @@ from kvsweep.eviction import BatchLayout, LayerEviction
 from kvsweep.fused_norms import fused_rms_norms
 from kvsweep.fused_rope import fused_rope
 from kvsweep.placement import decoder_of, module_device
+from kvsweep.presses.h2o_scorer import H2OScorer
 
 
 @dataclass
@@ -127,10 +128,17 @@ class StreamingThresholdPress(DMSPress):
         if self.scores_on_entry:
             # A scorer that needs them (random eviction) reads the slots' positions from the layout.
             where = {**kwargs, "layout": layout, "scorer_state": state.scorer_state}
-            new_scores = self.press.score(
-                module, hidden_states, keys.index_select(2, slots), values.index_select(2, slots), None, where
+            # The pass's keys and values, gathered for scorers that read them (not KVzap's surrogate,
+            # which reads the hidden states: two kernels a layer saved).
+            reads_cache = getattr(self.press, "reads_cache", True)
+            pass_keys, pass_values = (
+                (keys.index_select(2, slots), values.index_select(2, slots)) if reads_cache else (None, None)
             )
-            state.entry_scores.index_copy_(2, slots, new_scores.float())
+            new_scores = self.press.score(module, hidden_states, pass_keys, pass_values, None, where)
+            if decision_kernel.stores(state.entry_scores, new_scores):
+                decision_kernel.store_entry_scores(state.entry_scores, new_scores, slots)
+            else:
+                state.entry_scores.index_copy_(2, slots, new_scores.float())
         if self.observes_queries:
             counted = layout.position.index_select(1, slots) >= self.sinks
             self.press.observe(module, hidden_states, state.scorer_state, counted.float())
@@ -145,8 +153,16 @@ class StreamingThresholdPress(DMSPress):
         if hi <= lo:
             return output
         position = layout.position[:, lo:hi]
+        evicted = state.evicted[:, :, lo:hi]
         if self.scores_on_entry:
             scores = state.entry_scores[:, :, lo:hi]
+        elif self.accumulates_attention and self._h2o_in_decision_kernel(state, evicted, lo, hi):
+            # H2O's score (`H2OScorer.score`) computed in the decision kernel from the sums.
+            decision_kernel.evict_decided(
+                evicted, state.attention_received[:, :, lo:hi], position, layout.tokens_before, layout.tokens_after,
+                self.sinks, window, self.threshold, mean_over_queries=True,
+            )  # fmt: skip
+            return output
         elif self.accumulates_attention:
             n_queries = layout.tokens_after[:, None] - position
             scores = self.press.score(
@@ -169,7 +185,6 @@ class StreamingThresholdPress(DMSPress):
                 "tokens": layout.tokens_after,
             }
             scores = self.press.score(module, hidden_states, keys[:, :, :last], values[:, :, :last], None, context)
-        evicted = state.evicted[:, :, lo:hi]
         if state.decision_scores is None and decision_kernel.applies(evicted, scores):
             # One kernel on a GPU for what follows (without recording the scores).
             decision_kernel.evict_decided(
@@ -186,6 +201,16 @@ class StreamingThresholdPress(DMSPress):
             recorded = state.decision_scores[:, :, lo:hi]
             recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))
         return output
+
+    def _h2o_in_decision_kernel(self, state: LayerEviction, evicted: torch.Tensor, lo: int, hi: int) -> bool:
+        """Whether the decision kernel can compute the scorer's score itself: H2O's own `score`
+        (a subclass that changes it is asked), on a GPU, with no decision scores to record."""
+        return (
+            isinstance(self.press, H2OScorer)
+            and type(self.press).score is H2OScorer.score
+            and state.decision_scores is None
+            and decision_kernel.applies(evicted, state.attention_received[:, :, lo:hi])
+        )
 
     def kv_counts(self, sinks: int | None = None, window: int | None = None) -> dict[str, torch.Tensor]:
         """Per document: KV entries kept and total (layers x KV heads x positions) at the end, and
