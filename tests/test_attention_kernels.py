@@ -2,12 +2,13 @@
 
 import itertools
 import math
+import types
 
 import pytest
 import torch
 
-from kvsweep import attention_kernels, kernel_launches
-from kvsweep.eviction import KeyVisibility
+from kvsweep import attention, attention_kernels, kernel_launches
+from kvsweep.eviction import BatchLayout, KeyVisibility, LayerEviction
 
 from conftest import KERNEL_DEVICE as DEVICE
 
@@ -180,11 +181,12 @@ def test_column_sums_skip_key_blocks_decided_before_the_pass():
     torch.testing.assert_close(received[1], expected[1] + 0.25, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("row_splits", [2, 3, 9])
-def test_column_sums_over_shares_of_the_rows_match_an_explicit_loop(row_splits):
+@pytest.mark.parametrize("row_splits,sums_from", [(2, 0), (3, 0), (9, 0), (3, 70), (1, 70)])
+def test_column_sums_over_shares_of_the_rows_match_an_explicit_loop(row_splits, sums_from):
     """With few programs (batch 1), each sums a share of the row blocks and `_add_row_splits` adds
     the shares. 148 rows in blocks of 32 (five, the last ragged) in 2, 3 or 9 shares (nine: one
-    block each, five shares); the blocks below `undecided_from` keep what they had."""
+    block each, five shares); the blocks below `undecided_from` keep what they had. With
+    `sums_from` 70, no program is launched for the key blocks below 64, in either document."""
     batch, kv_heads, groups, q_len, k_len, head_dim = 2, 2, 4, 37, 130, 16
     case = random_case(batch, kv_heads, groups, q_len, k_len, head_dim, seed=17, key_stop=k_len)
     query, key, value, seen, row_weights = on(DEVICE, case)
@@ -196,14 +198,15 @@ def test_column_sums_over_shares_of_the_rows_match_an_explicit_loop(row_splits):
         received = torch.full((batch, kv_heads, k_len), 0.25, device=DEVICE)
         attention_kernels.attend_and_accumulate(
             query, key, value, seen, row_weights, head_dim**-0.5, received, column_sums_launch=launch,
-            undecided_from=undecided_from, row_splits=shares,
+            undecided_from=undecided_from, row_splits=shares, sums_from=sums_from,
         )  # fmt: skip
         return received.cpu().double()
 
     received = received_by(row_splits)
-    assert (received[0, :, :32] == 0.25).all()
-    torch.testing.assert_close(received[0, :, 32:], expected[0, :, 32:] + 0.25, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(received[1], expected[1] + 0.25, rtol=1e-5, atol=1e-6)
+    skipped = [32, 0] if sums_from == 0 else [64, 64]  # per document: the keys that got no sums
+    for b, first in enumerate(skipped):
+        assert (received[b, :, :first] == 0.25).all()
+        torch.testing.assert_close(received[b, :, first:], expected[b, :, first:] + 0.25, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(received, received_by(1), rtol=1e-6, atol=1e-7)
 
 
@@ -316,3 +319,42 @@ def test_few_rows_take_the_smallest_row_blocks():
     assert (forward["BLOCK_M"], forward["BLOCK_N"], columns["BLOCK_M"]) == (16, 64, 16)
     forward, columns = kernel_launches.launches_within(h100, head_dim=128, element_size=2, rows=24)
     assert (forward["BLOCK_M"], columns["BLOCK_M"]) == (32, 32)
+
+
+def test_h2o_sums_reach_every_undecided_key_when_prompts_leave_gaps(monkeypatch):
+    """Generation's layout: document 1's prompt is 6 tokens shorter, so its later tokens sit 6 slots
+    after their positions. Its undecided keys (position >= tokens_before - window) then start
+    below the pass's first slot - window: the column sums must still reach them, as the torch
+    path's sums do (the python bound `sums_from` takes the gap off too)."""
+    monkeypatch.setattr(
+        kernel_launches, "COLUMN_SUMS_LAUNCHES", ({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},)
+    )
+    batch, kv_heads, groups, q_len, head_dim, capacity, window, gap = 2, 2, 2, 17, 16, 64, 8, 6
+    slots = torch.arange(capacity)
+    shifted = torch.where((slots >= 36) & (slots < 57), slots - gap, -1)
+    position = torch.stack([torch.where(slots < 57, slots, -1), torch.where(slots < 30, slots, shifted)])
+    layout = BatchLayout(
+        position=position, tokens_before=torch.tensor([40, 34]), tokens_after=torch.tensor([57, 51]),
+        query_slots=torch.arange(40, 57), slots=(40, capacity), max_gap=gap,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(21)
+    query = torch.randn(batch, q_len, kv_heads * groups, head_dim, generator=generator).transpose(1, 2)
+    key = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator)
+    value = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator)
+    evicted = torch.rand(batch, kv_heads, capacity, generator=generator) < 0.2
+
+    def received_by_attention():
+        state = LayerEviction.allocate(layout, kv_heads, entry_scores=False, accumulate_attention=True)
+        state.decision_window = window
+        state.evicted.copy_(evicted)
+        module = types.SimpleNamespace(**{attention.STATE_ATTRIBUTE: state})
+        out, _ = attention.masked_attention(module, query, key, value, None, scaling=head_dim**-0.5)
+        return out, state.attention_received
+
+    out, received = received_by_attention()
+    monkeypatch.setattr(attention, "takes_kernels", lambda *args: False)
+    torch_out, torch_received = received_by_attention()
+    undecided = (position >= (layout.tokens_before - window)[:, None])[:, None, :].expand_as(received)
+    assert undecided[1, :, 26:30].all() and not undecided[1, :, 20:26].any()  # below slot 40 - 8: 26..29
+    torch.testing.assert_close(received[undecided], torch_received[undecided], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, torch_out, rtol=1e-5, atol=1e-5)

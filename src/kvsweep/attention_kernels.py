@@ -72,6 +72,7 @@ def attend_and_accumulate(
     undecided_offset: int = 0,
     undecided_keys: int | None = None,
     row_splits: int | None = None,
+    sums_from: int = 0,
 ) -> torch.Tensor:
     """Masked attention output, and received[b, h, k] += sum over rows r of row_weights[b, r % q]
     * softmax_r(scores)[k].
@@ -95,7 +96,9 @@ def attend_and_accumulate(
     can still need sums (H2O: its window, the pass's queries and padding gaps); when the programs
     over them would leave the GPU idle (batch 1), the column sums split the rows into shares as
     well (`kernel_launches.row_splits`), which `_add_row_splits` adds up in a fixed order.
-    `row_splits`: that number of shares, forced (default: chosen). `split_keys`:
+    `row_splits`: that number of shares, forced (default: chosen). `sums_from`: no key below this
+    slot needs a sum in any document (a python bound, fixed for a CUDA graph): the column sums
+    launch no programs for key blocks wholly below it. `split_keys`:
     the keys each program of the forward kernel walks (a multiple of its key block; default: chosen
     for the GPU by `kernel_launches.key_splits`); the shares are combined by `_combine_splits` in a fixed order.
     Returns the output as (batch, q, heads, d), the layout the model's projection takes.
@@ -149,7 +152,11 @@ def attend_and_accumulate(
         # Unread pointers where a mode needs none (row weights from the positions; every key receives).
         weights = position[:, :1] if row_weights is None else row_weights
         undecided = slots if undecided_from is None else undecided_from
-        key_blocks, row_blocks = triton.cdiv(k_len, launch["BLOCK_N"]), triton.cdiv(rows, launch["BLOCK_M"])
+        first_block = max(sums_from, 0) // launch["BLOCK_N"]
+        key_blocks = triton.cdiv(k_len, launch["BLOCK_N"]) - first_block
+        row_blocks = triton.cdiv(rows, launch["BLOCK_M"])
+        if key_blocks <= 0:
+            return out
         if row_splits is None:
             live_blocks = (
                 key_blocks if undecided_keys is None else min(key_blocks, undecided_keys // launch["BLOCK_N"] + 2)
@@ -157,17 +164,18 @@ def attend_and_accumulate(
             row_splits = kernel_launches.row_splits(query, live_blocks * batch * kv_heads, row_blocks)
         span = triton.cdiv(row_blocks, max(row_splits, 1)) * launch["BLOCK_M"]  # rows per share
         shares = triton.cdiv(rows, span)
-        # Each share's sums, in float32, when the rows are split (every key below k_len written).
+        # Each share's sums, in float32, when the rows are split (every key of the launched blocks
+        # written, by slot).
         part = torch.empty(shares, batch * kv_heads, k_len, device=query.device) if shares > 1 else received
         _column_sums[(key_blocks, batch * kv_heads, shares)](
             *common, weights, weights.stride(0), weights.stride(1), 1.0 / groups,
-            received, *received.stride(), undecided, undecided.stride(0), undecided_offset, span, part,
+            received, *received.stride(), undecided, undecided.stride(0), undecided_offset, first_block, span, part,
             HEAD_DIM=head_dim, PRECISION=precision, STOP_MODE=stop_mode, WEIGHTS_GIVEN=row_weights is not None,
             SOME_DECIDED=undecided_from is not None, ROW_SPLIT=shares > 1, **launch,
         )  # fmt: skip
         if shares > 1:
             _add_row_splits[(key_blocks, batch * kv_heads)](
-                part, shares, k_len, kv_heads, received, *received.stride(), BLOCK_N=launch["BLOCK_N"]
+                part, shares, k_len, kv_heads, first_block, received, *received.stride(), BLOCK_N=launch["BLOCK_N"]
             )
     return out
 
@@ -325,7 +333,7 @@ if triton is not None:
     def _column_sums(
         Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, E, seb, seh, sen, P, spb, spn, QS, sqs,
         kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE, W, swb, swm, real_weight, R, srb, srh, srn,
-        U, sub, u_offset, SPAN, PART,
+        U, sub, u_offset, FIRST_BLOCK, SPAN, PART,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
         STOP_MODE: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, SOME_DECIDED: tl.constexpr, ROW_SPLIT: tl.constexpr,
     ):  # fmt: skip
@@ -333,7 +341,7 @@ if triton is not None:
         SPAN): added into R, or with ROW_SPLIT written to PART for `_add_row_splits`."""
         bh = tl.program_id(1)
         b, h = bh // kv_heads, bh % kv_heads
-        first = tl.program_id(0) * BLOCK_N
+        first = (FIRST_BLOCK + tl.program_id(0)) * BLOCK_N
         cols = first + tl.arange(0, BLOCK_N)
         # Summed element-wise per row block, reduced over rows once at the end.
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -372,12 +380,12 @@ if triton is not None:
             tl.store(pointers, tl.load(pointers, mask=in_range, other=0.0) + tl.sum(total, axis=0), mask=in_range)
 
     @triton.jit
-    def _add_row_splits(PART, shares, k_len, kv_heads, R, srb, srh, srn, BLOCK_N: tl.constexpr):
+    def _add_row_splits(PART, shares, k_len, kv_heads, FIRST_BLOCK, R, srb, srh, srn, BLOCK_N: tl.constexpr):
         """R += the row shares' sums of a block of keys, in share order (the same on every run; a
         key no share summed gets 0 added)."""
         bh = tl.program_id(1)
         b, h = bh // kv_heads, bh % kv_heads
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (FIRST_BLOCK + tl.program_id(0)) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = cols < k_len
         total = tl.zeros((BLOCK_N,), tl.float32)
         for share in range(shares):
