@@ -13,14 +13,13 @@ nothing of that size is written:
    output and each row's log-sum-exp of its visible scores. When those programs would leave the
    GPU idle (batch 1, decoding, exact streaming), each also takes a share of the keys and
    `_combine_splits` merges the shares (flash-decoding's split-K), in a fixed order.
-2. `_column_sums` (as FlashAttention's backward pass walks keys): one program per block of keys
-   streams over all query rows, recomputes the scores, and sums exp(score - logsumexp) * row weight
-   over the rows. Each key's sum is made by one program in a fixed order: no atomics, the same
-   result on every run (a CUDA graph replay equals the eager pass).
+2. For H2O, `kvsweep.column_sums_kernel` then sums each key's probabilities over the rows (as
+   FlashAttention's backward pass walks keys), from the log-sum-exp the forward kernel wrote.
 
 No mask is read: which keys a query row sees is computed in the kernels from per-key and per-query
 vectors (`kvsweep.eviction.KeyVisibility`: the eviction flags of the KV head, the slots' document
-positions, the queries' slots), so nothing of size queries x keys is built or read for any method,
+positions, the queries' slots; the shared tiles and rule are in `kvsweep.attention_tiles`), so
+nothing of size queries x keys is built or read for any method,
 and keys past the pass's last query are skipped. Query heads of a KV group are folded into the rows as in
 `kvsweep.attention` (row = group * q_len + query). Scores, sums and the output are accumulated in
 float32 (scores in base 2: exp2 is the hardware's exponential).
@@ -34,11 +33,13 @@ import os
 
 import torch
 
-from kvsweep import kernel_launches
+from kvsweep import column_sums_kernel, kernel_launches
 from kvsweep.kernel_launches import triton
 
 if triton is not None:
     import triton.language as tl
+
+    from kvsweep.attention_tiles import kept_keys, key_tile, masked_scores, query_slots_of, query_tile, stop_slot
 
 LOG2_E = math.log2(math.e)
 
@@ -148,35 +149,10 @@ def attend_and_accumulate(
             )  # fmt: skip
         if received is None:
             return out
-        launch = column_sums_launch or default_columns
-        # Unread pointers where a mode needs none (row weights from the positions; every key receives).
-        weights = position[:, :1] if row_weights is None else row_weights
-        undecided = slots if undecided_from is None else undecided_from
-        first_block = max(sums_from, 0) // launch["BLOCK_N"]
-        key_blocks = triton.cdiv(k_len, launch["BLOCK_N"]) - first_block
-        row_blocks = triton.cdiv(rows, launch["BLOCK_M"])
-        if key_blocks <= 0:
-            return out
-        if row_splits is None:
-            live_blocks = (
-                key_blocks if undecided_keys is None else min(key_blocks, undecided_keys // launch["BLOCK_N"] + 2)
-            )
-            row_splits = kernel_launches.row_splits(query, live_blocks * batch * kv_heads, row_blocks)
-        span = triton.cdiv(row_blocks, max(row_splits, 1)) * launch["BLOCK_M"]  # rows per share
-        shares = triton.cdiv(rows, span)
-        # Each share's sums, in float32, when the rows are split (every key of the launched blocks
-        # written, by slot).
-        part = torch.empty(shares, batch * kv_heads, k_len, device=query.device) if shares > 1 else received
-        _column_sums[(key_blocks, batch * kv_heads, shares)](
-            *common, weights, weights.stride(0), weights.stride(1), 1.0 / groups,
-            received, *received.stride(), undecided, undecided.stride(0), undecided_offset, first_block, span, part,
-            HEAD_DIM=head_dim, PRECISION=precision, STOP_MODE=stop_mode, WEIGHTS_GIVEN=row_weights is not None,
-            SOME_DECIDED=undecided_from is not None, ROW_SPLIT=shares > 1, **launch,
+        column_sums_kernel.add_column_sums(
+            common, query, seen, k_len, received, row_weights, column_sums_launch or default_columns,
+            precision, stop_mode, undecided_from, undecided_offset, undecided_keys, row_splits, sums_from,
         )  # fmt: skip
-        if shares > 1:
-            _add_row_splits[(key_blocks, batch * kv_heads)](
-                part, shares, k_len, kv_heads, first_block, received, *received.stride(), BLOCK_N=launch["BLOCK_N"]
-            )
     return out
 
 
@@ -189,55 +165,6 @@ def attend(query, key, value, seen, scaling: float, key_stop: torch.Tensor | Non
 
 
 if triton is not None:
-
-    @triton.jit
-    def _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM: tl.constexpr):
-        """(rows, HEAD_DIM): the folded query rows of KV head h (zeros past the last row)."""
-        d = tl.arange(0, HEAD_DIM)
-        query_head = h * groups + rows // q_len
-        pointers = Q + b * sqb + query_head[:, None] * sqh + (rows % q_len)[:, None] * sqm + d[None, :] * sqd
-        return tl.load(pointers, mask=rows[:, None] < groups * q_len, other=0.0)
-
-    @triton.jit
-    def _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM: tl.constexpr):
-        """(HEAD_DIM, cols): keys of KV head h, transposed (zeros at and beyond k_stop)."""
-        d = tl.arange(0, HEAD_DIM)
-        return tl.load(
-            K + b * skb + h * skh + cols[None, :] * skn + d[:, None] * skd, mask=cols[None, :] < k_stop, other=0.0
-        )
-
-    @triton.jit
-    def _query_slots(QS, sqs, rows, q_len, row_ok):
-        """(rows,) int32: the cache slot of each folded row's query (-1 past the last row)."""
-        return tl.load(QS + (rows % q_len) * sqs, mask=row_ok, other=-1).to(tl.int32)
-
-    @triton.jit
-    def _key_stop(STOP, QS, sqs, q_len, k_len, STOP_MODE: tl.constexpr):
-        """The slot at and beyond which no row sees a key (`attend_and_accumulate`'s modes)."""
-        if STOP_MODE == 1:
-            stop = tl.minimum(tl.load(STOP).to(tl.int32), k_len)
-        elif STOP_MODE == 2:
-            stop = tl.minimum(tl.load(QS + (q_len - 1) * sqs).to(tl.int32) + 1, k_len)
-        else:
-            stop = k_len
-        return stop
-
-    @triton.jit
-    def _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok):
-        """(cols,) bool: the key holds a token of the document that KV head h has not evicted."""
-        evicted = tl.load(E + b * seb + h * seh + cols * sen, mask=col_ok, other=1)
-        position = tl.load(P + b * spb + cols * spn, mask=col_ok, other=-1)
-        return (evicted == 0) & (position >= 0)
-
-    @triton.jit
-    def _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION: tl.constexpr):
-        """Base-2 scores (rows, cols); -inf where the row may not see the key (`KeyVisibility`'s
-        rule: an earlier kept key, or its own slot), at and beyond the stop (not col_ok), and on
-        rows past the last."""
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        causal = (cols[None, :] <= slot[:, None]) & kept[None, :]
-        own = (cols[None, :] == slot[:, None]) & col_ok[None, :]
-        return tl.where((causal | own) & row_ok[:, None], s, float("-inf"))
 
     @triton.jit
     def _attention_forward(
@@ -258,16 +185,16 @@ if triton is not None:
         running_sum = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         first = tl.program_id(2) * SPAN
-        k_stop = tl.minimum(_key_stop(STOP, QS, sqs, q_len, k_len, STOP_MODE), first + SPAN)
+        k_stop = tl.minimum(stop_slot(STOP, QS, sqs, q_len, k_len, STOP_MODE), first + SPAN)
         row_ok = rows < groups * q_len
-        q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
-        slot = _query_slots(QS, sqs, rows, q_len, row_ok)
+        q = query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
+        slot = query_slots_of(QS, sqs, rows, q_len, row_ok)
         for start in range(first, k_stop, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < k_stop
-            k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
-            kept = _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok)
-            s = _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION)
+            k = key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
+            kept = kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok)
+            s = masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION)
             new_max = tl.maximum(running_max, tl.max(s, axis=1))
             # A row with nothing visible yet keeps max -inf: shift by 0 instead (exp2(-inf) = 0).
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -328,67 +255,3 @@ if triton is not None:
         total = tl.where(total > 0, total, 1.0)
         tl.store(LSE + bh * n_rows + rows, top + tl.log2(total), mask=row_ok)
         _store_output(OUT, sob, soh, som, sod, acc / total[:, None], b, h, groups, q_len, rows, row_ok, HEAD_DIM)
-
-    @triton.jit
-    def _column_sums(
-        Q, sqb, sqh, sqm, sqd, K, skb, skh, skn, skd, E, seb, seh, sen, P, spb, spn, QS, sqs,
-        kv_heads, groups, q_len, k_len, STOP, scale_log2, LSE, W, swb, swm, real_weight, R, srb, srh, srn,
-        U, sub, u_offset, FIRST_BLOCK, SPAN, PART,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        STOP_MODE: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, SOME_DECIDED: tl.constexpr, ROW_SPLIT: tl.constexpr,
-    ):  # fmt: skip
-        """The sums of one block of keys of one KV head over the rows [share * SPAN, (share + 1) *
-        SPAN): added into R, or with ROW_SPLIT written to PART for `_add_row_splits`."""
-        bh = tl.program_id(1)
-        b, h = bh // kv_heads, bh % kv_heads
-        first = (FIRST_BLOCK + tl.program_id(0)) * BLOCK_N
-        cols = first + tl.arange(0, BLOCK_N)
-        # Summed element-wise per row block, reduced over rows once at the end.
-        total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        # A block of keys at or beyond the stop, or wholly decided already, gets nothing: no rows
-        # to visit, nothing loaded (a stop of 0 masks every load).
-        stop = _key_stop(STOP, QS, sqs, q_len, k_len, STOP_MODE)
-        wanted = first < stop
-        if SOME_DECIDED:
-            wanted = wanted & (first + BLOCK_N > tl.load(U + b * sub) + u_offset)
-        k_stop = tl.where(wanted, stop, 0)
-        row_first = tl.program_id(2) * SPAN
-        n_rows = tl.where(wanted, tl.minimum(groups * q_len, row_first + SPAN), 0)
-        k = _key_tile(K, skb, skh, skn, skd, b, h, k_stop, cols, HEAD_DIM)
-        col_ok = cols < k_stop
-        kept = _kept_keys(E, seb, seh, sen, P, spb, spn, b, h, cols, col_ok)
-        for start in range(row_first, n_rows, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < groups * q_len
-            q = _query_tile(Q, sqb, sqh, sqm, sqd, b, h, groups, q_len, rows, HEAD_DIM)
-            slot = _query_slots(QS, sqs, rows, q_len, row_ok)
-            s = _masked_scores(q, k, kept, slot, cols, col_ok, row_ok, scale_log2, PRECISION)
-            lse = tl.load(LSE + bh * groups * q_len + rows, mask=row_ok, other=0.0)
-            if WEIGHTS_GIVEN:
-                weight = tl.load(W + b * swb + (rows % q_len) * swm, mask=row_ok, other=0.0)
-            else:  # H2O's: 1 / groups (as a float32 number) for a query of the document, 0 for padding
-                real = tl.load(P + b * spb + slot * spn, mask=row_ok, other=-1) >= 0
-                weight = tl.where(real, real_weight, 0.0)
-            total += tl.exp2(s - lse[:, None]) * weight[:, None]
-        if ROW_SPLIT:  # every key of the share (0 where not wanted), so that PART is written in full
-            tl.store(
-                PART + (tl.program_id(2) * tl.num_programs(1) + bh) * k_len + cols, tl.sum(total, 0), mask=cols < k_len
-            )
-        else:
-            pointers = R + b * srb + h * srh + cols * srn
-            in_range = cols < tl.where(wanted, k_len, 0)
-            tl.store(pointers, tl.load(pointers, mask=in_range, other=0.0) + tl.sum(total, axis=0), mask=in_range)
-
-    @triton.jit
-    def _add_row_splits(PART, shares, k_len, kv_heads, FIRST_BLOCK, R, srb, srh, srn, BLOCK_N: tl.constexpr):
-        """R += the row shares' sums of a block of keys, in share order (the same on every run; a
-        key no share summed gets 0 added)."""
-        bh = tl.program_id(1)
-        b, h = bh // kv_heads, bh % kv_heads
-        cols = (FIRST_BLOCK + tl.program_id(0)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = cols < k_len
-        total = tl.zeros((BLOCK_N,), tl.float32)
-        for share in range(shares):
-            total += tl.load(PART + (share * tl.num_programs(1) + bh) * k_len + cols, mask=ok, other=0.0)
-        pointers = R + b * srb + h * srh + cols * srn
-        tl.store(pointers, tl.load(pointers, mask=ok, other=0.0) + total, mask=ok)
