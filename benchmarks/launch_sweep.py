@@ -7,9 +7,11 @@ Random bf16 tensors of the architecture's attention shape, keys in a static cach
 holds them (the pass's queries in consecutive slots, nothing evicted). Per case:
 - `forward`: `attend` (the forward kernel and, with shares, their combination) per forward
   setting and key share (`split_keys`; "auto" is `kernel_launches.key_splits`'s choice);
-- `column_sums`: `attend_and_accumulate` as H2O calls it (in-kernel row weights and stop, the
-  sums of keys decided before the pass skipped: a 512-key window) per column-sum setting, with
-  the default forward: the differences between settings are the column sums'.
+- `column_sums`: `attend_and_accumulate` with H2O's in-kernel row weights and stop, the sums of
+  keys decided before the pass skipped (a 512-key window), per column-sum setting, with the
+  default forward: the differences between settings are the column sums'. Unlike the engine
+  (`kvsweep.attention`), it passes no `undecided_span` or `sums_from`: whole rows a program and
+  every key block launched, as the kernel ran when this sweep chose its blocks.
 Microseconds of GPU time per call: 20 calls captured in a CUDA graph, as the engine replays its
 passes (timed eagerly, the host's launches would be measured instead), median of 20 replays.
 """

@@ -39,7 +39,7 @@ def every_pass_through_split_kernels(monkeypatch, interpreter_sms: int | None = 
         lambda evicted, scores: scores.dtype == torch.float32 and scores.shape == evicted.shape,
     )
     monkeypatch.setattr(
-        decision_kernel, "stores", lambda entry, new: entry.dtype == torch.float32 and new.is_floating_point()
+        decision_kernel, "stores", lambda entry, new, slots: entry.dtype == torch.float32 and new.is_floating_point()
     )
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))

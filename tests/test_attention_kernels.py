@@ -234,6 +234,10 @@ def test_what_the_kernels_read_from_the_layout_matches_an_explicit_loop(split_ke
     assert 0 < real.sum() < real.numel(), "the case needs real and padding queries"
     weights = real / groups
     stop = 90 + q_len
+    # Keys and values past the stop are NaN: a kernel that read them would put NaN in the output
+    # (causality alone hides them from the scores, not from the product with the values).
+    key, value = key.clone(), value.clone()
+    key[:, :, stop:], value[:, :, stop:] = float("nan"), float("nan")
     case = (query, key, value, seen, weights)
     _, expected = reference_attention(*case, head_dim**-0.5, stop)
     launch = {"column_sums_launch": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
@@ -253,6 +257,7 @@ def test_what_the_kernels_read_from_the_layout_matches_an_explicit_loop(split_ke
         row_weights=weights, key_stop=torch.tensor([stop], device=DEVICE), undecided_from=tokens_before - window
     )
     assert torch.equal(out, explicit_out) and torch.equal(received, explicit)
+    assert not out.isnan().any()
     # Both documents: the key blocks [0, 64) lie below their first undecided slot, skipped; [64, 96)
     # does not (it would in document 0 without the window: 96 <= 100).
     assert (received[:, :, :64] == 0.25).all()

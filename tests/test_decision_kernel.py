@@ -48,10 +48,16 @@ def test_decisions_match_the_torch_expression(threshold):
     assert torch.equal(state[:, :, :lo], before[:, :, :lo]) and torch.equal(state[:, :, hi:], before[:, :, hi:])
 
 
-def test_the_kernel_applies_on_a_gpu_to_float32_scores_only():
+def test_the_kernels_apply_on_a_gpu_only_to_what_they_handle():
     evicted = torch.zeros(1, 2, 5, dtype=torch.bool)
     assert not decision_kernel.applies(evicted, torch.zeros(1, 2, 5))  # CPU
+    slots = torch.arange(3)
+    assert not decision_kernel.stores(torch.zeros(1, 2, 5), torch.zeros(1, 2, 3), slots)  # CPU
     if torch.cuda.is_available():
+        entry, slots = torch.zeros(1, 2, 5, device="cuda"), slots.cuda()
+        assert decision_kernel.stores(entry, torch.zeros(1, 2, 3, device="cuda", dtype=torch.bfloat16), slots)
+        assert not decision_kernel.stores(entry, torch.zeros(1, 2, 4, device="cuda"), slots)  # one score a slot
+        assert not decision_kernel.stores(entry, torch.zeros(1, 2, 3, device="cuda"), slots.cpu())
         evicted = evicted.cuda()
         assert decision_kernel.applies(evicted, torch.zeros(1, 2, 5, device="cuda"))
         assert not decision_kernel.applies(evicted, torch.zeros(1, 2, 5, device="cuda", dtype=torch.bfloat16))
@@ -63,7 +69,8 @@ def test_h2o_scores_in_the_kernel_match_the_scorer(threshold):
     """`mean_over_queries`: the kernel divides the attention received by the queries that attended
     (`H2OScorer.score`: received / max(tokens_after - position, 1)) before comparing. Sums whose
     mean lies at the threshold, padding slots (-1: tokens_after + 1 queries) and a document
-    with no tokens."""
+    with no tokens. The rounding of the division matters on a GPU only: under the interpreter
+    every float32 division rounds to nearest (`TRITON_INTERPRET=0` runs it on the card)."""
     generator = torch.Generator().manual_seed(8)
     batch, kv_heads, capacity, lo, hi = 3, 2, 400, 21, 333
     state = torch.rand(batch, kv_heads, capacity, generator=generator) < 0.1

@@ -8,6 +8,7 @@ import torch
 
 from kvsweep import attention_kernels, kernel_launches
 from kvsweep.methods import get_method
+from kvsweep.presses import H2OScorer, StreamingThresholdPress
 from kvsweep.stream_nll import stream_nll
 
 from conftest import every_pass_through_split_kernels, random_documents, tiny_llama, tiny_surrogate
@@ -139,6 +140,27 @@ def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weigh
     assert 0.2 <= 1 - kept / total <= 0.8, f"the threshold evicts {1 - kept / total:.0%}: too few decisions to test"
     assert any(skipping), "no pass skipped a block: the documents are too short for the test"
     assert (max(shares) > 1) == (sms == 64), shares
+
+
+def test_an_h2o_scorer_with_its_own_score_is_asked(model, surrogate_dir, monkeypatch):
+    """The decision kernel computes `H2OScorer.score` itself; a subclass that changes the score is
+    asked instead. Here twice H2O's score: against twice the threshold it decides as H2O does,
+    against the same threshold it evicts less (the kernel's own score would decide as H2O)."""
+    every_pass_through_split_kernels(monkeypatch)
+
+    class Doubled(H2OScorer):
+        def score(self, *args):
+            return 2 * super().score(*args)
+
+    documents = random_documents([40, 29])
+
+    def kept(scorer, threshold):
+        press = StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=WINDOW)
+        return [r["kv_kept"] for r in stream_nll(model, documents, 3, press)]
+
+    h2o = kept(H2OScorer(), 0.06)
+    assert kept(Doubled(), 0.12) == h2o
+    assert kept(Doubled(), 0.06) != h2o
 
 
 def test_baseline_matches_reference(model, weights):

@@ -73,15 +73,17 @@ def masked_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         received = state.attention_received[:, :, :k_len]
         # Keys decided before this pass are never scored again: their sums are skipped (a slot
         # holds a position no later than itself, so slots below the first undecided position,
-        # tokens_before - window, hold decided keys only). No document's lies below the pass's
-        # first query slot - window - max_gap (python bounds, the range the press's hook decides
-        # over): no programs are launched there. The undecided keys span at most window + the
-        # pass's queries + max_gap slots: few programs at batch 1, so the kernel splits the rows.
+        # tokens_before - window, hold decided keys only). No document with a real query in this
+        # pass has its first undecided slot below the first query slot - window - max_gap (python
+        # bounds, the range the press's hook decides over), so no programs are launched there;
+        # documents that ended earlier have padding queries only, whose weight 0 adds nothing.
+        # The undecided keys span at most window + the pass's queries + max_gap slots: few
+        # programs at batch 1, so the kernel splits the rows.
         window, layout = state.decision_window, state.layout
         out = attention_kernels.attend_and_accumulate(
             query, key, value, seen, None, scaling, received, stop_after_last_query=True,
             undecided_from=None if window is None else layout.tokens_before, undecided_offset=-(window or 0),
-            undecided_keys=None if window is None else window + q_len + layout.max_gap,
+            undecided_span=None if window is None else window + q_len + layout.max_gap,
             sums_from=0 if window is None else layout.slots[0] - window - layout.max_gap,
         )  # fmt: skip
         return out, None

@@ -71,7 +71,7 @@ def attend_and_accumulate(
     split_keys: int | None = None,
     stop_after_last_query: bool = False,
     undecided_offset: int = 0,
-    undecided_keys: int | None = None,
+    undecided_span: int | None = None,
     row_splits: int | None = None,
     sums_from: int = 0,
 ) -> torch.Tensor:
@@ -93,7 +93,7 @@ def attend_and_accumulate(
     `undecided_from` (batch,) long, plus `undecided_offset`: in each document, keys in slots below
     undecided_from[b] + undecided_offset were decided before this pass, so their sums are no longer
     read (H2O decides a key once): key blocks wholly below it are skipped and keep what they
-    received (default: every key receives). `undecided_keys`: at most this many slots of a document
+    received (default: every key receives). `undecided_span`: at most this many slots of a document
     can still need sums (H2O: its window, the pass's queries and padding gaps); when the programs
     over them would leave the GPU idle (batch 1), the column sums split the rows into shares as
     well (`kernel_launches.row_splits`), which `_add_row_splits` adds up in a fixed order.
@@ -151,7 +151,8 @@ def attend_and_accumulate(
             return out
         column_sums_kernel.add_column_sums(
             common, query, seen, k_len, received, row_weights, column_sums_launch or default_columns,
-            precision, stop_mode, undecided_from, undecided_offset, undecided_keys, row_splits, sums_from,
+            precision=precision, stop_mode=stop_mode, undecided_from=undecided_from, undecided_offset=undecided_offset,
+            undecided_span=undecided_span, shares_wanted=row_splits, sums_from=sums_from,
         )  # fmt: skip
     return out
 

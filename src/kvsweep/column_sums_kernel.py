@@ -22,8 +22,9 @@ if triton is not None:
 
 
 def add_column_sums(
-    common: tuple, query: torch.Tensor, seen, k_len: int, received: torch.Tensor, row_weights, launch: dict,
-    precision: str, stop_mode: int, undecided_from, undecided_offset: int, undecided_keys, row_splits, sums_from: int,
+    common: tuple, query: torch.Tensor, seen, k_len: int, received: torch.Tensor, row_weights, launch: dict, *,
+    precision: str, stop_mode: int, undecided_from, undecided_offset: int, undecided_span, shares_wanted,
+    sums_from: int,
 ):  # fmt: skip
     """received[b, h, k] += the pass's column sums, in place, after the forward kernel wrote the
     rows' log-sum-exp (`common`: the arguments both kernels take first). The other arguments are
@@ -41,14 +42,18 @@ def add_column_sums(
     row_blocks = triton.cdiv(rows, launch["BLOCK_M"])
     if key_blocks <= 0:
         return
-    if row_splits is None:
-        live_blocks = key_blocks if undecided_keys is None else min(key_blocks, undecided_keys // launch["BLOCK_N"] + 2)
-        row_splits = kernel_launches.row_splits(query, live_blocks * batch * kv_heads, row_blocks)
-    span = triton.cdiv(row_blocks, max(row_splits, 1)) * launch["BLOCK_M"]  # rows per share
+    if shares_wanted is None:
+        live_blocks = key_blocks if undecided_span is None else min(key_blocks, undecided_span // launch["BLOCK_N"] + 2)
+        shares_wanted = kernel_launches.row_splits(query, live_blocks * batch * kv_heads, row_blocks)
+    span = triton.cdiv(row_blocks, max(shares_wanted, 1)) * launch["BLOCK_M"]  # rows per share
     shares = triton.cdiv(rows, span)
     # Each share's sums, in float32, when the rows are split (every key of the launched blocks
     # written, by slot).
-    part = torch.empty(shares, batch * kv_heads, k_len, device=query.device) if shares > 1 else received
+    part = (
+        torch.empty(shares, batch * kv_heads, k_len, dtype=torch.float32, device=query.device)
+        if shares > 1
+        else received
+    )
     _column_sums[(key_blocks, batch * kv_heads, shares)](
         *common, weights, weights.stride(0), weights.stride(1), 1.0 / groups,
         received, *received.stride(), undecided, undecided.stride(0), undecided_offset, first_block, span, part,

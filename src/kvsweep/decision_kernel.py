@@ -40,16 +40,18 @@ def applies(evicted: torch.Tensor, scores: torch.Tensor) -> bool:
     )
 
 
-def stores(entry_scores: torch.Tensor, new_scores: torch.Tensor) -> bool:
-    """Whether `store_entry_scores` writes these: a float32 state and floating scores of its batch
-    and heads, on one GPU."""
+def stores(entry_scores: torch.Tensor, new_scores: torch.Tensor, query_slots: torch.Tensor) -> bool:
+    """Whether `store_entry_scores` writes these: a float32 state, floating scores of its batch and
+    heads with one per query slot, all on one GPU (else `index_copy_`, which checks the rest)."""
     return (
         triton is not None
         and entry_scores.is_cuda
-        and new_scores.device == entry_scores.device
+        and new_scores.device == entry_scores.device == query_slots.device
         and entry_scores.dtype == torch.float32
         and new_scores.is_floating_point()
+        and new_scores.dim() == 3
         and new_scores.shape[:2] == entry_scores.shape[:2]
+        and new_scores.shape[2] == query_slots.numel()
     )
 
 
@@ -112,6 +114,7 @@ if triton is not None:
 
     @triton.jit
     def _store_entry_scores(ES, seb, seh, sen, NS, snb, snh, snq, QS, sqs, q_len, kv_heads, BLOCK: tl.constexpr):
+        """One block of a (document, KV head)'s new scores, as float32, into their query slots."""
         bh = tl.program_id(0)
         b, h = bh // kv_heads, bh % kv_heads
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

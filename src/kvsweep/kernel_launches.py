@@ -33,12 +33,12 @@ FORWARD_LAUNCHES = (
     {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
 )
-# Column sums: 64 x 64 blocks first. In a CUDA-graph sweep on an H200 (Llama-3.1-8B's shape, H2O's
-# 512-key window, results/h200_llama-3.1-8b_2026-11-28_launch_sweep.json) they took 4-5 us less
-# than 64 x 128 at chunk 128 and batch 1, and the same at batch 8.
+# Column sums: 64 x 64 blocks (64 x 128 before). In a CUDA-graph sweep on an H200 (Llama-3.1-8B's
+# shape, H2O's 512-key window, results/h200_llama-3.1-8b_2026-11-28_launch_sweep.json) they took
+# 4-5 us less than 64 x 128 at chunk 128 and batch 1, and the same at batch 8. The sweep launched
+# every key block with whole rows (before `sums_from` and the row shares), not as the engine now does.
 COLUMN_SUMS_LAUNCHES = (
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},

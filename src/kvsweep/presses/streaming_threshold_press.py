@@ -135,7 +135,7 @@ class StreamingThresholdPress(DMSPress):
                 (keys.index_select(2, slots), values.index_select(2, slots)) if reads_cache else (None, None)
             )
             new_scores = self.press.score(module, hidden_states, pass_keys, pass_values, None, where)
-            if decision_kernel.stores(state.entry_scores, new_scores):
+            if decision_kernel.stores(state.entry_scores, new_scores, slots):
                 decision_kernel.store_entry_scores(state.entry_scores, new_scores, slots)
             else:
                 state.entry_scores.index_copy_(2, slots, new_scores.float())
@@ -207,7 +207,7 @@ class StreamingThresholdPress(DMSPress):
         (a subclass that changes it is asked), on a GPU, with no decision scores to record."""
         return (
             isinstance(self.press, H2OScorer)
-            and type(self.press).score is H2OScorer.score
+            and getattr(self.press.score, "__func__", None) is H2OScorer.score
             and state.decision_scores is None
             and decision_kernel.applies(evicted, state.attention_received[:, :, lo:hi])
         )
