@@ -156,23 +156,17 @@ class StreamingThresholdPress(DMSPress):
         evicted = state.evicted[:, :, lo:hi]
         if self.scores_on_entry:
             scores = state.entry_scores[:, :, lo:hi]
-        elif self.accumulates_attention and self._h2o_in_decision_kernel(state, evicted, lo, hi):
-            # H2O's score (`H2OScorer.score`) computed in the decision kernel from the sums.
-            decision_kernel.evict_decided(
-                evicted, state.attention_received[:, :, lo:hi], position, layout.tokens_before, layout.tokens_after,
-                self.sinks, window, self.threshold, mean_over_queries=True,
-            )  # fmt: skip
-            return output
         elif self.accumulates_attention:
+            received = state.attention_received[:, :, lo:hi]
+            if self._h2o_in_decision_kernel(state, evicted, received):
+                # H2O's score (`H2OScorer.score`) computed in the decision kernel from the sums.
+                decision_kernel.evict_decided(
+                    evicted, received, position, layout.tokens_before, layout.tokens_after, self.sinks, window,
+                    self.threshold, mean_over_queries=True,
+                )  # fmt: skip
+                return output
             n_queries = layout.tokens_after[:, None] - position
-            scores = self.press.score(
-                module,
-                hidden_states,
-                None,
-                None,
-                state.attention_received[:, :, lo:hi],
-                {**kwargs, "n_queries": n_queries},
-            )
+            scores = self.press.score(module, hidden_states, None, None, received, {**kwargs, "n_queries": n_queries})
         else:  # scored at decision time from the cache as it is now (Expected Attention)
             seen = layout.position[:, :last]
             written = (seen >= self.sinks) & (seen < layout.tokens_after[:, None])
@@ -202,14 +196,14 @@ class StreamingThresholdPress(DMSPress):
             recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))
         return output
 
-    def _h2o_in_decision_kernel(self, state: LayerEviction, evicted: torch.Tensor, lo: int, hi: int) -> bool:
+    def _h2o_in_decision_kernel(self, state: LayerEviction, evicted: torch.Tensor, received: torch.Tensor) -> bool:
         """Whether the decision kernel can compute the scorer's score itself: H2O's own `score`
         (a subclass that changes it is asked), on a GPU, with no decision scores to record."""
         return (
             isinstance(self.press, H2OScorer)
             and getattr(self.press.score, "__func__", None) is H2OScorer.score
             and state.decision_scores is None
-            and decision_kernel.applies(evicted, state.attention_received[:, :, lo:hi])
+            and decision_kernel.applies(evicted, received)
         )
 
     def kv_counts(self, sinks: int | None = None, window: int | None = None) -> dict[str, torch.Tensor]:
