@@ -39,14 +39,16 @@ def milliseconds(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def attention_case(batch, heads, kv_heads, head_dim, q_len=128, key_stop=4096, k_len=5120):
+def attention_case(batch, heads, kv_heads, head_dim, q_len=128, key_stop=4096, k_len=5120, evicted_share=0.3):
+    """Random bf16 queries, keys and values on the GPU, the pass's queries in the slots before
+    `key_stop`, a share of the keys evicted; H2O's row weights and the stop as a tensor."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     cuda = {"device": "cuda", "dtype": torch.bfloat16}
     query = torch.randn(batch, q_len, heads, head_dim, generator=generator, **cuda).transpose(1, 2)
     key = torch.randn(batch, kv_heads, k_len, head_dim, generator=generator, **cuda)
     value = torch.randn_like(key)
     slots = torch.arange(key_stop - q_len, key_stop, device="cuda")
-    evicted = torch.rand(batch, kv_heads, k_len, device="cuda", generator=generator) < 0.3
+    evicted = torch.rand(batch, kv_heads, k_len, device="cuda", generator=generator) < evicted_share
     seen = KeyVisibility(evicted, torch.arange(k_len, device="cuda").repeat(batch, 1), slots)
     weights = torch.full((batch, q_len), kv_heads / heads, device="cuda")
     return query, key, value, seen, weights, torch.tensor([key_stop], device="cuda")

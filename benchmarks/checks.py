@@ -1,6 +1,6 @@
 """Correctness on the card, checked before the benchmark times anything (`gpu_throughput.py`)."""
 
-import contextlib
+from unittest.mock import patch
 
 import torch
 from transformers.models.llama import modeling_llama
@@ -71,8 +71,8 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
         press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
         fused = stream_nll(model, short, chunk, press)
         with (
-            replaced(decision_kernel, "applies", lambda *_: False),
-            replaced(decision_kernel, "stores", lambda *_: False),
+            patch.object(decision_kernel, "applies", lambda *_: False),
+            patch.object(decision_kernel, "stores", lambda *_: False),
         ):
             plain = stream_nll(model, short, chunk, press)
         name = f"{method}_chunk{chunk}_{n_tokens}tok_decision_kernel_vs_torch"
@@ -82,17 +82,6 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
     checks.update(rms_norm_checks(model))
     checks.update(rope_checks(model))
     return checks
-
-
-@contextlib.contextmanager
-def replaced(owner, name: str, value):
-    """`owner.name` is `value` for the duration."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def rope_checks(model) -> dict:
@@ -151,7 +140,7 @@ def rms_norm_checks(model) -> dict:
 
 def torch_attention():
     """The engine's attention through torch ops (SDPA, or explicit probabilities) rather than Triton."""
-    return replaced(attention_kernels, "available", lambda query: False)
+    return patch.object(attention_kernels, "available", lambda query: False)
 
 
 def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:

@@ -18,13 +18,12 @@ passes (timed eagerly, the host's launches would be measured instead), median of
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
+from attention_kernels_bench import attention_case, milliseconds
 
 from kvsweep import attention_kernels, kernel_launches
-from kvsweep.eviction import KeyVisibility
 
 CONFIGS = Path(__file__).parent / "configs"
 FORWARD_SETTINGS = [
@@ -60,28 +59,7 @@ def microseconds(fn, calls: int = 20, repeats: int = 20) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
-def case(batch, heads, kv_heads, head_dim, q_len, key_stop, k_len):
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    cuda = {"device": "cuda", "dtype": torch.bfloat16}
-    query = torch.randn(batch, q_len, heads, head_dim, generator=generator, **cuda).transpose(1, 2)
-    key = torch.randn(batch, kv_heads, k_len, head_dim, generator=generator, **cuda)
-    value = torch.randn_like(key)
-    slots = torch.arange(key_stop - q_len, key_stop, device="cuda")
-    evicted = torch.zeros(batch, kv_heads, k_len, dtype=torch.bool, device="cuda")
-    seen = KeyVisibility(evicted, torch.arange(k_len, device="cuda").repeat(batch, 1), slots)
-    return query, key, value, seen
+    return milliseconds(graph.replay, repeats) * 1e3 / calls
 
 
 def main():
@@ -103,7 +81,9 @@ def main():
     ]
     scaling = head_dim**-0.5
     for name, batch, q_len, key_stop, k_len in passes:
-        query, key, value, seen = case(batch, heads, kv_heads, head_dim, q_len, key_stop, k_len)
+        query, key, value, seen, *_ = attention_case(
+            batch, heads, kv_heads, head_dim, q_len, key_stop, k_len, evicted_share=0.0
+        )
         row = {"case": name, "batch": batch, "q_len": q_len, "key_stop": key_stop, "forward": [], "column_sums": []}
         for launch in FORWARD_SETTINGS:
             for split in ["auto", 128, 256, 512, 1024, 2048]:
