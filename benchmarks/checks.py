@@ -5,7 +5,15 @@ from unittest.mock import patch
 import torch
 from transformers.models.llama import modeling_llama
 
-from kvsweep import attention, attention_kernels, decision_kernel, fused_norms, fused_rope
+from kvsweep import (
+    attention,
+    attention_kernels,
+    decision_kernel,
+    fused_norms,
+    fused_projections,
+    fused_rope,
+    surrogate_kernel,
+)
 from kvsweep.eviction import KeyVisibility
 from kvsweep.generate import stream_generate
 from kvsweep.stream_nll import stream_nll
@@ -81,6 +89,77 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
     checks.update(h2o_kernel_checks(model, surrogate, docs, kvsweep_press))
     checks.update(rms_norm_checks(model))
     checks.update(rope_checks(model))
+    checks.update(joined_layer_checks(model, surrogate, docs, thresholds, kvsweep_press))
+    checks.update(surrogate_kernel_checks(model, surrogate, docs, thresholds, kvsweep_press))
+    return checks
+
+
+def surrogate_kernel_checks(model, surrogate, docs, thresholds, kvsweep_press) -> dict:
+    """KVzap's surrogate kernels (`kvsweep.surrogate_kernel`) against its torch modules: the scores
+    of 16 tokens' hidden states (bf16; how many differ, by how much), and whole exact streams and
+    generations with the kernels and with the modules (their scores stored by `index_copy_`)."""
+    mlp = surrogate.layers[0]
+    generator = torch.Generator(device="cuda").manual_seed(8)
+    hidden = model.get_decoder().norm(
+        torch.randn(16, 1, model.config.hidden_size, device="cuda", generator=generator).bfloat16()
+    )
+    entry = torch.zeros(16, mlp[2].out_features, 1, device="cuda")
+    surrogate_kernel.score_into(entry, hidden, mlp, torch.zeros(1, dtype=torch.long, device="cuda"))
+    expected = mlp(hidden).float().transpose(1, 2)
+    checks = {
+        "surrogate_kernels_vs_modules_share_of_scores_differing_bf16": float((entry != expected).float().mean()),
+        "surrogate_kernels_vs_modules_max_abs_diff_bf16": float((entry - expected).abs().max()),
+        "surrogate_scores_max_abs_bf16": float(expected.abs().max()),
+    }
+    press = kvsweep_press("kvzap", surrogate, thresholds["kvzap"], window=64)
+    short = [doc[:600] for doc in docs]
+    kernels = stream_nll(model, short, 1, press)
+    with patch.object(surrogate_kernel, "applies", lambda *_: False):
+        modules = stream_nll(model, short, 1, press)
+    name = "kvzap_chunk1_600tok_surrogate_kernels_vs_modules"
+    checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernels, modules)
+    checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernels], [r["kv_kept"] for r in modules]]
+    prompts = [docs[0][:700], docs[1][:530]]
+    kernels = stream_generate(model, prompts, 128, 96, press)
+    with patch.object(surrogate_kernel, "applies", lambda *_: False):
+        modules = stream_generate(model, prompts, 128, 96, press)
+    checks["kvzap_generate_surrogate_kernels_vs_modules_same_tokens_and_kv"] = kernels == modules
+    return checks
+
+
+def joined_layer_checks(model, surrogate, docs, thresholds, kvsweep_press) -> dict:
+    """`kvsweep.fused_projections` and the residual add in the norm's kernel (`fused_norms`): the
+    SiLU-and-product kernel and the add against torch on this model's widths in bf16 (elements
+    differing); whole streams with the joined layers and with the modules' own forwards."""
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    width, hidden = model.config.intermediate_size, model.config.hidden_size
+    gate_up = (torch.randn(512, 2 * width, device="cuda", generator=generator) * 3).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    x, residual = (torch.randn(2, 512, hidden, device="cuda", generator=generator) * 3).bfloat16()
+    norm = model.get_decoder().layers[0].post_attention_layernorm
+    total, normed = fused_norms.rms_norm(x, norm.weight, norm.variance_epsilon, residual=residual)
+    eager = type(norm).forward(norm, residual + x)
+    checks = {
+        "silu_and_mul_vs_torch_share_of_elements_differing_bf16": float(
+            (fused_projections.silu_and_mul(gate_up) != expected).float().mean()
+        ),
+        "residual_add_in_norm_vs_torch_add_share_differing_bf16": float((total != residual + x).float().mean()),
+        "residual_add_in_norm_vs_eager_norm_max_abs_diff_bf16": float((normed.float() - eager.float()).abs().max()),
+    }
+    for method, threshold in (("baseline", None), ("kvzap", thresholds["kvzap"])):
+        for chunk in (128, 1):
+            short = [doc[: 1024 if chunk == 128 else 200] for doc in docs]
+            press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
+            joined = stream_nll(model, short, chunk, press)
+            with (
+                patch.object(fused_projections, "on_gpu", lambda weight: False),
+                patch.object(fused_norms, "has_mirrored_decoder_layer", lambda cls: False),
+            ):
+                own = stream_nll(model, short, chunk, press)
+            name = f"{method}_chunk{chunk}_joined_layers_vs_own_forwards"
+            checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(joined, own)
+            checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in joined], [r["kv_kept"] for r in own]]
     return checks
 
 

@@ -67,6 +67,9 @@ def measure_floors() -> dict:
 def build_model(arch: str):
     spec = json.loads((CONFIGS / f"{arch}.json").read_text())
     config = AutoConfig.for_model(**spec)
+    # The same random weights in every run (and kvzap's threshold, from seeded tokens), so that NLLs
+    # and KV densities compare across runs: a change that rounds nothing must leave them as they were.
+    torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()

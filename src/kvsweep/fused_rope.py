@@ -145,14 +145,14 @@ if triton is not None:
     @triton.jit
     def _rounded_product(a, b):
         """a * b in float32, rounded as torch rounds a product of a's dtype."""
-        return _rounded_as(a.to(tl.float32) * b.to(tl.float32), a.dtype)
+        return rounded_as(a.to(tl.float32) * b.to(tl.float32), a.dtype)
 
     @triton.jit
     def _rounded_sum(a, b, dtype: tl.constexpr):
-        return _rounded_as(a + b, dtype)
+        return rounded_as(a + b, dtype)
 
     @triton.jit
-    def _rounded_as(x, dtype: tl.constexpr):
+    def rounded_as(x, dtype: tl.constexpr):
         """float32 x rounded to bf16 (to nearest, ties to even), kept as float32; float32 as it is.
 
         Written on the bits: with casts to bf16 and back instead, 16% of the results on an H200 were

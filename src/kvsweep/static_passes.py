@@ -23,8 +23,9 @@ shape is captured once per job rather than once per batch.
 import contextlib
 
 import torch
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import Cache
 
+from kvsweep.cache_writes import PassCacheLayer
 from kvsweep.eviction import BatchLayout
 from kvsweep.placement import decoder_of, model_devices, module_device
 from kvsweep.segmented_graphs import SegmentedCapture
@@ -77,7 +78,7 @@ class StaticPasses:
         self.model, self.layout, self.cuda_graphs = model, layout, cuda_graphs
         self.bucket = key_bucket or default_bucket(chunk_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache = Cache(layers=[StaticLayer(self.capacity) for _ in range(config.num_hidden_layers)])
+        self.cache = Cache(layers=[PassCacheLayer(self.capacity) for _ in range(config.num_hidden_layers)])
         for cache_layer, layer in zip(self.cache.layers, decoder_of(model).layers, strict=True):
             # Each layer's cache on its layer's device (a split model's are on several GPUs).
             empty = torch.zeros((batch, config.num_key_value_heads, 0, head_dim), dtype=model.dtype,

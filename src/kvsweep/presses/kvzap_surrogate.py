@@ -7,6 +7,7 @@ from kvpress import KVzapPress
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import PretrainedConfig
 
+from kvsweep import surrogate_kernel
 from kvsweep.errors import KvsweepError, cannot_load, missing_local_path
 from kvsweep.placement import decoder_of, module_device
 
@@ -72,3 +73,16 @@ class KVzapSurrogatePress(KVzapPress):
                 f"KVzap surrogate '{name}' scores {surrogate_shape[0]} layers x {surrogate_shape[1]} KV heads, "
                 f"the model has {model_shape[0]} x {model_shape[1]}: it belongs to another model"
             )
+
+    def score_into(self, module, hidden_states, entry_scores, query_slots) -> bool:
+        """On a GPU, for a pass of a few tokens (`surrogate_kernel.applies`): the MLP surrogate's
+        scores written straight into the layer's float32 entry scores at the query slots, in two
+        kernels. Returns whether it did; if not (or for a subclass with its own `score`), the press
+        asks `score`."""
+        if type(self).score is not KVzapPress.score:
+            return False
+        mlp = self.kvzap_model.layers[module.layer_idx]
+        if not surrogate_kernel.applies(mlp, hidden_states, entry_scores, query_slots):
+            return False
+        surrogate_kernel.score_into(entry_scores, hidden_states, mlp, query_slots)
+        return True

@@ -11,6 +11,7 @@ from kvsweep import decision_kernel
 from kvsweep.attention import ATTENTION_NAME, STATE_ATTRIBUTE
 from kvsweep.eviction import BatchLayout, LayerEviction
 from kvsweep.fused_norms import fused_rms_norms
+from kvsweep.fused_projections import fused_projections
 from kvsweep.fused_rope import fused_rope
 from kvsweep.placement import decoder_of, module_device
 from kvsweep.presses.h2o_scorer import H2OScorer
@@ -101,12 +102,12 @@ class StreamingThresholdPress(DMSPress):
 
     @contextmanager
     def __call__(self, model):
-        """Hooks (kvpress's `BasePress.__call__`) plus the masked attention, and the fused RMSNorm
-        and rotary embedding kernels (`kvsweep.fused_norms`, `kvsweep.fused_rope`, on a GPU), for
-        the duration."""
+        """Hooks (kvpress's `BasePress.__call__`) plus the masked attention, and on a GPU the fused
+        RMSNorm, rotary embedding and joined projections (`kvsweep.fused_norms`, `fused_rope`,
+        `fused_projections`), for the duration."""
         previous = model.config._attn_implementation
         try:
-            with super().__call__(model), fused_rms_norms(model), fused_rope(model):
+            with super().__call__(model), fused_rms_norms(model), fused_rope(model), fused_projections(model):
                 model.set_attn_implementation(ATTENTION_NAME)
                 yield
         finally:
@@ -125,7 +126,12 @@ class StreamingThresholdPress(DMSPress):
         slots = layout.query_slots  # the cache slots this pass wrote
 
         keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
-        if self.scores_on_entry:
+        # A scorer may write the pass's scores into the state itself (KVzap's surrogate kernels on a
+        # pass of a few tokens, `score_into`); else it is asked for them.
+        score_into = getattr(self.press, "score_into", None)
+        if self.scores_on_entry and not (
+            score_into is not None and score_into(module, hidden_states, state.entry_scores, slots)
+        ):
             # A scorer that needs them (random eviction) reads the slots' positions from the layout.
             where = {**kwargs, "layout": layout, "scorer_state": state.scorer_state}
             # The pass's keys and values, gathered for scorers that read them (not KVzap's surrogate,
