@@ -81,8 +81,8 @@ def test_only_the_mlp_surrogate_on_few_tokens_fits():
 @needs_triton
 def test_exact_streaming_with_the_kernels_matches_the_modules(monkeypatch):
     """KVzap at chunk 1 through the press: the surrogate kernels (allowed on the CPU) against the
-    modules, the same NLLs and evictions; the kernels ran, and a subclass with its own `score` is
-    asked instead."""
+    modules, the same NLLs and evictions; the kernels ran, and a subclass with its own `score`, or
+    a `score` replaced on the instance, is asked instead."""
     model = tiny_llama(seed=5).to(DEVICE)
     surrogate = tiny_surrogate(model).to(DEVICE)
     every_pass_through_split_kernels(monkeypatch)
@@ -110,4 +110,9 @@ def test_exact_streaming_with_the_kernels_matches_the_modules(monkeypatch):
 
     calls.clear()
     stream_nll(model, docs, 1, press(Doubled))
+    assert calls == []
+    patched = press()
+    plain_score = patched.press.score
+    patched.press.score = lambda *args, **kwargs: 2 * plain_score(*args, **kwargs)  # on the instance
+    stream_nll(model, docs, 1, patched)
     assert calls == []

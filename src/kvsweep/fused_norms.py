@@ -25,12 +25,11 @@ kernel and one read of the sum less a layer: in exact streaming each is a few mi
 
 import contextlib
 import functools
-import hashlib
-import inspect
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
+from kvsweep.forward_sources import hooked, same_forward
 from kvsweep.fused_rope import ROUNDED
 from kvsweep.kernel_launches import on_tensor_device, triton
 
@@ -44,26 +43,14 @@ if triton is not None:
 MIRRORED_DECODER_LAYER = "ba7de8a8e3828ffd3c7d94d62cdd47bc21fee6f34c01fa2b935a50e1df815d91"
 
 
-@functools.cache
 def has_llama_formula(cls: type) -> bool:
     """Whether `cls.forward` is, character for character, `LlamaRMSNorm.forward`."""
-    try:
-        return inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward)
-    except (OSError, TypeError, AttributeError):
-        return False
+    return same_forward(cls, LlamaRMSNorm)
 
 
-@functools.cache
 def has_mirrored_decoder_layer(cls: type) -> bool:
     """Whether `cls.forward` is `LlamaDecoderLayer.forward`, and that is the source mirrored here."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError, AttributeError):
-        return False
-    return (
-        source == inspect.getsource(LlamaDecoderLayer.forward)
-        and hashlib.sha256(source.encode()).hexdigest() == MIRRORED_DECODER_LAYER
-    )
+    return same_forward(cls, LlamaDecoderLayer, MIRRORED_DECODER_LAYER)
 
 
 @contextlib.contextmanager
@@ -77,7 +64,7 @@ def fused_rms_norms(model: torch.nn.Module):
         if has_mirrored_decoder_layer(type(m))
         and "forward" not in vars(m)
         and any(m.post_attention_layernorm is norm for norm in norms)
-        and not (m.post_attention_layernorm._forward_hooks or m.post_attention_layernorm._forward_pre_hooks)
+        and not hooked(m.post_attention_layernorm)
     ]
     try:
         for norm in norms:

@@ -11,9 +11,9 @@ The MLP's SiLU and product were two kernels a layer, with a round trip of the ga
 How: the weights of q, k and v (and of gate and up) are moved once into one tensor, the modules'
 parameters becoming views of it: the same `Parameter` objects with the same values (ordinary
 tensors, not inference tensors, so the model can still be trained), and no more memory than
-before: one layer's weights more while it moves, and the old blocks go back to the driver. Moving them again would leave CUDA
-graphs captured over the old addresses reading freed memory, so the views are kept after the
-context ends, and a later context finds them already joined. The joined product rounds as one
+before: one layer's weights more while it moves, and the old blocks go back to the driver.
+Moving them again would leave CUDA graphs captured over the old addresses reading freed memory,
+so the views are kept after the context ends, and a later context finds them already joined. The joined product rounds as one
 cuBLAS call of another shape does: a result may differ from the three products' in the last bit
 of bf16, as any other GPU kernel would. `silu_and_mul` is transformers' arithmetic to the bit
 (SiLU in float32 with the accurate exp and a rounded division, rounded to the dtype, then the
@@ -32,8 +32,6 @@ passes and the CUDA graphs captured from them run the same kernels):
 
 import contextlib
 import functools
-import hashlib
-import inspect
 import sys
 
 import torch
@@ -42,6 +40,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
+from kvsweep.forward_sources import same_forward, wrapped
 from kvsweep.fused_rope import ROUNDED
 from kvsweep.kernel_launches import on_tensor_device, triton
 
@@ -56,36 +55,19 @@ if triton is not None:
 MIRRORED_ATTENTION = "39d28a8c881fdb5fe191a50b60a93f548819b408459e4517a9e3cda193031379"
 
 
-def source_of(function) -> str | None:
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return None
-
-
-@functools.cache
 def has_mirrored_attention(cls: type) -> bool:
     """Whether `cls.forward` is `LlamaAttention.forward`, and that is the source mirrored here."""
-    source = source_of(getattr(cls, "forward", None))
-    return (
-        source is not None
-        and source == source_of(LlamaAttention.forward)
-        and hashlib.sha256(source.encode()).hexdigest() == MIRRORED_ATTENTION
-    )
+    return same_forward(cls, LlamaAttention, MIRRORED_ATTENTION)
 
 
-@functools.cache
 def has_llama_mlp(cls: type) -> bool:
-    source = source_of(getattr(cls, "forward", None))
-    return source is not None and source == source_of(LlamaMLP.forward)
+    return same_forward(cls, LlamaMLP)
 
 
 def joinable(linears: list[nn.Module]) -> bool:
     """Plain linear layers with nothing of their own around their forward, on one GPU, of one dtype
     and input width, all with or all without a bias."""
-    if not all(type(linear) is nn.Linear for linear in linears):
-        return False
-    if any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in linears):
+    if not all(type(linear) is nn.Linear for linear in linears) or any(wrapped(m) for m in linears):
         return False
     weights = [linear.weight for linear in linears]
     biases = [linear.bias for linear in linears]
@@ -129,9 +111,7 @@ def fused_projections(model: nn.Module):
 
 def plain_silu(act_fn: nn.Module) -> bool:
     """transformers' or torch's SiLU module, with nothing of its own around its forward."""
-    return isinstance(act_fn, SiLUActivation | nn.SiLU) and not (
-        "forward" in vars(act_fn) or act_fn._forward_hooks or act_fn._forward_pre_hooks
-    )
+    return isinstance(act_fn, SiLUActivation | nn.SiLU) and not wrapped(act_fn)
 
 
 def rounds(mlp: nn.Module) -> bool:

@@ -79,7 +79,7 @@ class KVzapSurrogatePress(KVzapPress):
         scores written straight into the layer's float32 entry scores at the query slots, in two
         kernels. Returns whether it did; if not (or for a subclass with its own `score`), the press
         asks `score`."""
-        if type(self).score is not KVzapPress.score:
+        if getattr(self.score, "__func__", None) is not KVzapPress.score:  # as the press's H2O check
             return False
         mlp = self.kvzap_model.layers[module.layer_idx]
         if not surrogate_kernel.applies(mlp, hidden_states, entry_scores, query_slots):
