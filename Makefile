@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Override on a GPU machine to get its CUDA build, e.g. `make test TORCH=torch==2.14.1`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo demo-methods test lint clean-demo
+.PHONY: setup demo demo-methods test check lint clean-demo
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo-methods: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fast tier for a developer's loop: lint, and every test but the end-to-end workflow runs.
+check: setup
+	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+	$(BIN)/python -m pytest -q -x -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests && $(BIN)/snakemake --lint

@@ -14,6 +14,9 @@ min_version("9.0")
 report: "workflow/report/workflow.rst"
 
 
+include: "workflow/rules/config_files.smk"
+
+
 if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
@@ -47,4 +50,5 @@ localrules:
 rule all:
     input:
         final_outputs(),
+        calibrated_targets,
     default_target: True

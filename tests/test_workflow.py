@@ -558,3 +558,131 @@ def test_adding_documents_plans_only_the_new_shards(demo_run, tmp_path):
     assert listed == shards and len(set(listed)) == 8
     table = pd.read_csv(results / "perplexity" / "summary.csv", keep_default_na=False)
     assert set(table.n_docs) == {8}
+
+
+def copied_demo(demo_run, tmp_path):
+    """A copy of the finished demo (results and Snakemake's records), for a test that changes it."""
+    workdir, config = demo_run
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(workdir, copy_dir, symlinks=True)
+    return copy_dir, config, write_config(copy_dir, config, "same.yaml")
+
+
+def test_a_deleted_result_is_evaluated_again_and_the_tables_follow(demo_run, tmp_path):
+    """Snakemake reruns nothing for a file deleted under outputs that exist; every evaluation is a
+    target of the workflow, so the tables can never keep the numbers of a result that is gone."""
+    copy_dir, config, configfile = copied_demo(demo_run, tmp_path)
+    results = copy_dir / "results" / "demo"
+    calibrated = json.loads((results / "calibration" / "h2o" / "0.3.json").read_text())["threshold"]
+    for deleted in ("perplexity/baseline/none/shard000.jsonl", f"summarization/h2o/{calibrated}/shard000.jsonl"):
+        (results / deleted).unlink()
+    jobs = planned_jobs(copy_dir, configfile)
+    evaluations = sorted((w["task"], w["method"], w["value"]) for rule, w in jobs if rule == "evaluate")
+    assert evaluations == [("perplexity", "baseline", "none"), ("summarization", "h2o", calibrated)]
+    assert sorted(w["task"] for rule, w in jobs if rule == "score") == list(TASKS)
+
+
+def test_a_model_path_spelled_another_way_plans_nothing(demo_run):
+    workdir, config = demo_run
+    for spelling in ("./results/demo/demo_assets/model", str(workdir / "results/demo/demo_assets/model") + "/"):
+        edited = copy.deepcopy(config)
+        edited["model"]["name"] = spelling
+        edited["dataset"]["source"] = "./" + config["dataset"]["source"]
+        assert planned_jobs(workdir, write_config(workdir, edited, "respelled.yaml")) == [], spelling
+
+
+def test_records_appended_to_the_source_rerun_nothing_and_an_edited_one_reruns_its_readers(demo_run, tmp_path):
+    """A prepare job reruns when a record it read changes, not when the source file merely grows:
+    the demo reads 42 of its 48 reports (10 studied, 8 to calibrate on, 20 for the surrogate, and
+    those too short in between)."""
+    copy_dir, config, configfile = copied_demo(demo_run, tmp_path)
+    source = copy_dir / config["dataset"]["source"]
+    lines = source.read_text().splitlines()
+    source.write_text("\n".join(lines + [lines[-1]]) + "\n")
+    assert planned_jobs(copy_dir, configfile) == []
+    record = json.loads(lines[12])  # a calibration document (after the 10 studied and one too short)
+    record["report"] = record["report"].replace(" ", "  ", 1)
+    source.write_text("\n".join(lines[:12] + [json.dumps(record)] + lines[13:]) + "\n")
+    prepared = {rule for rule, _ in planned_jobs(copy_dir, configfile) if rule.startswith("prepare")}
+    assert prepared == {"prepare_calibration", "prepare_surrogate"}
+
+
+def test_a_cut_calibration_record_stops_the_plan_with_one_message(demo_run, tmp_path):
+    copy_dir, config, configfile = copied_demo(demo_run, tmp_path)
+    record = copy_dir / "results" / "demo" / "calibration" / "kvzap" / "0.3.json"
+    for content in (record.read_text()[:40], json.dumps({"target_density": 0.3, "density": 0.3})):
+        record.write_text(content)
+        result = snakemake(copy_dir, configfile, "--dry-run", check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert (
+            last.startswith("unreadable calibration: ") and "0.3.json" in last and "calibrate this target again" in last
+        )
+
+
+def test_a_config_with_a_key_twice_or_not_utf8_stops_the_plan_with_one_message(tmp_path):
+    text = (ROOT / "demo" / "config.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "\nrun: another\n")
+    result = snakemake(tmp_path, twice, "--dry-run", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "key 'run' appears twice in one mapping" in result.stderr.strip().splitlines()[-1]
+    # The default config.yaml of a working directory (no --configfile), in Latin-1.
+    (tmp_path / "config.yaml").write_bytes(text.replace("# The CPU demo", "# The CPU d\u00e9mo").encode("latin-1"))
+    command = [*SNAKEMAKE, "--directory", str(tmp_path), "--dry-run"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "config.yaml, line 1: not UTF-8 text" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_source_path_with_braces_stops_the_plan_with_one_message(tmp_path):
+    config = load_yaml(ROOT / "demo" / "config.yaml")
+    folder = tmp_path / "data{x}"
+    folder.mkdir()
+    (folder / "reports.jsonl").write_text('{"report": "text"}\n')
+    config["dataset"]["source"] = "data{x}/reports.jsonl"
+    result = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "dataset.source: 'data{x}/reports.jsonl'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_weights_the_workflow_writes_are_readable_by_others(demo_run):
+    workdir, _ = demo_run
+    for folder in ("demo_assets/model", "kvzap_surrogate/mlp"):
+        files = [p for p in (workdir / "results" / "demo" / folder).rglob("*") if p.is_file()]
+        assert files and all(p.stat().st_mode & 0o044 == 0o044 for p in files), folder
+
+
+def test_after_snakemake_alone_is_killed_its_finished_jobs_are_kept(demo_run, tmp_path):
+    """Snakemake killed hard while a job runs: the job runs on alone and finishes. The README's
+    recovery (wait, `--unlock`, `--touch` the outputs those jobs wrote) keeps its output; only what
+    was left is planned."""
+    workdir, config = demo_run
+    shutil.copytree(workdir / "results" / "demo" / "demo_assets", tmp_path / "results" / "demo" / "demo_assets")
+    small = copy.deepcopy(config)
+    small["tasks"], small["chunk_size"] = ["perplexity"], 1  # chunk 1: a job long enough to be killed in
+    small["methods"] = {"baseline": None, "h2o": {"thresholds": [0.005], "local_window": 32}}
+    configfile = write_config(tmp_path, small)
+    command = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(configfile), "--cores", "1"]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # fmt: skip
+    logs = tmp_path / "results" / "demo" / "logs" / "perplexity"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(logs.rglob("*.log")):
+        time.sleep(0.2)
+    running = next(logs.rglob("*.log"))
+    os.kill(job.pid, signal.SIGKILL)  # Snakemake alone: its job runs on
+    job.wait()
+    output = tmp_path / "results" / "demo" / "perplexity" / running.relative_to(logs).with_suffix(".jsonl")
+    while time.time() < deadline and not output.with_suffix(".stages.json").exists():
+        time.sleep(0.2)
+    assert output.exists(), "the orphaned job should finish on its own"
+    written = output.read_text()
+
+    subprocess.run([*command, "--unlock"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*command, "--touch", str(output.relative_to(tmp_path))], cwd=ROOT, check=True, capture_output=True)
+    jobs = planned_jobs(tmp_path, configfile)
+    evaluations = [w["method"] for rule, w in jobs if rule == "evaluate"]
+    assert output.parent.parent.name not in evaluations and len(evaluations) == 1
+    snakemake(tmp_path, configfile, "--cores", "2")
+    assert output.read_text() == written

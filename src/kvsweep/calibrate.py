@@ -30,6 +30,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +45,8 @@ from kvsweep.evaluate import (
     resolve_method,
 )
 from kvsweep.io import write_json_atomic
-from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
+from kvsweep.methods import get_method
+from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown, start_job
 from kvsweep.thresholds import canonical_threshold
 
 QUANTILE_LEVELS = 1001  # probe quantiles at p = 0, 0.001, ..., 1
@@ -83,10 +85,14 @@ def _logit(density: float) -> float:
     return math.log(density / (1 - density))
 
 
-def search(measure, quantiles: np.ndarray, target: float, tolerance: float, max_steps: int, log=print):
+def search(
+    measure, quantiles: np.ndarray, target: float, tolerance: float, max_steps: int, log=print,
+    limits: tuple[float, float] = (-math.inf, math.inf),
+):  # fmt: skip
     """Find a threshold whose density is within `tolerance` of `target`. `measure(threshold)`
-    returns the density; it is assumed to fall (weakly) as the threshold rises. Returns (the
-    step that reached the target, every step); raises KvsweepError naming the closest otherwise.
+    returns the density; it is assumed to fall (weakly) as the threshold rises. Every threshold
+    tried lies within `limits` (the method's `threshold_range`). Returns (the step that reached the
+    target, every step); raises KvsweepError naming the closest otherwise.
 
     Until the target is bracketed: secant steps in quantile level (the first with slope 1, which
     corrects a constant offset between the probe and the real density exactly). Once bracketed:
@@ -101,11 +107,15 @@ def search(measure, quantiles: np.ndarray, target: float, tolerance: float, max_
     why = f"no threshold within {max_steps} steps"
     spread = float(quantiles[-1] - quantiles[0])
     for index in range(max_steps):
-        threshold = rounded(threshold_at(quantiles, level), spread)
+        threshold = min(max(rounded(threshold_at(quantiles, level), spread), limits[0]), limits[1])
         # A bracket narrower than a tenth of the probe's quantile spacing (in level, so that it is
         # relative to how the scores are distributed, not to their range), with the target still
         # outside: the density jumps over it (many positions share a score).
         narrow = low is not None and high is not None and high.level - low.level < 0.1 / (len(quantiles) - 1)
+        if threshold in seen and threshold in limits:
+            end = "highest" if threshold == limits[1] else "lowest"
+            why = f"the search reached the {end} threshold of the method's range ({canonical_threshold(threshold)})"
+            break
         if threshold in seen or narrow:
             why = "the density jumps over the target between neighbouring thresholds"
             break
@@ -172,15 +182,17 @@ class Calibration:
         self.chunk_size, self.batch_size, self.cuda_graphs = chunk_size, batch_size, cuda_graphs
         self.clock = clock or StageClock(start=time.time())
         self.record = {"chunk_size": chunk_size, "documents": [d["id"] for d in documents]}
+        self.limits = (-math.inf, math.inf)  # the thresholds the method takes
 
     @classmethod
     def from_args(cls, args, clock: StageClock | None = None) -> "Calibration":
         clock = clock or StageClock(start=time.time())
-        method, settings = resolve_method(args)
-        if not method.takes_targets:
+        if not get_method(args.method).takes_targets:
             raise KvsweepError(
                 f"method '{args.method}' has no threshold along which density falls: nothing to calibrate"
             )
+        args.threshold = -math.inf  # the probe evicts nothing; each search step sets its own
+        method, settings = resolve_method(args)
         documents = load_shard(args.data, args.max_length)
         if not documents:
             raise KvsweepError(f"{args.data}: no calibration documents (too few documents qualify after the study's)")
@@ -188,6 +200,7 @@ class Calibration:
         press = build_press(method, -math.inf, settings, model, clock)
         calibration = cls(model, documents, press, args.chunk_size, args.batch_size, cuda_graphs_setting(args), clock)
         calibration.record.update(method=args.method, settings=settings, model=args.model)
+        calibration.limits = method.threshold_range
         return calibration
 
     def stream(self, threshold: float, **options) -> list[dict]:
@@ -237,11 +250,27 @@ def probe(args, clock: StageClock | None = None) -> dict:
     return {**calibration.record, "n_scores": count, "quantiles": quantiles.tolist()}
 
 
+def read_probe(path: str) -> dict:
+    """A probe's record (`probe`), checked: one readable message for a missing, cut or foreign file."""
+    try:
+        probed = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise KvsweepError(f"probe {path}: {err.strerror or err} (run the probe first)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KvsweepError(
+            f"probe {path}: not a whole JSON record ({err}); delete it and run the probe again"
+        ) from None
+    missing = [key for key in ("documents", "quantiles") if not isinstance(probed, dict) or key not in probed]
+    if missing or len(probed["quantiles"]) < 2:
+        what = f"no {', '.join(missing)}" if missing else "fewer than two quantiles"
+        raise KvsweepError(f"probe {path}: not a probe record ({what}); run the probe again")
+    return probed
+
+
 def calibrate(args, clock: StageClock | None = None) -> dict:
     if not 0 < args.target_density < 1:
         raise KvsweepError(f"--target-density must lie strictly between 0 and 1, got {args.target_density}")
-    with open(args.probe) as fh:
-        probed = json.load(fh)
+    probed = read_probe(args.probe)
     calibration = Calibration.from_args(args, clock)
     if probed["documents"] != [d["id"] for d in calibration.documents]:
         raise KvsweepError(f"{args.probe} was made on other calibration documents: run the probe again")
@@ -253,6 +282,7 @@ def calibrate(args, clock: StageClock | None = None) -> dict:
         args.tolerance,
         args.max_steps,
         log=lambda line: print(line, file=sys.stderr),
+        limits=calibration.limits,
     )
     print(
         f"calibrated: threshold {canonical_threshold(found.threshold)} gives density {found.density:.4f} "
@@ -282,7 +312,8 @@ def parse_args(argv=None):
     search_parser.add_argument("--tolerance", type=float, default=0.01)
     search_parser.add_argument("--max-steps", type=int, default=10)
     args = parser.parse_args(argv)
-    args.threshold = 0.0  # not asked for: the probe evicts nothing, each search step sets its own
+    if args.threshold is not None:
+        parser.error("--threshold: a calibration sets its own (the probe evicts nothing, each search step tries one)")
     return args
 
 
@@ -300,5 +331,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    start_job("kvsweep.calibrate")
     main()
     exit_without_teardown()

@@ -31,10 +31,11 @@ import sys
 import numpy as np
 import pandas as pd
 
+from kvsweep.config import check_bootstrap
 from kvsweep.errors import readable_errors
 from kvsweep.io import atomic_path
-from kvsweep.results import read_calibrations
-from kvsweep.score import baseline_of, bootstrap_interval, load_results
+from kvsweep.results import load_results, read_calibrations
+from kvsweep.score import add_documents_argument, baseline_of, bootstrap_interval
 from kvsweep.tasks import all_tasks, get_task
 
 POINT_COLUMNS = ["method_a", "method_b", "length_bucket", "n_docs", "density", "density_a", "density_b", "loss_a",
@@ -243,6 +244,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.comparison", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     parser.add_argument("--inputs", nargs="+", required=True)
+    add_documents_argument(parser)
     parser.add_argument("--calibrations", nargs="*", default=[])
     parser.add_argument(
         "--density", default="kv_density_compressible", choices=["kv_density_compressible", "kv_density"]
@@ -259,7 +261,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.comparison"):
-        rows = per_document_losses(load_results(args.inputs, args.task), args.task)
+        check_bootstrap(args.n_resamples, args.confidence, args.seed)
+        rows = per_document_losses(load_results(args.inputs, args.task, documents=args.documents), args.task)
         left_out = not_along_the_axis(rows, args.density)
         for method, why in left_out.items():
             print(f"comparison: {method} left out: {why}", file=sys.stderr)

@@ -3,7 +3,8 @@ express (methods known to the registry, settings each method takes, thresholds t
 and listed once). Defaults from the schema are filled in. Every problem is one readable message
 that names the key and what is allowed."""
 
-import sys
+import argparse
+import os
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from kvsweep.errors import KvsweepError, readable_errors
+from kvsweep.config_files import read_config_file
+from kvsweep.errors import KvsweepError, names_a_local_path, readable_errors
 from kvsweep.methods import Method, all_methods, get_method
 from kvsweep.tasks import all_tasks
 from kvsweep.thresholds import canonical_threshold
@@ -20,8 +22,10 @@ from kvsweep.thresholds import canonical_threshold
 SCHEMA = files("kvsweep") / "schemas" / "config.schema.yaml"
 
 
-def _with_defaults(validator_class):
-    """The jsonschema recipe for a validator that fills in `default` values as it validates."""
+def _with_defaults(validator_class, integers: bool = True):
+    """The jsonschema recipe for a validator that fills in `default` values as it validates, and
+    writes a whole number given as a float (`512.0`, which JSON schema counts as an integer) as an
+    int, so that no command line receives `--max-length=512.0`."""
     validate_properties = validator_class.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, schema):
@@ -29,9 +33,25 @@ def _with_defaults(validator_class):
             for name, subschema in properties.items():
                 if "default" in subschema and name not in instance:
                     instance[name] = subschema["default"]
+                if integers and name in instance:
+                    instance[name] = _as_integers(instance[name], subschema)
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _is_integer_schema(schema: dict) -> bool:
+    kinds = schema.get("type")
+    return kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds and "number" not in kinds)
+
+
+def _as_integers(value, schema: dict):
+    """`value` with whole floats made ints where `schema` asks for integers (lists of them too)."""
+    if isinstance(value, float) and value.is_integer() and _is_integer_schema(schema):
+        return int(value)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict) and _is_integer_schema(schema["items"]):
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+    return value
 
 
 def _describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
@@ -80,6 +100,14 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
             "methods: 'baseline' is missing; every quality difference is paired with the uncompressed baseline "
             "on the same documents (add `baseline:` under methods)"
         )
+    for block, key in (("model", "name"), ("model", "kvzap_surrogate"), ("dataset", "source")):
+        if config[block][key] not in (None, TRAIN):
+            config[block][key] = canonical_local_path(config[block][key])
+            if names_a_local_path(config[block][key]) and ("{" in config[block][key] or "}" in config[block][key]):
+                raise KvsweepError(
+                    f"{block}.{key}: '{config[block][key]}': a local path is an input file of the workflow, and "
+                    "Snakemake reads {name} in a file name as a wildcard; rename it, or link it from a name without braces"
+                )
     dataset = config["dataset"]
     if dataset["min_length"] > dataset["max_length"]:
         raise KvsweepError(
@@ -90,6 +118,12 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
             f"gpus_per_job: {config['gpus_per_job']} splits the model over GPUs, but device is cpu "
             "(use device: cuda, or gpus_per_job: 0 on the CPU)"
         )
+    shards = n_shards(dataset["max_documents"], documents_per_shard(config))
+    if shards > MAX_SHARDS:
+        raise KvsweepError(
+            f"dataset.max_documents: {dataset['max_documents']} documents make {shards} evaluation jobs per method and "
+            f"value, more than {MAX_SHARDS}; put more documents in each (dataset.shard_size or dataset.shard_tokens)"
+        )
     skip = config["calibration"]["skip_documents"]
     if skip is not None and skip < dataset["max_documents"]:
         raise KvsweepError(
@@ -97,6 +131,28 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
             "the calibration documents would be evaluated documents too"
         )
     return config
+
+
+def check_bootstrap(n_resamples: int, confidence: float, seed: int) -> None:
+    """The bootstrap settings of a command line, against the config schema's `bootstrap` block."""
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["bootstrap"]
+    given = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(given))
+    if error is not None:
+        flag = "--" + str(error.absolute_path[0]).replace("_", "-")
+        raise KvsweepError(f"{flag}: {error.message}")
+
+
+def canonical_local_path(name: str) -> str:
+    """One spelling per existing local folder or file, so that `./m`, `m` and `/work/study/m` name
+    the same model and rerun nothing: relative to the working directory below it, absolute
+    elsewhere (links are kept as written). Anything else (a hub id, a path not made yet) is
+    returned as it is."""
+    if not os.path.exists(os.path.expanduser(name)):  # a hub id, or a missing path reported as written
+        return name
+    path = os.path.abspath(os.path.expanduser(name))
+    inside = os.path.relpath(path)
+    return path if inside == os.pardir or inside.startswith(os.pardir + os.sep) else inside
 
 
 def calibration_offset(config: dict) -> int:
@@ -129,6 +185,16 @@ def surrogate_offset(config: dict) -> int:
     """Qualifying documents before the surrogate's training documents: the study's and the
     calibration's (the training documents follow them)."""
     return calibration_offset(config) + config["calibration"]["documents"]
+
+
+# Evaluation jobs (shards) per method and value, at most: shard files are numbered in three digits
+# (shard000 to shard999), and Snakemake plans every job before it runs one.
+MAX_SHARDS = 1000
+
+
+def n_shards(max_documents: int, shard_size: int) -> int:
+    """Shards of `shard_size` documents holding the first `max_documents`."""
+    return -(-max_documents // shard_size)
 
 
 def documents_per_shard(config: dict) -> int:
@@ -191,7 +257,9 @@ def _validate_method(name: str, block: dict) -> dict:
             f"{key}: unknown method '{kind}' (known methods: {', '.join(methods)}; another name needs `type:`)"
         )
     method = methods[kind]
-    validator = _with_defaults(jsonschema.Draft202012Validator)(method_block_schema(method))
+    # (a method's settings are converted by their own check; its swept values keep their spelling
+    # for the messages about them, and get their canonical one below)
+    validator = _with_defaults(jsonschema.Draft202012Validator, integers=False)(method_block_schema(method))
     errors = sorted(validator.iter_errors(block), key=lambda e: list(e.absolute_path))
     if errors:
         raise KvsweepError(_describe(jsonschema.exceptions.best_match(errors), where))
@@ -214,13 +282,20 @@ def _validate_method(name: str, block: dict) -> dict:
             checked[setting.name] = resolved[setting.name]
     if method.sweep_key:
         canonical = (
-            canonical_threshold
+            partial(_method_threshold, method)
             if method.takes_threshold
             else partial(method.setting(method.sweep).canonical, f"method '{kind}'")
         )
         checked["canonical_values"] = _canonical_list(where, method.sweep_key, values or [], canonical)
         checked["canonical_targets"] = _canonical_list(where, "target_densities", targets or [], canonical_threshold)
     return checked
+
+
+def _method_threshold(method: Method, value) -> str:
+    """A threshold's canonical spelling, once it is known to lie in the method's range."""
+    text = canonical_threshold(value)
+    method.check_threshold(float(text))
+    return text
 
 
 def _canonical_list(where: str, key: str, values: list, canonical) -> list[str]:
@@ -259,15 +334,13 @@ def write_resolved(config: dict, path: str) -> None:
 
 def main(argv=None):
     """`python -m kvsweep.config CONFIG.yaml`: validate a config and print it with defaults."""
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="kvsweep.config", description="Validate a study's config file and print it with every default filled in."
+    )
+    parser.add_argument("config", help="the study's config file (YAML)")
+    args = parser.parse_args(argv)
     with readable_errors("kvsweep.config"):
-        if len(argv) != 1:
-            raise KvsweepError("usage: python -m kvsweep.config CONFIG.yaml")
-        try:
-            config = yaml.safe_load(Path(argv[0]).read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise KvsweepError(f"{argv[0]}: {err}") from None
-        config = validate_config(config)
+        config = validate_config(read_config_file(args.config))
         for block in config["methods"].values():  # the paths' spelling: not something to edit
             block.pop("canonical_values", None), block.pop("canonical_targets", None)
         print(yaml.safe_dump(config, sort_keys=False))

@@ -31,7 +31,7 @@ from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.io import ensure_parent, read_jsonl, write_jsonl_atomic
 from kvsweep.job_gpus import add_gpus_argument, job_gpus
 from kvsweep.methods import all_settings, get_method
-from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
+from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown, start_job
 from kvsweep.tasks import all_tasks, get_task, task_settings
 
 
@@ -86,7 +86,13 @@ def resolve_method(args):
         raise KvsweepError("--max-length must be at least 2")
     method = get_method(args.method)
     given = {name: getattr(args, name) for name in all_settings() if getattr(args, name) is not None}
-    return method, method.resolve(args.threshold, given)
+    settings = method.resolve(args.threshold, given)
+    if method.takes_threshold:
+        try:
+            method.check_threshold(args.threshold)
+        except KvsweepError as err:
+            raise KvsweepError(f"--threshold: {err}") from None
+    return method, settings
 
 
 def load_shard(path: str, max_length: int, task: str = "perplexity") -> list[dict]:
@@ -206,7 +212,10 @@ def run(args, clock: StageClock | None = None) -> None:
     checkpoint = output.with_name(output.name + ".partial")
     fingerprint = _fingerprint(args, settings, documents)
     done = _load_checkpoint(checkpoint, fingerprint, documents, get_task(args.task).result_fields)
-    todo = sorted((d for d in documents if d["id"] not in done), key=lambda d: -len(d["input_ids"]))
+    batches = [
+        batch for batch in planned_batches(documents, args.batch_size) if any(d["id"] not in done for d in batch)
+    ]
+    todo = [doc for batch in batches for doc in batch]
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
@@ -222,8 +231,7 @@ def run(args, clock: StageClock | None = None) -> None:
         open(checkpoint, "a") as log,
         tqdm(total=sum(len(d["input_ids"]) for d in todo), unit="tok", file=sys.stderr) as bar,
     ):
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start : start + args.batch_size]
+        for batch in batches:
             with clock.stage("model_work"):
                 results = evaluate_batch(batch)
             with clock.stage("writing"):
@@ -241,6 +249,15 @@ def run(args, clock: StageClock | None = None) -> None:
         output, documents=len(todo), tokens=sum(len(d["input_ids"]) for d in todo), batch_size=args.batch_size,
         device=provenance["device"], gpus=gpu_count(args),
     )  # fmt: skip
+
+
+def planned_batches(documents: list[dict], batch_size: int) -> list[list[dict]]:
+    """The shard's documents in batches of similar length, longest first. A resumed job runs the
+    batches it has not finished as they were planned, a finished document of an unfinished batch
+    with them: a document's batch changes the last bits of its result (padding changes the shapes
+    the kernels reduce over), so a resumed job gives the uninterrupted job's numbers."""
+    ordered = sorted(documents, key=lambda d: -len(d["input_ids"]))
+    return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
 def load_engine_model(args, clock: StageClock):
@@ -280,5 +297,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    start_job("kvsweep.evaluate")
     main()
     exit_without_teardown()

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 from kvsweep.compare import save_figure
 from kvsweep.errors import KvsweepError, readable_errors
 from kvsweep.evaluate import add_engine_arguments, cuda_graphs_setting, load_shard, resolve_method
+from kvsweep.stages import start_job
 
 
 def plot_eviction_map(evicted, title: str, sinks: int, window: int):
@@ -79,4 +80,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    start_job("kvsweep.eviction_map")
     main()

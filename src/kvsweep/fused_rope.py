@@ -7,21 +7,22 @@ the same operations in the same order: each product and the sum rounded as torch
 on the bits; float32 without fused multiply-adds), so the result is the eager one, bit for bit
 (bf16 checked on the card, `benchmarks/checks.py`).
 
-Only the functions whose source is, character for character, Llama's (with its `rotate_half`)
-are replaced (Qwen2/3, Mistral, Gemma, Granite among others in transformers 5.2), and only for CUDA
-tensors of bf16 or float32 in the shapes Llama passes; anything else runs the original. The replacement
-is the model family's module attribute `apply_rotary_pos_emb`, which its attention's forward reads
-on every call: `fused_rope(model)` sets it for the duration of a press (and restores it), so eager
-passes and the CUDA graphs captured from them run the same kernels.
+The families whose modeling module computes RoPE with Llama's `apply_rotary_pos_emb` and
+`rotate_half`, character for character, are declared in `LLAMA_ROPE_FAMILIES` (the tests hold the
+declaration against the installed transformers), and only CUDA tensors of bf16 or float32 in the
+shapes Llama passes take the kernel; anything else runs the original. The replacement is the model
+family's module attribute `apply_rotary_pos_emb`, which its attention's forward reads on every
+call: `fused_rope(model)` sets it for the duration of a press (and restores it), so eager passes and
+the CUDA graphs captured from them run the same kernels. That attribute may be a plain function or,
+with Hugging Face's `kernels` package installed, the module instance transformers wraps it in
+(`use_kernel_func_from_hub`): either is called as the fallback, and neither is read as source.
 """
 
 import contextlib
 import functools
-import inspect
 import sys
 
 import torch
-from transformers.models.llama import modeling_llama
 
 from kvsweep.kernel_launches import on_tensor_device, triton
 
@@ -32,20 +33,17 @@ if triton is not None:
 ROUNDED = (torch.bfloat16, torch.float32)
 
 
-# Llama's source, read once at import (while a press is active the module holds the replacement).
-LLAMA_SOURCES = {
-    name: inspect.getsource(getattr(modeling_llama, name)) for name in ("apply_rotary_pos_emb", "rotate_half")
-}
+# The model families (transformers.models.<family>.modeling_<family>) whose RoPE functions are
+# Llama's in the transformers versions pyproject.toml allows; tests/test_fused_rope.py compares
+# their source with Llama's.
+LLAMA_ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_ROPE_MODULES = frozenset(f"transformers.models.{f}.modeling_{f}" for f in LLAMA_ROPE_FAMILIES)
 
 
-@functools.cache
 def has_llama_rope(module_name: str) -> bool:
-    """Whether the modeling module's `apply_rotary_pos_emb` and `rotate_half` are Llama's."""
+    """Whether the modeling module is declared to compute RoPE as Llama's does, and has it."""
     module = sys.modules.get(module_name)
-    try:
-        return all(inspect.getsource(getattr(module, name)) == source for name, source in LLAMA_SOURCES.items())
-    except (OSError, TypeError, AttributeError):
-        return False
+    return module_name in LLAMA_ROPE_MODULES and callable(getattr(module, "apply_rotary_pos_emb", None))
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """Reading JSONL inputs and writing outputs atomically (temp file, then rename)."""
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder beside `path` to write a folder into (a model's `save_pretrained`);
+    if the block succeeds, its files get the modes `open()` would give them (0666 less the umask:
+    safetensors writes 0600, which left weights unreadable to collaborators) and it replaces `path`.
+    A killed job leaves only the hidden staging folder, never a `path` that looks complete."""
+    path = ensure_parent(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        staging.mkdir()
+        yield staging
+        mask = current_umask()
+        for folder, _, names in os.walk(staging):
+            os.chmod(folder, 0o777 & ~mask)
+            for name in names:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
@@ -85,3 +115,29 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
                 raise KvsweepError(f"{path}, line {lineno}: missing field(s) {', '.join(missing)}")
             records.append(record)
     return records
+
+
+def record_digests(path: str | os.PathLike) -> Iterator[str]:
+    """For each record of a JSONL file (its non-blank lines, as `read_jsonl` numbers them), the
+    sha256 of every record up to and including it. What a prepared shard read from its source is
+    records 0..i: the digest at i says whether they changed since (`kvsweep.prepare` records it,
+    the workflow compares it), whatever was appended after them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for raw in fh:
+            line = raw.rstrip(b"\r\n")
+            if not line.decode("utf-8", errors="replace").strip():  # as read_jsonl skips them
+                continue
+            digest.update(line + b"\n")
+            yield digest.hexdigest()
+
+
+def record_digest_at(path: str | os.PathLike, index: int) -> str | None:
+    """`record_digests` at record `index` (None: the file is missing or holds fewer records)."""
+    try:
+        for i, found in enumerate(record_digests(path)):
+            if i == index:
+                return found
+    except OSError:
+        return None
+    return None

@@ -24,19 +24,16 @@ were (only the last, partial, shard and the new ones are written again).
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from kvsweep.config import n_shards
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import read_jsonl, write_jsonl_atomic
+from kvsweep.io import read_jsonl, record_digests, write_jsonl_atomic
+from kvsweep.stages import start_job
 from kvsweep.tasks import all_tasks, get_task
-
-
-def n_shards(max_documents: int, shard_size: int) -> int:
-    return math.ceil(max_documents / shard_size)
 
 
 def load_records(source: str, split: str, subset: str | None = None):
@@ -90,9 +87,13 @@ def prepare(args) -> dict:
     kept, stats = [], {"read": 0, "skipped_short": 0, "truncated": 0}
     passed = 0  # qualifying documents left to the study (--skip-documents)
     progress = tqdm(total=args.max_documents, unit="doc", file=sys.stderr, desc="prepare")
+    # A local JSONL's records up to each document, as a digest: the workflow reruns a shard only
+    # when the records it read change, not when records are appended after them.
+    digests = record_digests(args.source) if args.source.endswith(".jsonl") else None
     for index, record in enumerate(load_records(args.source, args.split, args.subset)):
         if len(kept) == args.max_documents:
             break
+        source_sha256 = next(digests) if digests is not None else None
         stats["read"] += 1
         if args.text_field not in record:
             raise KvsweepError(
@@ -111,7 +112,8 @@ def prepare(args) -> dict:
         truncated = len(ids) > args.max_length
         stats["truncated"] += truncated
         doc_id = str(record[args.id_field]) if args.id_field else f"{args.split}-{index:05d}"
-        doc = {"id": doc_id, "index": index, "input_ids": ids[: args.max_length], "truncated": truncated}
+        doc = {"id": doc_id, "index": index, "input_ids": ids[: args.max_length], "truncated": truncated,
+               "source_sha256": source_sha256}  # fmt: skip
         for task in tasks:
             task.prepare_document(doc, record, text, tokenizer, args, stats, index)
         kept.append(doc)
@@ -159,7 +161,10 @@ def prepare(args) -> dict:
 
 def document_entry(doc: dict) -> dict:
     """A document's line in documents.jsonl: where it came from and its length."""
-    return {"id": doc["id"], "index": doc["index"], "n_tokens": len(doc["input_ids"]), "truncated": doc["truncated"]}
+    entry = {"id": doc["id"], "index": doc["index"], "n_tokens": len(doc["input_ids"]), "truncated": doc["truncated"]}
+    if doc["source_sha256"] is not None:  # the records read up to this one (a local JSONL's)
+        entry["source_sha256"] = doc["source_sha256"]
+    return entry
 
 
 def parse_args(argv=None):
@@ -193,4 +198,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    start_job("kvsweep.prepare")
     main()

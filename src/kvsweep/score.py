@@ -19,28 +19,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from kvsweep.config import check_bootstrap
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import atomic_path, read_jsonl
-from kvsweep.results import read_calibrations
+from kvsweep.io import atomic_path
+from kvsweep.results import load_results, read_calibrations
 from kvsweep.stages import study_costs
 from kvsweep.tasks import all_tasks, get_task
-
-
-def load_results(paths: list[str], task: str = "perplexity", swept: dict[str, str] | None = None) -> pd.DataFrame:
-    """Every result line of the inputs, with its method and swept value (read from the path:
-    <task>/<method>/<value>/shardNNN.jsonl) and what that value is (`swept`: "threshold" unless
-    `swept` names another setting for the method, e.g. streaming_llm's sliding_window). A
-    corrupted file is one message naming it."""
-    swept = swept or {}
-    rows = []
-    for path in paths:
-        method, value = Path(path).parts[-3], Path(path).parts[-2]
-        axis = "" if value == "none" else swept.get(method, "threshold")
-        for record in read_jsonl(path, required=tuple(sorted(get_task(task).result_fields))):
-            rows.append({**record, "method": method, "swept": axis, "value": None if value == "none" else value})
-    if not rows:
-        raise KvsweepError("no evaluated documents in the inputs")
-    return pd.DataFrame(rows)
 
 
 def bootstrap_interval(
@@ -147,6 +131,14 @@ def provenance_table(results: pd.DataFrame) -> pd.DataFrame:
     return ordered(counts)
 
 
+def add_documents_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--documents", nargs="*", default=[],
+        help="the prepared shards' document lists (data/<task>/shardNNN.documents.jsonl): each result shard must "
+        "hold exactly the documents of its prepared shard",
+    )  # fmt: skip
+
+
 def add_swept_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--swept", nargs="*", default=[], help="METHOD=SETTING for a method that sweeps a setting, not a threshold"
@@ -171,6 +163,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     parser.add_argument("--inputs", nargs="+", required=True)
+    add_documents_argument(parser)
     parser.add_argument("--output-csv", required=True)
     parser.add_argument("--output-md", required=True)
     parser.add_argument("--calibrations", nargs="*", default=[], help="calibration JSONs: the target of each threshold")
@@ -186,8 +179,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with readable_errors("kvsweep.score"):
+        check_bootstrap(args.n_resamples, args.confidence, args.seed)
         scorer = get_task(args.task).summarize
-        results = load_results(args.inputs, args.task, swept_of(args))
+        results = load_results(args.inputs, args.task, swept_of(args), args.documents)
         table = add_targets(scorer(results, args.n_resamples, args.confidence, args.seed), args.calibrations)
         write_tables(table, args.output_csv, args.output_md)
         if args.output_provenance:

@@ -14,8 +14,10 @@ activation) is `launch_s`, where SLURM says when the job started (SLURM_JOB_STAR
 23.02), and left out otherwise.
 """
 
+import ctypes
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -108,6 +110,41 @@ class StageClock:
         record = self.report(**facts)
         write_json_atomic(stages_path(output), record)
         return record
+
+
+# Set by the workflow for its jobs (common.smk's shell prefix): a job then ends with the shell
+# that runs it, as a job a scheduler kills must.
+DIE_WITH_PARENT = "KVSWEEP_DIE_WITH_PARENT"
+
+
+def die_with_parent() -> None:
+    """When run by the workflow (`DIE_WITH_PARENT` set), ask Linux to end this process with SIGTERM
+    once its parent (the rule's shell) is gone, and make SIGTERM a normal exit (unfinished atomic
+    writes then remove their temporary files). Without it, killing a job's shell left the Python
+    process running; its output then appeared after Snakemake had marked the job failed."""
+    if os.environ.get(DIE_WITH_PARENT) != "1":
+        return
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent was gone before the request
+        sys.exit(128 + signal.SIGTERM)
+
+
+def start_job(program: str) -> None:
+    """What every job command does first: end with the workflow's shell (`die_with_parent`), and
+    refuse, in one line, a library that would stop transformers at import."""
+    from kvsweep.compatibility import check_kernels_package
+    from kvsweep.errors import readable_errors
+
+    die_with_parent()
+    with readable_errors(program):
+        check_kernels_package()
 
 
 def exit_without_teardown() -> None:

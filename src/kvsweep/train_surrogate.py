@@ -27,15 +27,14 @@ waits for, so that rewriting the study's lists never retrains the surrogate).
 
 import argparse
 import gc
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from kvsweep.errors import KvsweepError, readable_errors
-from kvsweep.io import atomic_path, read_jsonl, write_json_atomic
+from kvsweep.io import atomic_folder, atomic_path, read_jsonl, write_json_atomic
 from kvsweep.job_gpus import add_gpus_argument, job_gpus
-from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown
+from kvsweep.stages import StageClock, discard_stage_record, exit_without_teardown, start_job
 
 
 def parse_args(argv=None):
@@ -202,13 +201,9 @@ def run(args, clock: StageClock) -> dict:
         "untrained_mean_spearman": sum(r["untrained_spearman"] for r in layers) / len(layers),
         "layers": layers,
     }
-    with clock.stage("writing"):
-        staging = output.with_name(f".{output.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
+    with clock.stage("writing"), atomic_folder(output) as staging:
         surrogate.save_pretrained(staging)
         write_json_atomic(staging / "validation.json", record)
-        shutil.rmtree(output, ignore_errors=True)
-        staging.rename(output)
     print(
         f"train_surrogate: {args.kvzap_type} surrogate on {len(train_docs)} documents ({record['training_positions']} "
         f"positions); held out ({len(held_out)} documents): mean R^2 {record['mean_r2']:.3f}, mean Spearman "
@@ -235,5 +230,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    start_job("kvsweep.train_surrogate")
     main()
     exit_without_teardown()

@@ -7,13 +7,13 @@
 
 rule prepare_calibration:
     input:
-        source=local_input(config["dataset"]["source"]),
+        source=lambda wildcards: source_input(f"{CALIBRATION_DATA}/documents.jsonl", config["calibration"]["documents"]),
         tokenizer=local_input(config["model"]["name"]),
     output:
         shard=f"{CALIBRATION_DATA}/shard000.jsonl",
         documents=f"{CALIBRATION_DATA}/documents.jsonl",
     params:
-        args=calibration_prepare_arguments(),
+        args=lambda wildcards: calibration_prepare_arguments(),
         output_dir=lambda wildcards, output: str(Path(output.documents).parent.parent),
     log:
         f"{RESULTS}/logs/calibration/prepare.log",
@@ -33,7 +33,7 @@ rule calibration_probe:
     output:
         f"{RESULTS}/calibration/{{method}}/probe.json",
     params:
-        engine=engine_arguments(),
+        engine=lambda wildcards: engine_arguments(),
         method=lambda wildcards: method_arguments(wildcards.method, "none"),
     resources:
         mem_mb=config["resources"]["mem_mb"],
@@ -61,7 +61,7 @@ checkpoint calibrate:
     output:
         f"{RESULTS}/calibration/{{method}}/{{target}}.json",
     params:
-        engine=engine_arguments(),
+        engine=lambda wildcards: engine_arguments(),
         method=lambda wildcards: method_arguments(wildcards.method, "none"),
         search=lambda wildcards: calibration_search_arguments(wildcards.target),
     resources:

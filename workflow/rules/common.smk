@@ -2,15 +2,13 @@
 #
 # No config value ever reaches a shell unquoted: every rule passes its arguments as a list of
 # `--key=value` strings in params and writes `{params.args:q}`, which quotes each element.
-import json
 import os
 import sys
 from pathlib import Path
 from shlex import quote
 
 
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
+SRC = str(Path(workflow.basedir) / "src")  # on sys.path already (config_files.smk)
 
 
 def _shell_text(text):
@@ -23,28 +21,33 @@ def _shell_text(text):
 # activated; with `--sdm conda` it is the rule's environment.
 _uses_conda = "conda" in str(workflow.deployment_settings.deployment_method).lower()
 _job_path = "" if _uses_conda else f"export PATH={_shell_text(str(Path(sys.executable).parent))}:$PATH; "
-shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}}; ")
+# A job's Python process ends with the rule's shell (kvsweep.stages.die_with_parent).
+shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}} KVSWEEP_DIE_WITH_PARENT=1; ")
 
 from kvsweep.config import (  # noqa: E402
     calibration_offset,
     documents_per_shard,
     method_of,
     method_settings,
+    n_shards,
     TRAIN,
     surrogate_offset,
     surrogate_to_train,
     trained_surrogate_path,
     validate_config,
 )
+from kvsweep.compatibility import check_kernels_package  # noqa: E402
 from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
 from kvsweep.job_gpus import GPUS_VARIABLE  # noqa: E402
+from kvsweep.io import read_jsonl, record_digests  # noqa: E402
+from kvsweep.results import read_calibrations  # noqa: E402
+from kvsweep.thresholds import canonical_threshold  # noqa: E402
 from kvsweep.tasks import all_tasks, get_task  # noqa: E402
-from kvsweep.prepare import n_shards  # noqa: E402
 
 
-def _stop(message):
+def _stop(message, what="invalid config"):
     """One line on stderr and a non-zero exit, before any job is planned."""
-    print(f"invalid config: {message}", file=sys.stderr)
+    print(f"{what}: {message}", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -52,6 +55,10 @@ try:
     validate_config(config)
 except KvsweepError as err:
     _stop(err)
+try:  # every job would fail at its first import of transformers
+    check_kernels_package()
+except KvsweepError as err:
+    _stop(err, "unusable environment")
 
 # Every job splits its model over gpus_per_job GPUs. The count reaches the jobs in the environment
 # (under SLURM too: each job runs this file again), not on their command lines, which Snakemake
@@ -125,10 +132,51 @@ def local_input(path):
     return []
 
 
+def _source_digests():
+    """The local JSONL source's record digests (kvsweep.io.record_digests), read once, as far as asked."""
+    digests, read = [], record_digests(config["dataset"]["source"])
+
+    def at(index):
+        while len(digests) <= index:
+            found = next(read, None)
+            if found is None:
+                return None
+            digests.append(found)
+        return digests[index]
+
+    return at
+
+
+_SOURCE_DIGEST_AT = _source_digests()
+
+
+def source_input(listing, expected):
+    """The dataset source, as the input of the prepare job that writes the document list `listing`
+    holding `expected` documents. Once that list is whole and the records it read (up to its last
+    document) are unchanged, the source is `ancient`: records appended or edited after them rerun
+    nothing. Otherwise (no list yet, a source too short to fill it, a record read that changed, a
+    list from before the lists held digests) its modification time counts, as for any input."""
+    source = local_input(config["dataset"]["source"])
+    if not source or not str(source[0]).endswith(".jsonl") or not Path(listing).exists():
+        return source
+    try:
+        entries = read_jsonl(listing)
+    except KvsweepError:
+        return source
+    last = entries[-1] if len(entries) == expected else {}
+    unchanged = "source_sha256" in last and _SOURCE_DIGEST_AT(last["index"]) == last["source_sha256"]
+    return [ancient(source[0])] if unchanged else source
+
+
 def surrogate_input(wildcards):
     """The KVzap surrogate, for the methods that read it only: replacing it reruns no other job."""
     settings = method_settings(config, wildcards.method)
     return local_input(settings["kvzap_surrogate"]) if "kvzap_surrogate" in settings else []
+
+
+def shard_documents(shard):
+    """Documents in shard `shard` once the source holds enough: the last shard may hold fewer."""
+    return min(SHARD_SIZE, config["dataset"]["max_documents"] - shard * SHARD_SIZE)
 
 
 def swept_values(method):
@@ -153,8 +201,13 @@ def calibration_outputs():
 def calibrated_threshold(method, target):
     """The threshold a finished calibration found (raises, for Snakemake, while it has not run)."""
     path = checkpoints.calibrate.get(method=method, target=target).output[0]
-    with open(path) as fh:
-        return json.load(fh)["threshold"]
+    try:
+        threshold = read_calibrations([path])[0]["threshold"]
+        if canonical_threshold(threshold) != threshold:
+            raise KvsweepError(f"{path}: threshold {threshold!r} is not a threshold kvsweep wrote")
+    except KvsweepError as err:
+        _stop(f"{err}; delete it to calibrate this target again", "unreadable calibration")
+    return threshold
 
 
 def calibrated_outputs(task):
@@ -165,11 +218,14 @@ def calibrated_outputs(task):
 
 def scored_inputs():
     """Evaluations at explicit values (known at once), at calibrated thresholds (known once the
-    calibrations have run), and the calibrations themselves (which target each threshold met)."""
+    calibrations have run), the calibrations themselves (which target each threshold met), and the
+    document lists the results are checked against."""
     return {
         "explicit": lambda wildcards: evaluation_outputs(wildcards.task),
         "calibrated": lambda wildcards: calibrated_outputs(wildcards.task),
         "calibrations": calibration_outputs(),
+        # The prepared shards' document lists: each result shard must hold exactly their documents.
+        "documents": lambda wildcards: [f"{RESULTS}/data/{wildcards.task}/shard{s}.documents.jsonl" for s in SHARDS],
     }
 
 
@@ -197,6 +253,9 @@ def final_outputs():
     if SURROGATE_TO_TRAIN:
         outputs += [SURROGATE_TO_TRAIN, f"{RESULTS}/kvzap_surrogate/documents_check.txt"]
     for task in config["tasks"]:
+        # The evaluations are targets too: Snakemake reruns no job for an input deleted under an
+        # output that exists, so a deleted result would otherwise stay in summary.csv unnoticed.
+        outputs += evaluation_outputs(task)
         outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md", f"{RESULTS}/data/{task}/documents.jsonl"]
         outputs += [f"{RESULTS}/{task}/comparison.csv", f"{RESULTS}/{task}/comparison.md"]
         outputs += expand(f"{RESULTS}/{task}/figures/quality_vs_density.{{ext}}", ext=["png", "pdf"])
@@ -204,9 +263,16 @@ def final_outputs():
     return outputs
 
 
+def calibrated_targets(wildcards):
+    """Every evaluation at a calibrated threshold, a target like those at explicit values (known
+    once the calibrations have run)."""
+    return [path for task in config["tasks"] for path in calibrated_outputs(task)]
+
+
 def options(**values):
     """`--key=value` arguments, one list element each (quoted one by one by `{params.x:q}`);
-    None is left out."""
+    None is left out. Params that hold config text are returned by functions: Snakemake reads
+    {name} in a plain params string as a wildcard, and takes a function's result as it is."""
     return [f"--{key.replace('_', '-')}={value}" for key, value in values.items() if value is not None]
 
 

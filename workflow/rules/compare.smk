@@ -43,7 +43,7 @@ rule eviction_map:
         ),
         pdf=f"{RESULTS}/figures/eviction_map_{{method}}.pdf",
     params:
-        engine=engine_arguments(),
+        engine=lambda wildcards: engine_arguments(),
         method=lambda wildcards: eviction_map_arguments(wildcards.method),
     resources:
         mem_mb=config["resources"]["mem_mb"],

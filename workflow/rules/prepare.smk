@@ -7,7 +7,9 @@
 
 rule prepare:
     input:
-        source=local_input(config["dataset"]["source"]),
+        source=lambda wildcards: source_input(
+            f"{RESULTS}/data/{wildcards.task}/shard{wildcards.shard}.documents.jsonl", shard_documents(int(wildcards.shard))
+        ),
         tokenizer=local_input(config["model"]["name"]),
     output:
         shard=f"{RESULTS}/data/{{task}}/shard{{shard}}.jsonl",

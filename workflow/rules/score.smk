@@ -40,7 +40,7 @@ rule score:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep.score --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
-        "--calibrations {input.calibrations:q} --output-csv={output.csv:q} --output-md={output.md:q} "
+        "--documents {input.documents:q} --calibrations {input.calibrations:q} --output-csv={output.csv:q} --output-md={output.md:q} "
         "--output-provenance={output.provenance:q} --output-costs={output.costs:q} --output-costs-md={output.costs_md:q} {params.bootstrap:q} {params.training:q} --swept {params.swept:q} > {log:q} 2>&1"
 
 
@@ -74,6 +74,6 @@ rule comparison:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep.comparison --task={wildcards.task:q} --inputs {input.explicit:q} {input.calibrated:q} "
-        "--calibrations {input.calibrations:q} {params.comparison:q} --grid {params.grid:q} "
+        "--documents {input.documents:q} --calibrations {input.calibrations:q} {params.comparison:q} --grid {params.grid:q} "
         "--length-buckets {params.buckets:q} --output-csv={output.csv:q} --output-auc-csv={output.auc:q} "
         "--output-md={output.md:q} {params.bootstrap:q} > {log:q} 2>&1"

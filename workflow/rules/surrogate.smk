@@ -11,13 +11,16 @@ localrules:
 
 rule prepare_surrogate:
     input:
-        source=local_input(config["dataset"]["source"]),
+        source=lambda wildcards: source_input(
+            f"{SURROGATE_DATA}/perplexity/documents.jsonl",
+            config["surrogate"]["documents"] + config["surrogate"]["validation_documents"],
+        ),
         tokenizer=local_input(config["model"]["name"]),
     output:
         shard=f"{SURROGATE_DATA}/perplexity/shard000.jsonl",
         documents=f"{SURROGATE_DATA}/perplexity/documents.jsonl",
     params:
-        args=surrogate_prepare_arguments(),
+        args=lambda wildcards: surrogate_prepare_arguments(),
         output_dir=lambda wildcards, output: str(Path(output.documents).parent.parent),
     log:
         f"{RESULTS}/logs/kvzap_surrogate/prepare.log",
@@ -38,7 +41,7 @@ if SURROGATE_TO_TRAIN:
         output:
             directory(SURROGATE_TO_TRAIN),
         params:
-            args=surrogate_training_arguments(),
+            args=lambda wildcards: surrogate_training_arguments(),
         resources:
             mem_mb=config["resources"]["mem_mb"],
             runtime=config["resources"]["runtime"],

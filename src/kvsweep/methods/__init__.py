@@ -14,6 +14,7 @@ Adding a method is one file in this folder defining a `Method`, and one entry in
 
 import argparse
 import importlib
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -119,6 +120,10 @@ class Method:
     variant_of: str | None = None
     # Whether the compressible density falls as the swept value rises (target densities need it).
     density_falls: bool = True
+    # The thresholds that mean something for the method's score (a probability: (0, 1)); -inf, which
+    # evicts nothing, is always allowed. Outside it a threshold repeats an end of the range under
+    # another output path.
+    threshold_range: tuple[float, float] = (-math.inf, math.inf)
     _by_name: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -174,6 +179,18 @@ class Method:
             raise KvsweepError(f"method '{self.name}' does not take {', '.join(unknown)} (its settings: {allowed})")
         resolved = {**self.defaults, **{key: value for key, value in given.items() if value is not None}}
         return {key: self._by_name[key].check(f"method '{self.name}'", value) for key, value in resolved.items()}
+
+    def check_threshold(self, threshold: float) -> float:
+        """A threshold a user may ask of the method (config, command line): finite or -inf
+        (`kvsweep.thresholds`), within its range. The engine itself takes any threshold."""
+        threshold = check_threshold(threshold)
+        low, high = self.threshold_range
+        if threshold != -math.inf and not low <= threshold <= high:
+            raise KvsweepError(
+                f"threshold {threshold:g} is outside [{low:g}, {high:g}], the range of its score "
+                f"({self.swept_meaning or 'the method score'}); -inf evicts nothing"
+            )
+        return threshold
 
     def window(self, settings: dict[str, Any]) -> int:
         return settings[self.window_setting] if self.window_setting else 0

@@ -1,3 +1,5 @@
+import math
+
 from kvsweep.methods import Method, Setting, sinks, sliding_window
 
 
@@ -28,4 +30,5 @@ EXPECTED_ATTENTION = Method(
     ),
     window_setting="sliding_window",
     swept_meaning="expected attention x value norm",
+    threshold_range=(0.0, math.inf),
 )

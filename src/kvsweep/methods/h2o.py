@@ -14,6 +14,7 @@ H2O = Method(
     settings=(Setting("local_window", 512, "most recent tokens, not yet decided (H2O's local window)"), sinks(0)),
     window_setting="local_window",
     swept_meaning="mean attention received",
+    threshold_range=(0.0, 1.0),
 )
 
 # The old system's "observed attention": H2O's score with the DMS window instead of H2O's.

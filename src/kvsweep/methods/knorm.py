@@ -1,3 +1,5 @@
+import math
+
 from kvsweep.methods import Method, sinks, sliding_window
 
 
@@ -17,4 +19,5 @@ KNORM = Method(
     settings=(sliding_window(128), sinks(0)),
     window_setting="sliding_window",
     swept_meaning="minus the key norm",
+    threshold_range=(-math.inf, 0.0),
 )

@@ -20,4 +20,5 @@ RANDOM = Method(
     ),
     window_setting="sliding_window",
     swept_meaning="eviction probability (0: baseline, 1: streaming_llm)",
+    threshold_range=(0.0, 1.0),
 )
