@@ -1,24 +1,32 @@
-"""Assets of the CPU demo, made locally (nothing downloaded): generated GovReport-like reports, a
-word-level tokenizer, and a tiny Llama trained (about 50 s on 2 cores) on other generated
-reports, to copy facts from far back, to summarize and stop, and to repeat a document.
+"""Assets of the CPU demo (nothing downloaded): generated GovReport-like reports, and a tiny Llama
+with its word-level tokenizer that copies facts from far back, summarizes and stops, and repeats
+a document.
 
-    python -m kvsweep.demo --output-dir results/demo/assets --documents 48 [--train-steps 600]
+    python -m kvsweep.demo --output-dir results/demo/demo_assets --documents 48
+    python -m kvsweep.demo --train-model DIR [--train-steps 600]      (to make the bundled model again)
 
-Writes OUTPUT/model (model + tokenizer, loadable with from_pretrained) and OUTPUT/govreport.jsonl
-(lines {"id", "report", "summary"}). The demo's KVzap surrogate is trained on this model by the
-workflow's `train_surrogate` rule, as a study's would be.
+The first writes OUTPUT/govreport.jsonl (lines {"id", "report", "summary"}) and OUTPUT/model, a
+copy of the model bundled with kvsweep (`kvsweep/demo_model`, loadable with from_pretrained). The
+model is bundled rather than trained by each demo because training it is not reproducible across
+CPUs: the same code, seed and data trained models whose weights differ by up to 0.5 on two
+instruction sets of one machine (AVX-512 and AVX2; in float32 and in float64), and whose demo
+tables differ beyond their intervals. `--train-model` is how the bundled one was made (on an x86
+CPU, float64, 600 steps, about 150 s on 2 cores). The demo's KVzap surrogate is trained on this
+model by the workflow's `train_surrogate` rule, as a study's would be.
 """
 
 import argparse
 import json
 import random
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from kvsweep.io import atomic_path
+from kvsweep.io import atomic_folder, atomic_path
+from kvsweep.stages import start_job
 
 AGENCIES = ["Department of Defense", "Department of Energy", "Internal Revenue Service", "Federal Aviation Administration",
             "Environmental Protection Agency", "Department of Veterans Affairs", "Social Security Administration",
@@ -143,36 +151,63 @@ def train(model, sequences: list[list[int]], steps: int, seed: int = 0, batch: i
     print(f"demo model: final training loss {loss.item():.3f}", file=sys.stderr)
 
 
-def make_assets(output_dir: str, documents: int, train_steps: int, seed: int = 0, training_reports: int = 200) -> None:
-    """The model learns from `training_reports` reports of their own (another seed): the demo's
-    `documents` reports are never trained on."""
+def training_texts(documents: int, seed: int, training_reports: int) -> tuple[list[dict], list[str]]:
+    """The reports the model learns from (`training_reports` of their own, another seed: the demo's
+    `documents` reports are never trained on) and the texts its vocabulary is made of."""
     from kvsweep.kvzip_targets import REPEAT_REQUEST
     from kvsweep.prompts import GOV_REPORT_PROMPT
 
-    out = Path(output_dir)
     reports = generate_reports(documents, seed)
     lessons = generate_reports(training_reports, seed + 1)
     texts = [GOV_REPORT_PROMPT, REPEAT_REQUEST] + [r["report"] + " " + r["summary"] for r in reports + lessons]
     # Every amount, year and code name the generator can draw, seen in training or not.
     texts.append(" ".join([*map(str, range(10, 100)), *map(str, range(2005, 2025)), *CODENAMES]))
+    return lessons, texts
+
+
+def train_model(output_dir: str, train_steps: int = 600, documents: int = 48, seed: int = 0,
+                training_reports: int = 200) -> None:  # fmt: skip
+    """The demo's model and tokenizer, trained and written to `output_dir`. The weights are
+    trained in float64 and saved in float32."""
+    lessons, texts = training_texts(documents, seed, training_reports)
     tokenizer = build_tokenizer(texts)
-    model = build_model(len(tokenizer), seed)
+    model = build_model(len(tokenizer), seed).double()
     train(model, training_sequences(tokenizer, lessons), train_steps, seed)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    with atomic_folder(output_dir) as staging:
+        model.float().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+BUNDLED_MODEL = files("kvsweep") / "demo_model"
+
+
+def make_assets(output_dir: str, documents: int, seed: int = 0) -> None:
+    """The demo's reports, and a copy of the bundled model beside them."""
+    out = Path(output_dir)
+    with atomic_folder(out / "model") as staging:
+        for item in BUNDLED_MODEL.iterdir():
+            (staging / item.name).write_bytes(item.read_bytes())
     with atomic_path(out / "govreport.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in reports))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in generate_reports(documents, seed)))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvsweep.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--documents", type=int, default=16)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output-dir", help="write the demo's reports and the bundled model here")
+    target.add_argument("--train-model", metavar="DIR", help="train the demo model and its tokenizer into DIR")
+    parser.add_argument(
+        "--documents", type=int, default=48, help="reports of the demo (the bundled tokenizer knows 48)"
+    )
     parser.add_argument("--train-steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    make_assets(args.output_dir, args.documents, args.train_steps, args.seed)
+    if args.train_model:
+        train_model(args.train_model, args.train_steps, args.documents, args.seed)
+    else:
+        make_assets(args.output_dir, args.documents, args.seed)
 
 
 if __name__ == "__main__":
+    start_job("kvsweep.demo")
     main()
