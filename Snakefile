@@ -23,18 +23,23 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/demo.smk"
+include: "workflow/rules/demo_assets.smk"
 include: "workflow/rules/prepare.smk"
-include: "workflow/rules/surrogate.smk"
+include: "workflow/rules/train_surrogate.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/score.smk"
-include: "workflow/rules/compare.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/comparison.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/eviction_map.smk"
+include: "workflow/rules/study_config.smk"
 
 
 # Light steps run where Snakemake runs (on a cluster: the login node, which can reach the hub for
-# the dataset and tokenizer); the model work (evaluate, eviction_map) is submitted as jobs.
+# the dataset and tokenizer); the model work (evaluate, calibrate, eviction_map, train_surrogate)
+# is submitted as jobs. Each rule's shell runs `python -m kvsweep <stage>`, the sub-command its
+# rule is named after where there is one (prepare_calibration runs prepare, calibrate and
+# calibration_probe run calibrate).
 localrules:
     all,
     demo_assets,
@@ -43,7 +48,7 @@ localrules:
     prepare_calibration,
     score,
     comparison,
-    compare,
+    figures,
     study_config,
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvsweep import attention, attention_kernels
-from kvsweep.eviction import KeyVisibility
+from kvsweep.engine import attention
+from kvsweep.engine.layout import KeyVisibility
+from kvsweep.kernels import attention as attention_kernels
 
 CONFIGS = Path(__file__).parent / "configs"
 

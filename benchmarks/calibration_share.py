@@ -5,7 +5,7 @@
 The shipped study (config.yaml): 100 documents of 8,192 tokens in 10 shards, chunk 128, batch 8;
 baseline, and kvzap_no_sink / kvzap / h2o at 9 target densities each plus their explicit
 thresholds (2, 2 and 1); calibration on 8 further documents. This script runs kvsweep's own
-calibration (`kvsweep.calibrate.Calibration` and `search`, the code the calibration jobs run) for
+calibration (`kvsweep.stages.calibrate.Calibration` and `search`, the code the calibration jobs run) for
 every (method, target) of the study on a random-weight model of the architecture, with random
 token documents, and times one evaluation shard of each method the same way (`stream_nll` over
 10 documents in batches of 8, what an evaluation job's model work is). The share is
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from kvsweep.calibrate import Calibration, search
-from kvsweep.stream_nll import stream_nll
+from kvsweep.engine.stream_nll import stream_nll
+from kvsweep.stages.calibrate import Calibration, search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import build_model, kvsweep_press  # noqa: E402

@@ -5,18 +5,13 @@ from unittest.mock import patch
 import torch
 from transformers.models.llama import modeling_llama
 
-from kvsweep import (
-    attention,
-    attention_kernels,
-    decision_kernel,
-    fused_norms,
-    fused_projections,
-    fused_rope,
-    surrogate_kernel,
-)
-from kvsweep.eviction import KeyVisibility
-from kvsweep.generate import stream_generate
-from kvsweep.stream_nll import stream_nll
+from kvsweep.engine import attention
+from kvsweep.engine.generate import stream_generate
+from kvsweep.engine.integration import fusions, joined
+from kvsweep.engine.layout import KeyVisibility
+from kvsweep.engine.stream_nll import stream_nll
+from kvsweep.kernels import attention as attention_kernels
+from kvsweep.kernels import decisions, entry_scores, rms_norm, rope, silu_and_mul, surrogate_mlp
 
 
 def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
@@ -79,8 +74,8 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
         press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
         fused = stream_nll(model, short, chunk, press)
         with (
-            patch.object(decision_kernel, "applies", lambda *_: False),
-            patch.object(decision_kernel, "stores", lambda *_: False),
+            patch.object(decisions, "supports", lambda *_: False),
+            patch.object(entry_scores, "supports", lambda *_: False),
         ):
             plain = stream_nll(model, short, chunk, press)
         name = f"{method}_chunk{chunk}_{n_tokens}tok_decision_kernel_vs_torch"
@@ -95,7 +90,7 @@ def correctness_checks(model, surrogate, thresholds, kvsweep_press) -> dict:
 
 
 def surrogate_kernel_checks(model, surrogate, docs, thresholds, kvsweep_press) -> dict:
-    """KVzap's surrogate kernels (`kvsweep.surrogate_kernel`) against its torch modules: the scores
+    """KVzap's surrogate kernels (`kvsweep.kernels.surrogate_mlp`) against its torch modules: the scores
     of 16 tokens' hidden states (bf16; how many differ, by how much), and whole exact streams and
     generations with the kernels and with the modules (their scores stored by `index_copy_`)."""
     mlp = surrogate.layers[0]
@@ -104,7 +99,7 @@ def surrogate_kernel_checks(model, surrogate, docs, thresholds, kvsweep_press) -
         torch.randn(16, 1, model.config.hidden_size, device="cuda", generator=generator).bfloat16()
     )
     entry = torch.zeros(16, mlp[2].out_features, 1, device="cuda")
-    surrogate_kernel.score_into(entry, hidden, mlp, torch.zeros(1, dtype=torch.long, device="cuda"))
+    surrogate_mlp.score_into(entry, hidden, mlp, torch.zeros(1, dtype=torch.long, device="cuda"))
     expected = mlp(hidden).float().transpose(1, 2)
     checks = {
         "surrogate_kernels_vs_modules_share_of_scores_differing_bf16": float((entry != expected).float().mean()),
@@ -114,21 +109,21 @@ def surrogate_kernel_checks(model, surrogate, docs, thresholds, kvsweep_press) -
     press = kvsweep_press("kvzap", surrogate, thresholds["kvzap"], window=64)
     short = [doc[:600] for doc in docs]
     kernels = stream_nll(model, short, 1, press)
-    with patch.object(surrogate_kernel, "applies", lambda *_: False):
+    with patch.object(surrogate_mlp, "supports", lambda *_: False):
         modules = stream_nll(model, short, 1, press)
     name = "kvzap_chunk1_600tok_surrogate_kernels_vs_modules"
     checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(kernels, modules)
     checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in kernels], [r["kv_kept"] for r in modules]]
     prompts = [docs[0][:700], docs[1][:530]]
     kernels = stream_generate(model, prompts, 128, 96, press)
-    with patch.object(surrogate_kernel, "applies", lambda *_: False):
+    with patch.object(surrogate_mlp, "supports", lambda *_: False):
         modules = stream_generate(model, prompts, 128, 96, press)
     checks["kvzap_generate_surrogate_kernels_vs_modules_same_tokens_and_kv"] = kernels == modules
     return checks
 
 
 def joined_layer_checks(model, surrogate, docs, thresholds, kvsweep_press) -> dict:
-    """`kvsweep.fused_projections` and the residual add in the norm's kernel (`fused_norms`): the
+    """`kvsweep.kernels.silu_and_mul` and the residual add in the norm's kernel (`rms_norm`): the
     SiLU-and-product kernel and the add against torch on this model's widths in bf16 (elements
     differing); whole streams with the joined layers and with the modules' own forwards."""
     generator = torch.Generator(device="cuda").manual_seed(6)
@@ -138,11 +133,11 @@ def joined_layer_checks(model, surrogate, docs, thresholds, kvsweep_press) -> di
     expected = torch.nn.functional.silu(gate) * up
     x, residual = (torch.randn(2, 512, hidden, device="cuda", generator=generator) * 3).bfloat16()
     norm = model.get_decoder().layers[0].post_attention_layernorm
-    total, normed = fused_norms.rms_norm(x, norm.weight, norm.variance_epsilon, residual=residual)
+    total, normed = rms_norm.rms_norm(x, norm.weight, norm.variance_epsilon, residual=residual)
     eager = type(norm).forward(norm, residual + x)
     checks = {
         "silu_and_mul_vs_torch_share_of_elements_differing_bf16": float(
-            (fused_projections.silu_and_mul(gate_up) != expected).float().mean()
+            (silu_and_mul.silu_and_mul(gate_up) != expected).float().mean()
         ),
         "residual_add_in_norm_vs_torch_add_share_differing_bf16": float((total != residual + x).float().mean()),
         "residual_add_in_norm_vs_eager_norm_max_abs_diff_bf16": float((normed.float() - eager.float()).abs().max()),
@@ -151,20 +146,20 @@ def joined_layer_checks(model, surrogate, docs, thresholds, kvsweep_press) -> di
         for chunk in (128, 1):
             short = [doc[: 1024 if chunk == 128 else 200] for doc in docs]
             press = kvsweep_press(method, surrogate, threshold, window=64 if chunk == 1 else None)
-            joined = stream_nll(model, short, chunk, press)
+            fused = stream_nll(model, short, chunk, press)
             with (
-                patch.object(fused_projections, "on_gpu", lambda weight: False),
-                patch.object(fused_norms, "has_mirrored_decoder_layer", lambda cls: False),
+                patch.object(joined, "on_gpu", lambda weight: False),  # no joined projections
+                patch.object(fusions, "hooked", lambda norm: True),  # no residual add in the norm
             ):
                 own = stream_nll(model, short, chunk, press)
             name = f"{method}_chunk{chunk}_joined_layers_vs_own_forwards"
-            checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(joined, own)
-            checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in joined], [r["kv_kept"] for r in own]]
+            checks[f"{name}_max_rel_nll_diff"] = worst_nll_diff(fused, own)
+            checks[f"{name}_kv_kept"] = [[r["kv_kept"] for r in fused], [r["kv_kept"] for r in own]]
     return checks
 
 
 def rope_checks(model) -> dict:
-    """The fused rotary embedding (`kvsweep.fused_rope`) against transformers' function on this
+    """The fused rotary embedding (`kvsweep.kernels.rope`) against transformers' function on this
     model's shapes in bf16 (a chunk of 128 at positions up to 8,192): how far apart and on how many
     elements; and transformers' function against the same arithmetic in torch, each product and
     sum rounded to bf16 (what the kernel does)."""
@@ -177,7 +172,7 @@ def rope_checks(model) -> dict:
     positions = torch.randint(0, 8192, (batch, seq), device="cuda", generator=generator)
     cos, sin = model.get_decoder().rotary_emb(q, positions)
     expected = torch.cat([t.flatten() for t in modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)]).float()
-    fused = torch.cat([fused_rope.rotate(q, cos, sin).flatten(), fused_rope.rotate(k, cos, sin).flatten()]).float()
+    fused = torch.cat([rope.rotate(q, cos, sin).flatten(), rope.rotate(k, cos, sin).flatten()]).float()
 
     def rounded_each_op(x):
         half = head_dim // 2
@@ -195,7 +190,7 @@ def rope_checks(model) -> dict:
 
 
 def rms_norm_checks(model) -> dict:
-    """The fused RMSNorm (`kvsweep.fused_norms`) against the eager module, on 4,096 rows of bf16
+    """The fused RMSNorm (`kvsweep.kernels.rms_norm`) against the eager module, on 4,096 rows of bf16
     activations of this model's width: how far apart, and on how many elements (the mean's sum is
     taken in another order)."""
     norm = model.get_decoder().norm
@@ -207,7 +202,7 @@ def rms_norm_checks(model) -> dict:
         with torch.no_grad():
             norm.weight.copy_(weight)
             eager = type(norm).forward(norm, x).float()
-            fused = fused_norms.rms_norm(x, norm.weight, norm.variance_epsilon).float()
+            fused = rms_norm.rms_norm(x, norm.weight, norm.variance_epsilon).float()
     finally:
         with torch.no_grad():
             norm.weight.copy_(saved)
@@ -219,7 +214,7 @@ def rms_norm_checks(model) -> dict:
 
 def torch_attention():
     """The engine's attention through torch ops (SDPA, or explicit probabilities) rather than Triton."""
-    return patch.object(attention_kernels, "available", lambda query: False)
+    return patch.object(attention_kernels, "supports", lambda query: False)
 
 
 def h2o_kernel_checks(model, surrogate, docs, kvsweep_press) -> dict:

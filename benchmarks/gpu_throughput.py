@@ -8,7 +8,7 @@ and `h2o` in the same process, one after the other, and reports tokens/s, peak G
 ratio to baseline and the ratio to the hardware floor, with the floor's two rates (device copy
 bandwidth, bf16 matmul) measured in the same run. Each kvsweep row is timed --repeats times (3)
 after one warm-up of the same length, in the same process: the median is reported, with every
-timing and the spread. The calls of a row share their passes and CUDA graphs (`KeptPasses`), as a
+timing and the spread. The calls of a row share their passes and CUDA graphs (`ReusablePasses`), as a
 workflow job's batches do, so the timings hold no graph captures (`--fresh-passes`: each call
 builds and captures its own, as a lone `stream_nll` call does). Generation is reported against the
 floor of its whole work (the prompt's chunks, then one pass per new token), and its decoding steps
@@ -28,10 +28,11 @@ import torch
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvsweep.generate import stream_generate
-from kvsweep.presses import H2OScorer, KVzapSurrogatePress, StreamingThresholdPress
-from kvsweep.static_passes import KeptPasses
-from kvsweep.stream_nll import stream_nll
+from kvsweep.engine.generate import stream_generate
+from kvsweep.engine.passes import ReusablePasses
+from kvsweep.engine.press import StreamingThresholdPress
+from kvsweep.engine.scorers import H2OScorer, KVzapScorer
+from kvsweep.engine.stream_nll import stream_nll
 
 from anchors import kvpress_pipeline, upstream_kvzap_press, upstream_stream
 from checks import correctness_checks
@@ -161,7 +162,7 @@ def kvsweep_press(method, surrogate, threshold, window=None):
         return None
     if method == "h2o":
         return StreamingThresholdPress(H2OScorer(), threshold=threshold, sliding_window_size=window or 512)
-    scorer = KVzapSurrogatePress(model_type="mlp", surrogate="random-surrogate")
+    scorer = KVzapScorer(model_type="mlp", surrogate="random-surrogate")
     scorer.kvzap_model, scorer.kvzap_model_name = surrogate, "random-surrogate"
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=window or 128)
 
@@ -199,7 +200,9 @@ def main():
     parser.add_argument("--batches", default="1,8,16", help="batch sizes (generation: 1 and 8 of them)")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks on the card")
     parser.add_argument("--repeats", type=int, default=3, help="timings of each kvsweep row, in this process (median)")
-    parser.add_argument("--fresh-passes", action="store_true", help="each call captures its own graphs (no KeptPasses)")
+    parser.add_argument(
+        "--fresh-passes", action="store_true", help="each call captures its own graphs (no ReusablePasses)"
+    )
     args = parser.parse_args()
     if args.refloor:
         refloor(args.output)
@@ -217,7 +220,7 @@ def main():
         probe = model.get_input_embeddings()(torch.randint(0, vocab, (1, 512), device="cuda"))
         thresholds["kvzap"] = float(surrogate.layers[0](probe).float().median())
     report["thresholds"] = thresholds
-    report["passes"] = "fresh per call" if args.fresh_passes else "kept across the calls of a row (KeptPasses)"
+    report["passes"] = "fresh per call" if args.fresh_passes else "kept across the calls of a row (ReusablePasses)"
     print(json.dumps({k: report[k] for k in ("card", "floors", "params_B", "thresholds")}), flush=True)
 
     def save():
@@ -257,7 +260,7 @@ def main():
                         "tokens_timed": anchor[2] // fields["batch"], "vs_baseline": vs_baseline})  # fmt: skip
                 continue
             press = kvsweep_press(method, surrogate, thresholds.get(method))
-            kept = None if args.fresh_passes else KeptPasses()
+            kept = None if args.fresh_passes else ReusablePasses()
             # The warm-up is the work itself: it captures every shape the timed calls replay.
             work(press, kept)
             # Each row timed `repeats` times in this process: the median is what is reported, and
@@ -295,10 +298,11 @@ def main():
         def decoding_alone(results, rate, press):
             """The decoding steps alone: the whole call minus a call that stops after the prompt
             (its own kept passes, warmed up, then timed as often as the row)."""
-            kept = None if args.fresh_passes else KeptPasses()
-            stream_generate(model, prompts, 128, 1, press, kept=kept)
+            kept = None if args.fresh_passes else ReusablePasses()
+            stream_generate(model, prompts, 128, 1, press, reuse=kept)
             prefill = statistics.median(
-                timed(lambda: stream_generate(model, prompts, 128, 1, press, kept=kept))[1] for _ in range(args.repeats)
+                timed(lambda: stream_generate(model, prompts, 128, 1, press, reuse=kept))[1]
+                for _ in range(args.repeats)
             )
             steps = batch * new / rate - prefill
             return {
@@ -313,7 +317,7 @@ def main():
 
         time_methods(
             {"workload": "generate", "tokens": context, "new_tokens": new, "chunk": 128, "batch": batch},
-            work=lambda press, kept: stream_generate(model, prompts, 128, new, press, kept=kept),
+            work=lambda press, kept: stream_generate(model, prompts, 128, new, press, reuse=kept),
             tokens=batch * new,
             extra=decoding_alone,
             anchors=anchors,
@@ -344,7 +348,7 @@ def main():
                             upstream_kvzap_press(model, surrogate, thresholds["kvzap"])), batch * eager_tokens))  # fmt: skip
         time_methods(
             {"workload": name, "tokens": n_tokens, "chunk": chunk, "batch": batch},
-            work=lambda press, kept: stream_nll(model, docs, chunk, press, kept=kept),  # noqa: B023
+            work=lambda press, kept: stream_nll(model, docs, chunk, press, reuse=kept),  # noqa: B023
             tokens=batch * n_tokens,
             extra=lambda results, rate, press: {  # noqa: B023
                 "floor_tok_per_s": floor,  # noqa: B023

@@ -4,12 +4,12 @@
 
 A model of a real architecture (benchmarks/configs/) with random bf16 weights and a random KVzap
 MLP surrogate are saved to local disk, read once (so the weights are in the file cache, as for
-every job of a study but the first on a node), then `python -m kvsweep.evaluate` runs as a
+every job of a study but the first on a node), then `python -m kvsweep evaluate` runs as a
 workflow job would: one process per job, at the shipped study's settings (config.yaml: chunk,
 batch, max_length, its first shard: the documents that `dataset.shard_tokens` gives, at most
-`max_documents`; each method's first explicit threshold and its settings). Each job's stage record (`kvsweep.stages`) is read back beside the
+`max_documents`; each method's first explicit threshold and its settings). Each job's stage record (`kvsweep.core.timing`) is read back beside the
 wall time measured around the process. Checked on the card first: a job's batches sharing their
-passes and CUDA graphs (`KeptPasses`) give what fresh passes give. Also timed: one job per method on the old default shard
+passes and CUDA graphs (`ReusablePasses`) give what fresh passes give. Also timed: one job per method on the old default shard
 (10 documents), and the model's load from disk with the old path (read into host memory, then
 copied to the GPU) against `device_map` (straight to the GPU). Results are written after every
 job.
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from kvsweep.config import documents_per_shard, method_settings, validate_config
+from kvsweep.engine.methods import build_press
+from kvsweep.study.config import documents_per_shard, method_settings, validate_config
 
 from gpu_throughput import build_model, new_report
 
@@ -84,7 +85,7 @@ def run_job(args, config, model, surrogate, shard, method, label, workdir) -> di
     output = workdir / "out" / label / "shard000.jsonl"
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "kvsweep.evaluate", f"--model={model}", f"--data={shard}",
+        sys.executable, "-m", "kvsweep", "evaluate", f"--model={model}", f"--data={shard}",
         *method_flags(config, method, surrogate), f"--chunk-size={config['chunk_size']}",
         f"--max-length={config['dataset']['max_length']}", f"--batch-size={config['batch_size']}",
         "--device=cuda", f"--dtype={config['model']['dtype']}", f"--output={output}",
@@ -113,12 +114,12 @@ def run_job(args, config, model, surrogate, shard, method, label, workdir) -> di
 
 def kept_passes_check(config, model_dir: Path, surrogate: Path, vocabulary: int) -> dict:
     """On the card, with CUDA graphs: three batches of documents of different lengths (700-1,024
-    tokens: one shape, whole key buckets) streamed through one job's `KeptPasses` give what fresh
+    tokens: one shape, whole key buckets) streamed through one job's `ReusablePasses` give what fresh
     passes give (NLL within bf16 noise, identical kept counts), per method."""
-    from kvsweep.methods import get_method
-    from kvsweep.modeling import load_model
-    from kvsweep.static_passes import KeptPasses
-    from kvsweep.stream_nll import stream_nll
+    from kvsweep.engine.models import load_model
+    from kvsweep.engine.passes import ReusablePasses
+    from kvsweep.engine.stream_nll import stream_nll
+    from kvsweep.study.methods import get_method
 
     model = load_model(str(model_dir), config["model"]["dtype"], "cuda")
     generator = torch.Generator().manual_seed(1)
@@ -133,12 +134,12 @@ def kept_passes_check(config, model_dir: Path, surrogate: Path, vocabulary: int)
         values = config["methods"][method].get("canonical_values") or [None]
         threshold = None if values[0] is None else float(values[0])
         spec = get_method(method)
-        kept, worst, counts_equal = KeptPasses(), 0.0, True
-        press = spec.build(threshold, spec.resolve(threshold, settings))
+        kept, worst, counts_equal = ReusablePasses(), 0.0, True
+        press = build_press(spec, threshold, spec.resolve(threshold, settings))
         for documents in batches:
-            a = stream_nll(model, documents, config["chunk_size"], press, kept=kept)
+            a = stream_nll(model, documents, config["chunk_size"], press, reuse=kept)
             b = stream_nll(
-                model, documents, config["chunk_size"], spec.build(threshold, spec.resolve(threshold, settings))
+                model, documents, config["chunk_size"], build_press(spec, threshold, spec.resolve(threshold, settings))
             )
             worst = max(
                 [worst, *(abs(x["nll_sum"] - y["nll_sum"]) / abs(y["nll_sum"]) for x, y in zip(a, b, strict=True))]
@@ -184,7 +185,7 @@ def main():
 
     for attempt in range(2):  # the imports of a job, alone (the second with the file cache warm)
         start = time.time()
-        subprocess.run([sys.executable, "-c", "import kvsweep.presses.streaming_threshold_press, kvsweep.modeling"],
+        subprocess.run([sys.executable, "-c", "import kvsweep.engine.press, kvsweep.engine.models"],
                        check=True)  # fmt: skip
         report[f"imports_s_{attempt}"] = time.time() - start
         print(f"imports alone: {report[f'imports_s_{attempt}']:.1f} s", flush=True)

@@ -6,11 +6,11 @@ decoding. Which key block and how many key shares suit a pass whose programs are
 Random bf16 tensors of the architecture's attention shape, keys in a static cache as the engine
 holds them (the pass's queries in consecutive slots, nothing evicted). Per case:
 - `forward`: `attend` (the forward kernel and, with shares, their combination) per forward
-  setting and key share (`split_keys`; "auto" is `kernel_launches.key_splits`'s choice);
+  setting and key share (`split_keys`; "auto" is `kvsweep.kernels.launches.key_splits`'s choice);
 - `column_sums`: `attend_and_accumulate` with H2O's in-kernel row weights and stop, the sums of
   keys decided before the pass skipped (a 512-key window), per column-sum setting, with the
   default forward: the differences between settings are the column sums'. Unlike the engine
-  (`kvsweep.attention`), it passes no `undecided_span` or `sums_from`: whole rows a program and
+  (`kvsweep.engine.attention`), it passes no `undecided_span` or `sums_from`: whole rows a program and
   every key block launched, as the kernel ran when this sweep chose its blocks.
 Microseconds of GPU time per call: 20 calls captured in a CUDA graph, as the engine replays its
 passes (timed eagerly, the host's launches would be measured instead), median of 20 replays.
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from attention_kernels_bench import attention_case, milliseconds
 
-from kvsweep import attention_kernels, kernel_launches
+from kvsweep.kernels import attention as attention_kernels
+from kvsweep.kernels import launches as kernel_launches
 
 CONFIGS = Path(__file__).parent / "configs"
 FORWARD_SETTINGS = [

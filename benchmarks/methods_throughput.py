@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvsweep.methods import get_method
-from kvsweep.stream_nll import stream_nll
+from kvsweep.engine.methods import build_press
+from kvsweep.engine.stream_nll import stream_nll
+from kvsweep.study.methods import get_method
 
 from gpu_throughput import build_model, floor_tokens_per_s, new_report, timed
 
@@ -31,7 +32,7 @@ METHODS = ("streaming_llm", "random", "knorm", "expected_attention", "observed_a
 def press_for(method: str, threshold: float | None):
     spec = get_method(method)
     settings = spec.resolve(threshold if spec.takes_threshold else None, {})
-    return spec.build(threshold if spec.takes_threshold else None, settings)
+    return build_press(spec, threshold if spec.takes_threshold else None, settings)
 
 
 def median_threshold(model, method: str, docs) -> float:
@@ -51,8 +52,8 @@ def worst_rel_diff(a, b) -> float:
 
 def expected_attention_kernel_check() -> dict:
     """On the card, bf16 keys: the Triton kernel's logits and the torch path's against float64."""
-    from kvsweep import expected_attention_kernel
-    from kvsweep.presses.expected_attention_scorer import expected_logits_torch
+    from kvsweep.engine.scorers.expected_attention import expected_logits_torch
+    from kvsweep.kernels import expected_logits as expected_attention_kernel
 
     g = torch.Generator(device="cuda").manual_seed(3)
     batch, kv_heads, group, n, d = 2, 8, 4, 3000, 128

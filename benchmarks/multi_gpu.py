@@ -3,7 +3,7 @@
     python benchmarks/multi_gpu.py --output multi_gpu.json [--steps check,qwen3-32b,llama-3.1-70b,speed8b]
 
 Random bf16 weights of real architectures (configs/), placed as the workflow places a checkpoint
-(`kvsweep.placement`), with accelerate's hooks as `from_pretrained(device_map=...)` attaches them.
+(`kvsweep.engine.placement`), with accelerate's hooks as `from_pretrained(device_map=...)` attaches them.
 Each weight comes from its own seeded generator, so the one-GPU and the split model are the same.
 Steps, in the order given (each is skipped once --budget-s has passed):
 
@@ -35,10 +35,11 @@ from accelerate import dispatch_model
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvsweep.generate import stream_generate
-from kvsweep.methods import get_method
-from kvsweep.placement import decoder_of, keep_outputs_where_made, module_device, placement_plan
-from kvsweep.stream_nll import stream_nll
+from kvsweep.engine.generate import stream_generate
+from kvsweep.engine.methods import build_press
+from kvsweep.engine.placement import decoder_of, keep_outputs_where_made, module_device, placement_plan
+from kvsweep.engine.stream_nll import stream_nll
+from kvsweep.study.methods import get_method
 
 from checks import torch_attention, worst_nll_diff
 from gpu_throughput import CONFIGS, floor_tokens_per_s, kvsweep_press, measure_floors
@@ -141,7 +142,7 @@ def check_press(method, surrogate, threshold, window=None):
     spec, settings = get_method(method), {"sliding_window": window or 128, "sinks": 4}
     if method == "random":
         threshold, settings = 0.4, {**settings, "seed": 42}
-    return spec.build(threshold, spec.resolve(threshold, settings))
+    return build_press(spec, threshold, spec.resolve(threshold, settings))
 
 
 def compare(split: dict, single: dict) -> dict:

@@ -23,20 +23,20 @@ for gpus in 1 2; do
     for method in baseline h2o kvzap random expected_attention; do
       mkdir -p "$WORK/gpus$gpus/$task"
       # Two GPUs through the workflow's variable, as a job of the workflow gets them.
-      KVSWEEP_GPUS_PER_JOB=$gpus python -m kvsweep.evaluate --model=$MODEL --dtype=bfloat16 --device=cuda \
+      KVSWEEP_GPUS_PER_JOB=$gpus python -m kvsweep evaluate --model=$MODEL --dtype=bfloat16 --device=cuda \
         --chunk-size=16 --max-length=512 --batch-size=4 --cuda-graphs=auto --task=$task $extra \
         --data=$DEMO/data/$task/shard000.jsonl ${METHOD[$method]} \
         --output="$WORK/gpus$gpus/$task/$method.jsonl" 2> "$WORK/gpus$gpus/$task/$method.log"
     done
   done
-  python -m kvsweep.train_surrogate --model=$MODEL --dtype=bfloat16 --device=cuda --gpus=$gpus --kvzap-type=mlp \
+  python -m kvsweep train_surrogate --model=$MODEL --dtype=bfloat16 --device=cuda --gpus=$gpus --kvzap-type=mlp \
     --validation-documents=4 --tokens-per-document=256 --hidden-dim=64 --epochs=30 --learning-rate=0.005 \
     --batch-size=512 --seed=0 --data=$DEMO/kvzap_surrogate/data/perplexity/shard000.jsonl \
     --output="$WORK/gpus$gpus/surrogate" 2> "$WORK/gpus$gpus/surrogate.log"
 done
 # Refusal: a split over more GPUs than the job sees (more GPUs than layers is tested on the CPU).
 set +e
-CUDA_VISIBLE_DEVICES=0 python -m kvsweep.evaluate --model=$MODEL --device=cuda --gpus=2 --chunk-size=16 --max-length=512 \
+CUDA_VISIBLE_DEVICES=0 python -m kvsweep evaluate --model=$MODEL --device=cuda --gpus=2 --chunk-size=16 --max-length=512 \
   --data=$DEMO/data/perplexity/shard000.jsonl --method=baseline --output="$WORK/refused.jsonl" 2> "$WORK/too_few_visible.txt"
 set -e
 python benchmarks/compare_job_outputs.py "$WORK" "$REPORT"

@@ -16,9 +16,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvsweep.generate import stream_generate
-from kvsweep.static_passes import KeptPasses
-from kvsweep.stream_nll import stream_nll
+from kvsweep.engine.generate import stream_generate
+from kvsweep.engine.passes import ReusablePasses
+from kvsweep.engine.stream_nll import stream_nll
 
 from gpu_throughput import build_model, kvsweep_press, timed
 
@@ -47,9 +47,9 @@ def main():
     thresholds = {"baseline": None, "kvzap": 0.0, "h2o": 2e-4}
     for method in args.methods.split(","):
         press = kvsweep_press(method, surrogate, thresholds[method])
-        # With --kept, calls of one shape share their passes and graphs (`KeptPasses`), as a
+        # With --kept, calls of one shape share their passes and graphs (`ReusablePasses`), as a
         # workflow job's batches do: the timings after the first are free of graph captures.
-        kept = {"kept": KeptPasses()} if args.kept else {}
+        kept = {"reuse": ReusablePasses()} if args.kept else {}
         if args.workload == "chunk1":
             docs = torch.randint(0, vocab, (args.batch, args.tokens)).tolist()
             for attempt in range(2):
@@ -69,7 +69,7 @@ def main():
             prompts = torch.randint(0, vocab, (args.batch, args.context)).tolist()
             # The prefill-only call has another shape (capacity): its own kept passes, so that
             # neither call throws the other's away.
-            kept_prefill = {"kept": KeptPasses()} if args.kept else {}
+            kept_prefill = {"reuse": ReusablePasses()} if args.kept else {}
             for attempt in range(2):
                 prefill = seconds(lambda: stream_generate(model, prompts, 128, 1, press, **kept_prefill))  # noqa: B023
                 full = seconds(lambda: stream_generate(model, prompts, 128, args.new, press, **kept))  # noqa: B023

@@ -4,7 +4,7 @@
 
 A model of a real architecture (benchmarks/configs/) with random bf16 weights is saved to local
 disk (with a word-level tokenizer: the documents are random token ids, only the repeat request is
-text), then `python -m kvsweep.train_surrogate` runs as the workflow's job would, at the schema's
+text), then `python -m kvsweep train_surrogate` runs as the workflow's job would, at the schema's
 defaults (`surrogate:` block: documents, held-out documents, max_length, tokens per document, MLP
 settings), once per surrogate type. Its stage record splits the job into imports, model load,
 target collection (the model's forward passes over the repeat prompts) and the fit. Random weights
@@ -22,8 +22,8 @@ import torch
 import yaml
 from job_overhead import save_assets, write_shard
 
-from kvsweep.config import SCHEMA
-from kvsweep.demo import build_tokenizer
+from kvsweep.demo.model import build_tokenizer
+from kvsweep.study.config import SCHEMA
 
 from gpu_throughput import new_report
 
@@ -54,7 +54,7 @@ def main():
     report["runs"] = []
     for kind in args.types:
         output = workdir / f"surrogate_{kind}"
-        command = [sys.executable, "-m", "kvsweep.train_surrogate", f"--model={model}", "--dtype=bfloat16",
+        command = [sys.executable, "-m", "kvsweep", "train_surrogate", f"--model={model}", "--dtype=bfloat16",
                    "--device=cuda", f"--data={shard}", f"--kvzap-type={kind}", f"--output={output}",
                    *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items() if k not in ("documents", "max_length"))]  # fmt: skip
         start = time.time()

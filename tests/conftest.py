@@ -11,12 +11,15 @@ import torch
 
 # The tests run their models on the CPU, where Triton's interpreter runs kvsweep's kernels (it is
 # read when a kernel is defined, before kvsweep is imported). On a GPU machine,
-# `TRITON_INTERPRET=0 pytest tests/test_attention_kernels.py` runs the kernel tests on the GPU.
+# `TRITON_INTERPRET=0 pytest tests/kernels tests/engine/test_joined_projections.py` runs the kernel tests on the GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvsweep import attention, attention_kernels, decision_kernel, kernel_launches
+from kvsweep.engine import attention
+from kvsweep.kernels import attention as attention_kernels
+from kvsweep.kernels import decisions, entry_scores
+from kvsweep.kernels import launches as kernel_launches
 
 VOCAB = 97
 # Where the kernel tests run their kernels: the CPU under Triton's interpreter, else the GPU.
@@ -27,20 +30,14 @@ def every_pass_through_split_kernels(monkeypatch, interpreter_sms: int | None = 
     """As on a GPU: every pass attends through the Triton kernels (one-token passes included), in
     16 x 16 blocks, with keys split in shares of at least 16 (`interpreter_sms` multiprocessors
     taken, to split passes of more programs); the press stores entry scores and takes its
-    decisions (H2O's score included) in `kvsweep.decision_kernel`'s kernels. Returns the list the
+    decisions (H2O's score included) in `kvsweep.kernels.decisions`'s kernels. Returns the list the
     share counts of the passes are appended to, for the test to check that some pass was split."""
     if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
-    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.available(query))
-    # What `applies` and `stores` ask for, less the GPU.
-    monkeypatch.setattr(
-        decision_kernel,
-        "applies",
-        lambda evicted, scores: scores.dtype == torch.float32 and scores.shape == evicted.shape,
-    )
-    monkeypatch.setattr(
-        decision_kernel, "stores", lambda entry, new, slots: entry.dtype == torch.float32 and new.is_floating_point()
-    )
+    monkeypatch.setattr(attention, "takes_kernels", lambda query, rows, accumulates: attention_kernels.supports(query))
+    # What `supports` asks for, less the GPU: the kernels' `fits`.
+    monkeypatch.setattr(decisions, "supports", decisions.fits)
+    monkeypatch.setattr(entry_scores, "supports", entry_scores.fits)
     small = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     monkeypatch.setattr(kernel_launches, "FORWARD_LAUNCHES", (small,))
     monkeypatch.setattr(kernel_launches, "MIN_SPLIT_KEYS", 16)
@@ -52,6 +49,13 @@ def every_pass_through_split_kernels(monkeypatch, interpreter_sms: int | None = 
         kernel_launches, "key_splits", lambda *args: splits.append(key_splits(*args)[0]) or key_splits(*args)
     )
     return splits
+
+
+def kvsweep(*argv) -> None:
+    """The `kvsweep` command, called in-process (a stage, as the workflow's jobs run it)."""
+    from kvsweep.cli import main
+
+    main([str(arg) for arg in argv])
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, head_dim: int = 16) -> LlamaForCausalLM:

@@ -22,7 +22,7 @@ rule prepare_calibration:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.prepare {params.args:q} --output-dir={params.output_dir:q} 2> {log:q}"
+        "python -m kvsweep prepare {params.args:q} --output-dir={params.output_dir:q} 2> {log:q}"
 
 
 rule calibration_probe:
@@ -36,10 +36,7 @@ rule calibration_probe:
         engine=lambda wildcards: engine_arguments(),
         method=lambda wildcards: method_arguments(wildcards.method, "none"),
     resources:
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
-        **gpu_resources(),
-        **speed_resources(),
+        **model_job_resources(),
     log:
         f"{RESULTS}/logs/calibration/{{method}}/probe.log",
     benchmark:
@@ -47,7 +44,7 @@ rule calibration_probe:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.calibrate probe {params.engine:q} --batch-size={resources.batch_size:q} "
+        "python -m kvsweep calibrate probe {params.engine:q} --batch-size={resources.batch_size:q} "
         "--cuda-graphs={resources.cuda_graphs:q} --data={input.shard:q} --method={wildcards.method:q} "
         "{params.method:q} --output={output:q} 2> {log:q}"
 
@@ -65,10 +62,7 @@ checkpoint calibrate:
         method=lambda wildcards: method_arguments(wildcards.method, "none"),
         search=lambda wildcards: calibration_search_arguments(wildcards.target),
     resources:
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
-        **gpu_resources(),
-        **speed_resources(),
+        **model_job_resources(),
     log:
         f"{RESULTS}/logs/calibration/{{method}}/{{target}}.log",
     benchmark:
@@ -76,6 +70,6 @@ checkpoint calibrate:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.calibrate search {params.engine:q} --batch-size={resources.batch_size:q} "
+        "python -m kvsweep calibrate search {params.engine:q} --batch-size={resources.batch_size:q} "
         "--cuda-graphs={resources.cuda_graphs:q} --data={input.shard:q} --method={wildcards.method:q} "
         "{params.method:q} --probe={input.probe:q} {params.search:q} --output={output:q} 2> {log:q}"

@@ -21,28 +21,27 @@ def _shell_text(text):
 # activated; with `--sdm conda` it is the rule's environment.
 _uses_conda = "conda" in str(workflow.deployment_settings.deployment_method).lower()
 _job_path = "" if _uses_conda else f"export PATH={_shell_text(str(Path(sys.executable).parent))}:$PATH; "
-# A job's Python process ends with the rule's shell (kvsweep.stages.die_with_parent).
+# A job's Python process ends with the rule's shell (kvsweep.core.job.die_with_parent).
 shell.prefix(_job_path + f"export PYTHONPATH={_shell_text(SRC)}" + "${{PYTHONPATH:+:$PYTHONPATH}} KVSWEEP_DIE_WITH_PARENT=1; ")
 
-from kvsweep.config import (  # noqa: E402
-    calibration_offset,
-    documents_per_shard,
+# The workflow imports kvsweep's `core` and `study` only (no torch: a login node plans the study).
+from kvsweep.core.compatibility import check_kernels_package  # noqa: E402
+from kvsweep.core.errors import KvsweepError  # noqa: E402
+from kvsweep.core.io import read_jsonl, record_digests  # noqa: E402
+from kvsweep.core.job import GPUS_VARIABLE  # noqa: E402
+from kvsweep.core.paths import incomplete_local_folder, missing_local_path  # noqa: E402
+from kvsweep.core.thresholds import canonical_threshold  # noqa: E402
+from kvsweep.study.calibrations import read_calibrations  # noqa: E402
+from kvsweep.study.config import (  # noqa: E402
+    TRAIN,
     method_of,
     method_settings,
-    n_shards,
-    TRAIN,
-    surrogate_offset,
     surrogate_to_train,
     trained_surrogate_path,
     validate_config,
 )
-from kvsweep.compatibility import check_kernels_package  # noqa: E402
-from kvsweep.errors import KvsweepError, missing_local_path  # noqa: E402
-from kvsweep.job_gpus import GPUS_VARIABLE  # noqa: E402
-from kvsweep.io import read_jsonl, record_digests  # noqa: E402
-from kvsweep.results import read_calibrations  # noqa: E402
-from kvsweep.thresholds import canonical_threshold  # noqa: E402
-from kvsweep.tasks import all_tasks, get_task  # noqa: E402
+from kvsweep.study.shards import calibration_offset, documents_per_shard, n_shards, surrogate_offset  # noqa: E402
+from kvsweep.study.tasks import all_tasks, get_task  # noqa: E402
 
 
 def _stop(message, what="invalid config"):
@@ -89,15 +88,20 @@ if SURROGATE_TO_TRAIN and not Path(SURROGATE_TO_TRAIN).exists() and workflow.is_
 
 # A local model, surrogate or data file that does not exist is found now, not by 250 failed jobs
 # (unless the workflow makes it: the demo's assets).
-for _key, _value, _used in (
-    ("model.name", config["model"]["name"], True),
-    ("model.kvzap_surrogate", config["model"]["kvzap_surrogate"], USES_SURROGATE),
-    ("dataset.source", config["dataset"]["source"], True),
+for _key, _value, _used, _kinds in (
+    ("model.name", config["model"]["name"], True, ("model", "tokenizer")),
+    ("model.kvzap_surrogate", config["model"]["kvzap_surrogate"], USES_SURROGATE, ("surrogate",)),
+    ("dataset.source", config["dataset"]["source"], True, ()),
 ):
     if _used and _value and not str(_value).startswith(DEMO_ASSETS) and _value != TRAIN:
         if (_missing := missing_local_path(_key, str(_value))) is not None:
             _hint = " (to train a surrogate for this model: kvzap_surrogate: train)" if _key == "model.kvzap_surrogate" else ""
             _stop(f"{_missing}{_hint}")
+        for _kind in _kinds:
+            if (_incomplete := incomplete_local_folder(_kind, str(_value))) is not None:
+                _stop(f"{_key}: {_incomplete}")
+        if _key == "dataset.source" and Path(_value).is_file() and not str(_value).endswith(".jsonl"):
+            _stop(f"dataset.source: '{_value}' is a local file but not a .jsonl file")
 
 
 # The swept value in a path (a threshold, or the window of streaming_llm) and a target density are
@@ -133,7 +137,7 @@ def local_input(path):
 
 
 def _source_digests():
-    """The local JSONL source's record digests (kvsweep.io.record_digests), read once, as far as asked."""
+    """The local JSONL source's record digests (kvsweep.core.io.record_digests), read once, as far as asked."""
     digests, read = [], record_digests(config["dataset"]["source"])
 
     def at(index):
@@ -337,15 +341,17 @@ def prepare_arguments(task, shard=None):
     )
 
 
-def gpu_resources():
-    """The job's GPUs, all on one node (the model is split over them: kvsweep.placement)."""
-    return {"gpu": config["gpus_per_job"], "nodes": 1} if config["gpus_per_job"] > 0 else {}
-
-
-def speed_resources():
-    """Settings that change speed and memory, never results. As resources rather than params,
-    changing them reruns nothing, and `--set-resources evaluate:batch_size=16` overrides one rule."""
-    return {"batch_size": config["batch_size"], "cuda_graphs": "auto" if config["cuda_graphs"] else "off"}
+def model_job_resources(speed=True):
+    """The resources of a job that runs the model: its memory and time, its GPUs, all on one node
+    (the model is split over them: kvsweep.engine.placement), and (with `speed`) the settings that
+    change speed and memory, never results. As resources rather than params, changing them reruns
+    nothing, and `--set-resources evaluate:batch_size=16` overrides one rule."""
+    found = {"mem_mb": config["resources"]["mem_mb"], "runtime": config["resources"]["runtime"]}
+    if config["gpus_per_job"] > 0:
+        found.update(gpu=config["gpus_per_job"], nodes=1)
+    if speed:
+        found.update(batch_size=config["batch_size"], cuda_graphs="auto" if config["cuda_graphs"] else "off")
+    return found
 
 
 def calibration_prepare_arguments():

@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from kvsweep.config_files import read_config_file  # noqa: E402
-from kvsweep.errors import KvsweepError  # noqa: E402
+from kvsweep.study.config_files import read_config_file  # noqa: E402
+from kvsweep.core.errors import KvsweepError  # noqa: E402
 
 
 for _path in workflow.overwrite_configfiles or ["config.yaml"]:

@@ -16,10 +16,7 @@ rule evaluate:
         task=lambda wildcards: task_arguments(wildcards.task),
         method=lambda wildcards: method_arguments(wildcards.method, wildcards.value),
     resources:
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
-        **gpu_resources(),
-        **speed_resources(),
+        **model_job_resources(),
     log:
         f"{RESULTS}/logs/{{task}}/{{method}}/{{value}}/shard{{shard}}.log",
     benchmark:
@@ -27,6 +24,6 @@ rule evaluate:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.evaluate {params.engine:q} --batch-size={resources.batch_size:q} "
+        "python -m kvsweep evaluate {params.engine:q} --batch-size={resources.batch_size:q} "
         "--cuda-graphs={resources.cuda_graphs:q} {params.task:q} --data={input.shard:q} "
         "--method={wildcards.method:q} {params.method:q} --output={output:q} 2> {log:q}"

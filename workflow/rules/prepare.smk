@@ -24,7 +24,7 @@ rule prepare:
     conda:
         "../../envs/kvsweep.yaml"
     shell:
-        "python -m kvsweep.prepare {params.args:q} --output-dir={params.output_dir:q} 2> {log:q}"
+        "python -m kvsweep prepare {params.args:q} --output-dir={params.output_dir:q} 2> {log:q}"
 
 
 # Every document of a task, in shard order: what the study reads (id, source index, tokens, truncated).

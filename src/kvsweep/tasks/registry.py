@@ -1,6 +1,6 @@
-"""Name -> task. One entry per task file."""
+"""Task name -> its work. One entry per task module."""
 
 from kvsweep.tasks.perplexity import PERPLEXITY
 from kvsweep.tasks.summarization import SUMMARIZATION
 
-TASKS = {task.name: task for task in (PERPLEXITY, SUMMARIZATION)}
+WORK = {work.task.name: work for work in (PERPLEXITY, SUMMARIZATION)}

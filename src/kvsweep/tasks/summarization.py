@@ -1,35 +1,41 @@
 """Summarization (LongBench's GovReport prompt): the report streamed into the evicting cache, then
-greedy generation; ROUGE against the reference summaries."""
+greedy generation; ROUGE against the reference summaries.
 
-from kvsweep.errors import KvsweepError
-from kvsweep.methods import Setting
-from kvsweep.tasks import KV_FIELDS, Task
+(The engine, the tokenizer's prompt and the statistics are imported where they are used, as in
+`kvsweep.tasks.perplexity`.)"""
 
-COLUMNS = ("method", "swept", "value", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum", "delta_rougeL",
-           "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density", "kv_density_compressible", "n_docs",
-           "mean_generated_tokens")  # fmt: skip
+from kvsweep.core.errors import KvsweepError
+from kvsweep.core.io import checked_text
+from kvsweep.study import tasks
+from kvsweep.tasks import TaskWork
 
 
-def prepare_document(doc, record, text, tokenizer, args, stats, index) -> None:
+def prepare_document(doc, record, text, tokenizer, preparation, stats, index) -> None:
     """The prompt (fitted into max_length, question kept) and the reference summaries."""
-    from kvsweep.prepare import checked_text
-    from kvsweep.prompts import summarization_prompt_ids
+    from kvsweep.tasks.prompts import summarization_prompt_ids
 
-    references = record.get(args.summary_field)
+    references = record.get(preparation.summary_field)
     if isinstance(references, str):
         references = [references]
-    if not references or not all(isinstance(r, str) and r.strip() for r in references):
-        raise KvsweepError(f"{args.source}, record {index}: no reference summary in field '{args.summary_field}'")
+    if (
+        not isinstance(references, list)
+        or not references
+        or not all(isinstance(r, str) and r.strip() for r in references)
+    ):
+        raise KvsweepError(
+            f"{preparation.source}, record {index}: no reference summary in field '{preparation.summary_field}' (a "
+            f"text or a list of texts; found {type(references).__name__})"
+        )
     for reference in references:
-        checked_text(reference, args.source, index, args.summary_field)
-    doc["prompt_ids"], truncated = summarization_prompt_ids(tokenizer, text, args.max_length)
+        checked_text(reference, preparation.source, index, preparation.summary_field)
+    doc["prompt_ids"], truncated = summarization_prompt_ids(tokenizer, text, preparation.max_length)
     doc["references"] = references
     stats["prompts_truncated"] = stats.get("prompts_truncated", 0) + truncated
 
 
-def report(stats: dict, args) -> str:
+def report(stats: dict, preparation) -> str:
     return (
-        f"prepare: {stats.get('prompts_truncated', 0)} summarization prompt(s) longer than {args.max_length} tokens "
+        f"prepare: {stats.get('prompts_truncated', 0)} summarization prompt(s) longer than {preparation.max_length} tokens "
         "were truncated in the middle of the report (LongBench's rule)"
     )
 
@@ -47,30 +53,29 @@ def check_document(doc: dict, max_length: int, path: str) -> None:
         )
 
 
-def evaluator(args, model, press, clock=None):
-    from kvsweep import generate
-    from kvsweep.evaluate import cuda_graphs_setting
-    from kvsweep.modeling import load_tokenizer
-    from kvsweep.static_passes import KeptPasses
+def evaluator(evaluation, model, press, clock=None):
+    from kvsweep.engine.generate import stream_generate
+    from kvsweep.engine.models import load_tokenizer
+    from kvsweep.engine.passes import ReusablePasses
 
-    graphs, kept = cuda_graphs_setting(args), KeptPasses()  # batches of one shape share their passes
-    tokenizer = load_tokenizer(args.model)
+    reuse = ReusablePasses()  # batches of one shape share their passes
+    tokenizer = load_tokenizer(evaluation.model_name)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
         {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     )
 
     def summarize_batch(batch):
-        results = generate.stream_generate(
+        results = stream_generate(
             model,
             [d["input_ids"] for d in batch],
-            args.chunk_size,
-            args.max_new_tokens,
+            evaluation.chunk_size,
+            evaluation.settings["max_new_tokens"],
             press,
             eos,
-            graphs,
+            evaluation.cuda_graphs,
             clock=clock,
-            kept=kept,
+            reuse=reuse,
         )
         return [
             {
@@ -89,7 +94,7 @@ def add_rouge(results):
     """Per-document ROUGE of the generated summary against its references."""
     import pandas as pd
 
-    from kvsweep.rouge_metrics import longbench_rouge_l, rouge_score_f1
+    from kvsweep.analysis.rouge import longbench_rouge_l, rouge_score_f1
 
     scores = [
         {"rougeL": longbench_rouge_l(g, refs), **rouge_score_f1(g, refs)}
@@ -104,7 +109,8 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
     of generation."""
     import pandas as pd
 
-    from kvsweep.score import configurations, densities, ordered, paired_mean_difference
+    from kvsweep.analysis.bootstrap import paired_mean_difference
+    from kvsweep.analysis.results import configurations, densities, ordered
 
     results = add_rouge(results)
     rows = []
@@ -118,7 +124,7 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
             "delta_rougeL": delta, "delta_rougeL_ci_low": low, "delta_rougeL_ci_high": high,
             **densities(group), "n_docs": len(group), "mean_generated_tokens": group.n_generated.mean(),
         })  # fmt: skip
-    return ordered(pd.DataFrame(rows, columns=list(COLUMNS)))
+    return ordered(pd.DataFrame(rows, columns=list(tasks.SUMMARIZATION.summary_columns)))
 
 
 def document_losses(rows, base):
@@ -129,25 +135,13 @@ def document_losses(rows, base):
     return once.loc[base.id].to_numpy() - add_rouge(rows).rougeL.to_numpy(), [1.0] * len(rows)
 
 
-SUMMARIZATION = Task(
-    name="summarization",
-    description="the LongBench GovReport prompt streamed into the evicting cache, then greedy generation; ROUGE",
-    shard_fields=("id", "input_ids", "references"),
-    result_fields=frozenset({"id", "generated", "references", "n_generated", "n_prompt_tokens"}) | KV_FIELDS,
-    length_field="n_prompt_tokens",
-    difference="delta_rougeL",
-    difference_label="ΔROUGE-L vs baseline (points)",
-    quality="rougeL",
-    quality_label="ROUGE-L F1 (LongBench, x100)",
-    loss_unit="ROUGE-L points",
+SUMMARIZATION = TaskWork(
+    task=tasks.SUMMARIZATION,
     prepare_document=prepare_document,
     shard_line=shard_line,
     check_document=check_document,
     evaluator=evaluator,
     summarize=summarize,
     document_losses=document_losses,
-    summary_columns=COLUMNS,
-    settings=(Setting("max_new_tokens", 512, "tokens generated at most per summary", minimum=1),),
-    reads_summary_field=True,
     report=report,
 )

@@ -1,0 +1,5 @@
+"""`python -m kvsweep <stage>`: the `kvsweep` command."""
+
+from kvsweep.cli import main
+
+main()

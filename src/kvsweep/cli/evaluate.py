@@ -1,0 +1,29 @@
+"""`kvsweep evaluate`: one shard under one method and its swept value (`kvsweep.stages.evaluate`)."""
+
+from kvsweep.cli.arguments import add_engine_arguments, engine_options
+from kvsweep.study.tasks import all_tasks, get_task, task_settings
+
+HELP = "evaluate one shard under one method at one threshold (or window): streaming perplexity or summarization"
+JOB = True
+
+
+def add_arguments(parser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
+    for setting in task_settings().values():  # each task's own settings, from its declaration
+        parser.add_argument(setting.flag, type=setting.parse, default=setting.default, help=setting.help)
+    parser.add_argument("--output", required=True)
+
+
+def options_of(args):
+    """The `EvaluateOptions` of parsed arguments."""
+    from kvsweep.stages.evaluate import EvaluateOptions
+
+    task_values = {s.name: getattr(args, s.name) for s in get_task(args.task).settings}
+    return EvaluateOptions(**engine_options(args), output=args.output, task=args.task, task_settings=task_values)
+
+
+def run(args, clock) -> None:
+    from kvsweep.stages.evaluate import run as evaluate
+
+    evaluate(options_of(args), clock)

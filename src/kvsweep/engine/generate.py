@@ -1,0 +1,95 @@
+"""Greedy generation after a streamed prompt, with eviction continuing while decoding.
+
+The prompt (e.g. a GovReport report in LongBench's summarization prompt) streams into the cache in
+chunks exactly as in `stream_nll`; then each new token is one pass of one query per document,
+and the press keeps deciding (the decoding-time behaviour of `DMSPress(decoding=True)`). Documents
+share cache slots: all prompts start at slot 0 (padding on the right), so every document is
+chunked as it would be alone, and every document's new token goes to the same slot, with its own
+position id; a shorter prompt thus leaves padding slots, which the masked attention hides. A
+document that has produced an end-of-sequence token stops: its later slots are padding and its
+cache is no longer decided on, so the batch never changes a document's output.
+"""
+
+import torch
+
+from kvsweep.engine.layout import BatchLayout
+from kvsweep.engine.passes import open_passes, whole_chunks
+from kvsweep.engine.press import StreamingThresholdPress
+from kvsweep.engine.stream_nll import mask_only_press, right_padded_ids
+
+
+@torch.inference_mode()
+def stream_generate(
+    model,
+    prompts: list[list[int]],
+    chunk_size: int,
+    max_new_tokens: int,
+    press: StreamingThresholdPress | None = None,
+    eos_token_ids: set[int] | None = None,
+    cuda_graphs: bool | None = None,
+    key_bucket: int | None = None,
+    clock=None,
+    reuse=None,
+) -> list[dict]:
+    """Return per prompt: `generated_ids` (without the end-of-sequence token), `n_generated`, and
+    the KV counts at the end of generation (`kv_kept`, `kv_total`, and the compressible ones).
+    `cuda_graphs`, `key_bucket`, `clock` and `reuse` as in `stream_nll`: speed only."""
+    device = model.device
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = whole_chunks(max(len(p) for p in prompts), chunk_size)  # whole chunks: one pass shape
+    capacity = width + max_new_tokens
+    input_ids = right_padded_ids(prompts, width, device)
+    eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
+
+    # The baseline needs the masked attention too, to hide the padding between prompt and answer.
+    press = press if press is not None else mask_only_press(reuse)
+    layout = BatchLayout.right_padded(prompts, capacity, device)
+    layout.max_gap = width - int(min(len(p) for p in prompts))
+    rows = torch.arange(batch, device=device)
+    next_logits = torch.zeros((batch, model.config.get_text_config().vocab_size), device=device)
+    generated = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    n_generated = torch.zeros(batch, dtype=torch.long, device=device)
+
+    with press(model):
+        passes = open_passes(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock, reuse)
+        layout = passes.layout  # with `reuse`, the reused layout now holds this batch
+        for start, end, _, logits in passes.stream(input_ids, lengths, width, chunk_size):
+            # Keep the logits at each prompt's last token, wherever its chunk is.
+            last = lengths - 1
+            here = (last >= start) & (last < end)
+            # (a split model's logits are on its last GPU)
+            where = (last - start).clamp(0, end - start - 1).to(logits.device)
+            picked = logits[rows.to(logits.device), where].float().to(device)
+            next_logits = torch.where(here[:, None], picked, next_logits)
+
+        for step in range(max_new_tokens):
+            token = next_logits.argmax(-1)
+            stops = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
+            writing = ~finished & ~stops
+            generated[:, step] = torch.where(writing, token, 0)
+            n_generated += writing
+            finished |= stops
+            # Stop once every document has ended (checked every 16 steps: each check waits for the GPU).
+            if step == max_new_tokens - 1 or (step % 16 == 15 and bool(finished.all())):
+                break
+            # The token goes into the cache at slot width + step, document position n + step.
+            slot = width + step
+            count = lengths + n_generated
+            layout.position[:, slot] = torch.where(writing, count - 1, -1)
+            layout.read(torch.where(writing, count - 1, count), count)
+            next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float().to(device)
+
+        counts = press.kv_counts()
+
+    generated, n_generated = generated.tolist(), n_generated.tolist()
+    counts = {key: value.tolist() for key, value in counts.items()}
+    return [
+        {
+            "generated_ids": generated[row][: n_generated[row]],
+            "n_generated": n_generated[row],
+            **{key: int(value[row]) for key, value in counts.items()},
+        }
+        for row in range(batch)
+    ]

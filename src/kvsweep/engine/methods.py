@@ -1,0 +1,73 @@
+"""Each method's press: its scorer inside `StreamingThresholdPress`, with the threshold and the
+settings its declaration (`kvsweep.study.methods`) gives. One builder per method family; a named
+variant (kvzap_no_sink, observed_attention) is built as its family with its own defaults.
+
+Adding a method: a declaration in `kvsweep.study.methods`, a scorer in `kvsweep.engine.scorers`,
+and its builder here (docs/contributing.md)."""
+
+import math
+
+from kvsweep.engine.press import StreamingThresholdPress
+from kvsweep.engine.scorers import (
+    ExpectedAttentionScorer,
+    H2OScorer,
+    KnormScorer,
+    KVzapScorer,
+    RandomScorer,
+    StreamingLLMScorer,
+)
+from kvsweep.study.methods import Method
+
+
+def kvzap(threshold: float, sliding_window: int, sinks: int, kvzap_surrogate: str | None, kvzap_type: str):
+    scorer = KVzapScorer(model_type=kvzap_type, surrogate=kvzap_surrogate)
+    return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
+
+
+def h2o(threshold: float, local_window: int, sinks: int):
+    return StreamingThresholdPress(H2OScorer(), threshold=threshold, sliding_window_size=local_window, sinks=sinks)
+
+
+def streaming_llm(sliding_window: int, sinks: int):
+    # Every position scores 0 < +inf: each is evicted as it leaves the window (sinks excepted).
+    return StreamingThresholdPress(
+        StreamingLLMScorer(), threshold=math.inf, sliding_window_size=sliding_window, sinks=sinks
+    )
+
+
+def random(threshold: float, sliding_window: int, sinks: int, seed: int):
+    return StreamingThresholdPress(
+        RandomScorer(seed=seed), threshold=threshold, sliding_window_size=sliding_window, sinks=sinks
+    )
+
+
+def expected_attention(
+    threshold: float, sliding_window: int, sinks: int, n_future_positions: int, use_covariance: bool, use_vnorm: bool
+):
+    scorer = ExpectedAttentionScorer(
+        n_future_positions=n_future_positions, n_sink=sinks, use_covariance=use_covariance, use_vnorm=use_vnorm
+    )
+    return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
+
+
+def knorm(threshold: float, sliding_window: int, sinks: int):
+    return StreamingThresholdPress(KnormScorer(), threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
+
+
+# Method family -> builder of its press (the baseline has none: no compression).
+BUILDERS = {
+    "kvzap": kvzap,
+    "h2o": h2o,
+    "streaming_llm": streaming_llm,
+    "random": random,
+    "expected_attention": expected_attention,
+    "knorm": knorm,
+}
+
+
+def build_press(method: Method, threshold: float | None, settings: dict) -> StreamingThresholdPress | None:
+    """The method's press (None: no compression), from `method.resolve`d settings."""
+    if method.sweep is None:
+        return None
+    builder = BUILDERS[method.variant_of or method.name]
+    return builder(threshold, **settings) if method.takes_threshold else builder(**settings)

@@ -1,0 +1,236 @@
+"""Threshold eviction while a document streams through the model, in the style of DMS."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import DMSPress
+from torch import nn
+
+from kvsweep.engine.attention import ATTENTION_NAME, STATE_ATTRIBUTE
+from kvsweep.engine.integration.fusions import fused
+from kvsweep.engine.layout import BatchLayout
+from kvsweep.engine.placement import decoder_of, module_device
+from kvsweep.engine.scorers.base import as_streaming_scorer
+from kvsweep.engine.state import LayerEviction
+from kvsweep.kernels import decisions, entry_scores
+
+
+@dataclass
+class StreamingThresholdPress(DMSPress):
+    """Evict a cached token whose score is below `threshold` once it leaves the protected window.
+
+    Semantics (the contract the tests hold). The document streams in chunks [s, e). Per layer and
+    KV head, each cached position j is undecided, kept or evicted. The chunk's queries see every
+    earlier key that is not evicted, and their own chunk causally. After a chunk's pass, every
+    undecided j < e - `sliding_window_size` is decided once, for good: evicted if its score is
+    below `threshold`, else kept. Positions j < `sinks` are never evicted. An evicted key is hidden
+    from every query head of its KV group by the attention mask of `kvsweep.engine.attention`.
+
+    The score comes from the wrapped scorer (`press`, a kvpress press with the `StreamingScorer`
+    contract of `kvsweep.engine.scorers.base`; any other `ScorerPress` scores on entry): either once, when the token enters the cache
+    (`scores_on_entry`, e.g. KVzap: the surrogate applied to the layer's input hidden state;
+    random, key norm, StreamingLLM), or at decision time: from the attention accumulated so far
+    (`accumulates_attention`, H2O), or from the cache as it is then, over every visible key
+    (Expected Attention, whose scorer also `observes_queries` on every pass).
+
+    Extends kvpress's `DMSPress` (Dynamic Memory Sparsification, https://arxiv.org/abs/2506.05345):
+    same fields and scorers, but eviction is a real mask rather than fake keys (which fail beyond a
+    handful of queries per pass), works for any chunk and batch size, and supports sinks and
+    scorers that accumulate attention. Call `begin(model, layout)` before each batch.
+    """
+
+    sinks: int = 0
+    decoding: bool = True
+    # Keep the score of every decision (calibration reads their distribution); off for evaluations.
+    record_decisions: bool = False
+    layers: dict[int, LayerEviction] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.press = as_streaming_scorer(self.press)
+        if self.threshold is None or self.threshold != self.threshold:
+            raise ValueError(f"threshold must be a number, got {self.threshold!r}")
+        if self.sliding_window_size < 0 or self.sinks < 0:
+            raise ValueError("sliding_window_size and sinks must be >= 0")
+
+    @classmethod
+    def mask_only(cls) -> "StreamingThresholdPress":
+        """No scorer, nothing evicted: the masked attention alone (padding, a static cache's
+        unwritten slots). The uncompressed baseline runs through it."""
+        return cls(None, threshold=float("-inf"), sliding_window_size=0)
+
+    def post_init_from_model(self, model):
+        if self.press is not None:
+            self.press.post_init_from_model(model)
+
+    @property
+    def scores_on_entry(self) -> bool:
+        return self.press is not None and self.press.scores_on_entry
+
+    @property
+    def accumulates_attention(self) -> bool:
+        return self.press is not None and self.press.accumulates_attention
+
+    def begin(self, model: nn.Module, layout: BatchLayout, reused: dict[int, LayerEviction] | None = None) -> None:
+        """Allocate fresh eviction state for a batch laid out in the cache as `layout`. With `kept`
+        (the states of an earlier batch of the same shape, over the same `layout` object), the
+        fresh values are written into those states instead, which a captured graph reads."""
+        config = model.config.get_text_config()
+        for module in _attention_modules(model):
+            # A split model's layer keeps its state on its own GPU, over the layout's copy there.
+            layer_layout = layout.on(module_device(module))
+            state = LayerEviction.allocate(
+                layer_layout,
+                config.num_key_value_heads,
+                entry_scores=self.scores_on_entry,
+                accumulate_attention=self.accumulates_attention,
+                record_decisions=self.press is not None and self.record_decisions,
+            )
+            if self.press is not None:
+                state.scorer_state = self.press.allocate(module, layer_layout)
+            if state.attention_received is not None:
+                state.decision_window = self.sliding_window_size
+            if reused is not None:
+                reused[module.layer_idx].assign(state)
+                state = reused[module.layer_idx]
+            self.layers[module.layer_idx] = state
+            setattr(module, STATE_ATTRIBUTE, state)
+
+    @contextmanager
+    def __call__(self, model):
+        """Hooks (kvpress's `BasePress.__call__`), the evicting attention, and kvsweep's fused
+        kernels where the model's family has them (`kvsweep.engine.integration`), for the duration."""
+        previous = model.config._attn_implementation
+        try:
+            with super().__call__(model), fused(model):
+                model.set_attn_implementation(ATTENTION_NAME)
+                yield
+        finally:
+            model.set_attn_implementation(previous)
+            for module in _attention_modules(model):
+                if hasattr(module, STATE_ATTRIBUTE):
+                    delattr(module, STATE_ATTRIBUTE)
+            self.layers.clear()
+
+    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
+        if self.press is None:  # masking only (padding), nothing is evicted
+            return output
+        state = self.layers[module.layer_idx]
+        layout = state.layout
+        hidden_states = kwargs["hidden_states"]
+        slots = layout.query_slots  # the cache slots this pass wrote
+
+        keys, values = _layer_cache(kwargs["past_key_values"], module.layer_idx)
+        # A scorer may write the pass's scores into the state itself (KVzap's surrogate kernels on a
+        # pass of a few tokens, `score_into`); else it is asked for them.
+        if self.scores_on_entry and not self.press.score_into(module, hidden_states, state.entry_scores, slots):
+            # A scorer that needs them (random eviction) reads the slots' positions from the layout.
+            where = {**kwargs, "layout": layout, "scorer_state": state.scorer_state}
+            # The pass's keys and values, gathered for scorers that read them (not KVzap's surrogate,
+            # which reads the hidden states: two kernels a layer saved).
+            pass_keys, pass_values = (
+                (keys.index_select(2, slots), values.index_select(2, slots)) if self.press.reads_cache else (None, None)
+            )
+            new_scores = self.press.score(module, hidden_states, pass_keys, pass_values, None, where)
+            if entry_scores.supports(state.entry_scores, new_scores, slots):
+                entry_scores.store_entry_scores(state.entry_scores, new_scores, slots)
+            else:
+                state.entry_scores.index_copy_(2, slots, new_scores.float())
+        if self.press.observes_queries:
+            counted = layout.position.index_select(1, slots) >= self.sinks
+            self.press.observe(module, hidden_states, state.scorer_state, counted.float())
+
+        # Positions p that become decided in this pass: tokens_before - W <= p < tokens_after - W.
+        # The pass's queries lie in slots [s, e) within the python bounds `layout.slots`; a slot
+        # holds a position no later than itself and at most `max_gap` earlier, so only slots in
+        # [s - W - max_gap, e - W) can hold one (python ints: no host sync, fixed for a CUDA graph).
+        window = self.sliding_window_size
+        first, last = layout.slots
+        lo, hi = max(first - window - layout.max_gap, 0), max(last - window, 0)
+        if hi <= lo:
+            return output
+        position = layout.position[:, lo:hi]
+        evicted = state.evicted[:, :, lo:hi]
+        if self.scores_on_entry:
+            scores = state.entry_scores[:, :, lo:hi]
+        elif self.accumulates_attention:
+            received = state.attention_received[:, :, lo:hi]
+            if (
+                self.press.decides_in_kernel()
+                and state.decision_scores is None
+                and decisions.supports(evicted, received)
+            ):
+                # The scorer's score (H2O's mean attention) computed in the decision kernel from the sums.
+                decisions.evict_decided(
+                    evicted, received, position, layout.tokens_before, layout.tokens_after, self.sinks, window,
+                    self.threshold, mean_over_queries=True,
+                )  # fmt: skip
+                return output
+            n_queries = layout.tokens_after[:, None] - position
+            scores = self.press.score(module, hidden_states, None, None, received, {**kwargs, "n_queries": n_queries})
+        else:  # scored at decision time from the cache as it is now (Expected Attention)
+            seen = layout.position[:, :last]
+            written = (seen >= self.sinks) & (seen < layout.tokens_after[:, None])
+            visible = written[:, None, :] & ~state.evicted[:, :, :last]
+            context = {
+                **kwargs,
+                "slot_range": (lo, hi),
+                "visible": visible,
+                "scorer_state": state.scorer_state,
+                "tokens": layout.tokens_after,
+            }
+            scores = self.press.score(module, hidden_states, keys[:, :, :last], values[:, :, :last], None, context)
+        if state.decision_scores is None and decisions.supports(evicted, scores):
+            # One kernel on a GPU for what follows (without recording the scores).
+            decisions.evict_decided(
+                evicted, scores, position, layout.tokens_before, layout.tokens_after, self.sinks, window, self.threshold
+            )
+            return output
+        deciding = (
+            (position >= self.sinks)
+            & (position >= (layout.tokens_before - window)[:, None])
+            & (position < (layout.tokens_after - window)[:, None])
+        )
+        evicted |= deciding[:, None, :] & (scores < self.threshold)
+        if state.decision_scores is not None:
+            recorded = state.decision_scores[:, :, lo:hi]
+            recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))
+        return output
+
+    def kv_counts(self, sinks: int | None = None, window: int | None = None) -> dict[str, torch.Tensor]:
+        """Per document: KV entries kept and total (layers x KV heads x positions) at the end, and
+        the same over the compressible region [sinks, n - window)."""
+        sinks = self.sinks if sinks is None else sinks
+        window = self.sliding_window_size if window is None else window
+        return kv_counts(list(self.layers.values()), sinks, window)
+
+    @property
+    def compression_ratio(self):
+        counts = self.kv_counts()
+        return float(1 - counts["kv_kept"].sum() / counts["kv_total"].sum())
+
+
+def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str, torch.Tensor]:
+    layout = states[0].layout
+    position = layout.position
+    in_doc = position >= 0
+    compressible = (position >= sinks) & (position < (layout.tokens_after - window)[:, None])
+    kv_heads = states[0].evicted.shape[1]
+    # (batch, capacity), summed on each layer's device (a split model's are on several GPUs)
+    evicted = sum(state.evicted.sum(1).to(position.device) for state in states)
+    n_entries = len(states) * kv_heads
+    return {
+        "kv_total": in_doc.sum(1) * n_entries,
+        "kv_kept": in_doc.sum(1) * n_entries - (evicted * in_doc).sum(1),
+        "kv_total_compressible": compressible.sum(1) * n_entries,
+        "kv_kept_compressible": compressible.sum(1) * n_entries - (evicted * compressible).sum(1),
+    }
+
+
+def _attention_modules(model):
+    return [layer.self_attn for layer in decoder_of(model).layers]
+
+
+def _layer_cache(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values

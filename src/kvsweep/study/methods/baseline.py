@@ -1,0 +1,7 @@
+from kvsweep.study.methods import Method
+
+BASELINE = Method(
+    name="baseline",
+    description="No compression: every key stays in the cache",
+    sweep=None,
+)

@@ -1,0 +1,125 @@
+"""Scoring: hand-computed aggregates, the paired bootstrap, and table order."""
+
+import json
+import math
+
+import pytest
+
+from kvsweep.analysis.results import load_results
+from kvsweep.core.errors import KvsweepError
+from kvsweep.study.tasks import get_task
+from kvsweep.tasks import work_of
+
+from conftest import kvsweep
+
+summarize = work_of("perplexity").summarize
+COLUMNS = list(get_task("perplexity").summary_columns)
+
+
+def write(tmp_path, method, threshold, docs):
+    path = tmp_path / "perplexity" / method / threshold / "shard000.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return str(path)
+
+
+def doc(i, nll, n, kept, total=100, kept_c=None, total_c=80):
+    return {"id": f"d{i}", "n_tokens": n + 1, "nll_sum": nll, "n_predicted": n, "kv_kept": kept, "kv_total": total,
+            "kv_kept_compressible": kept - 20 if kept_c is None else kept_c, "kv_total_compressible": total_c}  # fmt: skip
+
+
+@pytest.fixture
+def results(tmp_path):
+    base = [doc(0, 10.0, 9, 100), doc(1, 20.0, 19, 100), doc(2, 30.0, 29, 100), doc(3, 12.0, 10, 100)]
+    h2o_a = [doc(0, 11.0, 9, 60), doc(1, 22.0, 19, 50), doc(2, 30.0, 29, 40), doc(3, 12.5, 10, 50)]
+    h2o_b = [doc(0, 10.5, 9, 90), doc(1, 20.5, 19, 90), doc(2, 30.5, 29, 90), doc(3, 12.0, 10, 90)]
+    paths = [write(tmp_path, "baseline", "none", base), write(tmp_path, "h2o", "0.0003", h2o_a),
+             write(tmp_path, "h2o", "1e-05", h2o_b)]  # fmt: skip
+    return load_results(paths)
+
+
+def test_aggregates_by_hand(results):
+    table = summarize(results, n_resamples=500)
+    assert list(table.columns) == COLUMNS
+    assert list(zip(table.method, table.value, strict=True)) == [
+        ("baseline", ""),
+        ("h2o", "1e-05"),
+        ("h2o", "0.0003"),
+    ]
+    base, small, large = (table.iloc[i] for i in range(3))
+    assert base.nll == pytest.approx(72 / 67) and base.ppl == pytest.approx(math.exp(72 / 67))
+    assert base.delta_nll == 0 and base.kv_density == 1
+    assert large.delta_nll == pytest.approx((75.5 - 72) / 67)
+    assert large.kv_density == pytest.approx(200 / 400)
+    assert large.kv_density_compressible == pytest.approx((40 + 30 + 20 + 30) / 320)
+    assert small.delta_nll == pytest.approx(1.5 / 67)
+    assert (large.n_docs, large.n_tokens) == (4, 67)
+
+
+def test_bootstrap_interval(results):
+    table = summarize(results, n_resamples=2000, seed=1).set_index("value")
+    row = table.loc["0.0003"]
+    assert row.delta_nll_ci_low < row.delta_nll < row.delta_nll_ci_high
+    assert row.delta_nll_ci_low >= 0  # every document got worse or stayed
+    # The same seed gives the same interval; the baseline's own difference is exactly 0.
+    again = summarize(results, n_resamples=2000, seed=1).set_index("value").loc["0.0003"]
+    assert (again.delta_nll_ci_low, again.delta_nll_ci_high) == (row.delta_nll_ci_low, row.delta_nll_ci_high)
+    assert table.loc[""].delta_nll_ci_low == table.loc[""].delta_nll_ci_high == 0
+
+
+def test_missing_baseline_documents_are_an_error(tmp_path):
+    paths = [write(tmp_path, "baseline", "none", [doc(0, 10.0, 9, 100)]),
+             write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50), doc(7, 1.0, 9, 50)])]  # fmt: skip
+    with pytest.raises(
+        KvsweepError, match=r"h2o at 0.1: 2 documents where the baseline has 1: 1 not among them \(d7\)"
+    ):
+        summarize(load_results(paths))
+
+
+def test_no_baseline_is_an_error(tmp_path):
+    with pytest.raises(KvsweepError, match="no baseline results"):
+        summarize(load_results([write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50)])]))
+
+
+def test_documents_read_at_another_length_than_the_baselines_are_refused(tmp_path):
+    """Results of one document at two lengths come from different inputs (a shard prepared again
+    between the jobs): pairing them would compare different texts."""
+    paths = [write(tmp_path, "baseline", "none", [doc(0, 10.0, 9, 100), doc(1, 10.0, 9, 100)]),
+             write(tmp_path, "h2o", "0.1", [doc(0, 10.0, 9, 50), doc(1, 13.0, 12, 50)])]  # fmt: skip
+    with pytest.raises(KvsweepError, match=r"h2o at 0.1: document\(s\) \['d1'\] were read with another n_tokens"):
+        summarize(load_results(paths))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"id": "d0", "nll_sum": 1.0\n', "line 1: not valid JSON"),
+        ('{"id": "d0", "nll_sum": 1.0}\n', "line 1: missing field(s) kv_kept, kv_kept_compressible"),
+        (b'{"id": "d\xff"}\n', "line 1: not valid UTF-8"),
+    ],
+)
+def test_a_corrupted_result_file_is_one_message(tmp_path, capsys, content, message):
+    good = write(tmp_path, "baseline", "none", [doc(0, 10.0, 9, 100)])
+    bad = tmp_path / "perplexity" / "h2o" / "0.1" / "shard000.jsonl"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit):
+        kvsweep("score", "--inputs", good, bad, "--output-csv", tmp_path / "s.csv", "--output-md", tmp_path / "s.md")
+    err = capsys.readouterr().err
+    assert f"{bad}, {message}" in err and "Traceback" not in err
+
+
+def test_compare_draws_an_interval_that_excludes_its_point(tmp_path):
+    """A percentile bootstrap interval need not contain the point estimate; the figure draws it."""
+    import pandas as pd
+
+    table = pd.DataFrame([
+        {"method": "baseline", "value": "", "delta_nll": 0.0, "delta_nll_ci_low": 0.0, "delta_nll_ci_high": 0.0,
+         "ppl": 10.0, "kv_density": 1.0, "kv_density_compressible": 1.0},
+        {"method": "h2o", "value": "0.1", "delta_nll": 0.010, "delta_nll_ci_low": 0.012,
+         "delta_nll_ci_high": 0.020, "ppl": 10.1, "kv_density": 0.5, "kv_density_compressible": 0.45},
+    ])  # fmt: skip
+    table.to_csv(tmp_path / "summary.csv", index=False)
+    kvsweep("figures", "--summary", tmp_path / "summary.csv", "--output-png", tmp_path / "f.png",
+            "--output-pdf", tmp_path / "f.pdf")  # fmt: skip
+    assert (tmp_path / "f.png").stat().st_size > 5000
