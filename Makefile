@@ -27,7 +27,8 @@ demo-methods: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The fast tier for a developer's loop: lint, and every test but the end-to-end workflow runs.
+# The fast tier for a developer's loop: lint, and every test but those marked slow (the end-to-end
+# workflow runs and the longest Triton-interpreter tests; `make test` runs them all).
 check: setup
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest -q -x -m "not slow"

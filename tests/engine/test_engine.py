@@ -145,6 +145,7 @@ def test_h2o_skips_the_sums_of_decided_keys_and_holds_the_reference(model, weigh
     assert (max(shares) > 1) == (sms == 64), shares
 
 
+@pytest.mark.slow  # the Triton interpreter: tens of seconds (make check skips it)
 def test_an_h2o_scorer_with_its_own_score_is_asked(model, surrogate_dir, monkeypatch):
     """The decision kernel computes `H2OScorer.score` itself; a subclass that changes the score is
     asked instead. Here twice H2O's score: against twice the threshold it decides as H2O does,

@@ -73,6 +73,7 @@ def test_kept_passes_generate_as_fresh_ones(model, surrogate_dir, method):
     assert kept.reused == 2
 
 
+@pytest.mark.slow  # the Triton interpreter: tens of seconds (make check skips it)
 def test_h2o_kernels_skipping_decided_keys_keep_passes_as_fresh_ones(model, surrogate_dir, monkeypatch):
     """H2O through the Triton kernels (chunk 32), column sums in blocks of 16 keys, so that later
     passes skip the blocks of keys decided before them: batch after batch of kept passes (whose

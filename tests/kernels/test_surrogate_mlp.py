@@ -79,6 +79,7 @@ def test_only_the_mlp_surrogate_on_few_tokens_fits():
     assert not surrogate_mlp.fits(surrogate, x, entry, slots.float())
 
 
+@pytest.mark.slow  # the Triton interpreter: tens of seconds (make check skips it)
 @needs_triton
 def test_exact_streaming_with_the_kernels_matches_the_modules(monkeypatch):
     """KVzap at chunk 1 through the press: the surrogate kernels (allowed on the CPU) against the

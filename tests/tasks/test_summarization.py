@@ -106,6 +106,7 @@ def test_batch_of_three_generates_what_batch_one_does(model, surrogate_dir, meth
         assert all(r["kv_kept"] < r["kv_total"] for r in together), "eviction should happen"
 
 
+@pytest.mark.slow  # the Triton interpreter: tens of seconds (make check skips it)
 @pytest.mark.parametrize("method,threshold", [("kvzap", 0.0), ("h2o", 0.06)])
 def test_generation_through_split_kernels_generates_what_the_torch_path_does(
     model, surrogate_dir, monkeypatch, method, threshold
