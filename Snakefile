@@ -31,6 +31,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/comparison.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/protocols.smk"
 include: "workflow/rules/eviction_map.smk"
 include: "workflow/rules/study_config.smk"
 
@@ -49,6 +50,7 @@ localrules:
     score,
     comparison,
     figures,
+    protocols,
     study_config,
 
 

@@ -9,12 +9,12 @@ from kvpress import DMSPress, KVzapPress
 from transformers import DynamicCache
 
 
-def upstream_kvzap_press(model, surrogate, threshold):
+def upstream_kvzap_press(model, surrogate, threshold, decoding=True):
     """kvpress's own DMSPress(KVzapPress), with the random surrogate under the name it expects."""
     scorer = KVzapPress(model_type="mlp")
     scorer.kvzap_model = surrogate
     scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{str(model.config.name_or_path).split('/')[-1]}"
-    return DMSPress(scorer, threshold=threshold, sliding_window_size=128, decoding=True)
+    return DMSPress(scorer, threshold=threshold, sliding_window_size=128, decoding=decoding)
 
 
 def upstream_stream(model, ids, chunk, press):
@@ -35,9 +35,9 @@ def upstream_stream(model, ids, chunk, press):
     return float(total)
 
 
-def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens):
-    """kvpress's generation pipeline: one prefill of the context, then decoding; with DMSPress(KVzap)
-    unless `threshold` is None (no press)."""
+def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens, question_ids=None, decoding=True):
+    """kvpress's generation pipeline: one prefill of the context, then the question (default: the
+    context's first 16 tokens) and decoding; with DMSPress(KVzap) unless `threshold` is None."""
     from kvpress.pipeline import KVPressTextGenerationPipeline
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -46,8 +46,8 @@ def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens):
         tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     )
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-    question = context_ids[:, :16]
-    press = None if threshold is None else upstream_kvzap_press(model, surrogate, threshold)
+    question = context_ids[:, :16] if question_ids is None else question_ids
+    press = None if threshold is None else upstream_kvzap_press(model, surrogate, threshold, decoding)
 
     def run():
         with torch.inference_mode():

@@ -203,7 +203,21 @@ BAD = [
     ("dataset.shard_size", 0, "dataset.shard_size: 0 is less than the minimum of 1"),
     ("dataset.shard_size", "all", "dataset.shard_size: 'all' is not of type 'integer', 'null'"),
     ("gpus", 1, "top level: Additional properties are not allowed ('gpus' was unexpected) (allowed keys: batch_size,"),
+    ("summarization_kvpress", {"decoding": "yes"}, "summarization_kvpress.decoding: 'yes' is not of type 'boolean'"),
+    ("perplexity_kvpress", {"continuation_tokens": 0}, "perplexity_kvpress.continuation_tokens: 0 is less than the minimum of 1"),
+    ("tasks", ["perplexity", "perplexity_streaming"], "tasks[1]: 'perplexity_streaming' is not allowed (allowed values: perplexity, summarization, perplexity_kvpress, summarization_kvpress)"),
 ]  # fmt: skip
+
+
+def test_the_continuation_scored_in_kvpress_protocol_is_shorter_than_every_document():
+    config = edit("tasks", ["perplexity", "perplexity_kvpress"])
+    config["perplexity_kvpress"] = {"continuation_tokens": 1024}
+    with pytest.raises(KvsweepError) as err:
+        validate_config(config)
+    assert "perplexity_kvpress.continuation_tokens (1024): every document needs more tokens" in str(err.value)
+    assert "dataset.min_length is 1024" in str(err.value)
+    config["perplexity_kvpress"] = {"continuation_tokens": 1023}
+    assert validate_config(config)["perplexity_kvpress"] == {"continuation_tokens": 1023}
 
 
 @pytest.mark.parametrize("path,value,message", BAD)

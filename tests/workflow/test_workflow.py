@@ -18,7 +18,9 @@ from workflow_helpers import ROOT, SNAKEMAKE, load_yaml, planned_jobs, snakemake
 pytestmark = pytest.mark.slow
 
 
-TASKS = ("perplexity", "summarization")
+TASKS = ("perplexity", "summarization", "perplexity_kvpress", "summarization_kvpress")
+# The tasks whose kvpress-protocol twin is in the demo too: each gets a protocols/<task> table.
+TWINNED = ("perplexity", "summarization")
 EXPLICIT = {"h2o": "0.005", "kvzap": "0"}
 
 
@@ -119,6 +121,34 @@ def test_a_surrogate_setting_reruns_only_the_kvzap_jobs(demo_run):
     assert {w["method"] for rule, w in jobs if "method" in w} == {"kvzap"}
 
 
+def test_demo_runs_both_protocols_side_by_side(demo_run):
+    """kvpress's protocol beside streaming: its own summaries, shards that record the context and the
+    question, and the protocols table; dropping its tasks plans nothing else again."""
+    workdir, config = demo_run
+    results = workdir / "results" / "demo"
+    for task in ("perplexity_kvpress", "summarization_kvpress"):
+        table = summary(workdir, task)
+        assert len(table) == 7 and (table.n_docs == 10).all()
+        assert (table[table.method != "baseline"].kv_density < 1).all()
+    line = json.loads((results / "data/summarization_kvpress/shard000.jsonl").read_text().splitlines()[0])
+    assert line["context"].startswith("You are given a report") and line["question"].endswith("Summary:")
+    assert 0 < line["context_length"] < len(line["input_ids"])
+    for task in TWINNED:
+        table = pd.read_csv(results / "protocols" / f"{task}.csv")
+        assert len(table) == 7 and {"gap", "kvpress_kv_density_compressible"} <= set(table.columns)
+        assert (results / "protocols" / f"{task}.png").stat().st_size > 5000
+    # kvpress's protocol reads the context in one pass: a new chunk size reruns the streaming jobs
+    # (and the calibrations, which stream), not the kvpress-protocol jobs at explicit thresholds.
+    rechunked = {**copy.deepcopy(config), "chunk_size": 8}
+    jobs = planned_jobs(workdir, write_config(workdir, rechunked, "rechunked.yaml"))
+    assert {w["task"] for rule, w in jobs if rule == "evaluate"} == {"perplexity", "summarization"}
+    streaming_only = {**copy.deepcopy(config), "tasks": ["perplexity", "summarization"]}
+    assert sorted(planned_jobs(workdir, write_config(workdir, streaming_only, "streaming.yaml"))) == [
+        ("check_surrogate_documents", {}),
+        ("study_config", {}),
+    ]
+
+
 def test_demo_runs_the_summarization_task(demo_run):
     workdir, _ = demo_run
     results = workdir / "results" / "demo" / "summarization"
@@ -177,10 +207,11 @@ def test_adding_a_threshold_plans_only_that_threshold(demo_run):
     edited["methods"]["h2o"]["thresholds"] = [0.001, *config["methods"]["h2o"]["thresholds"]]
     jobs = planned_jobs(workdir, write_config(workdir, edited, "added.yaml"))
     evaluations = sorted((w["method"], w["value"], w["shard"]) for rule, w in jobs if rule == "evaluate")
-    assert evaluations == [("h2o", "0.001", "000")] * 2
-    assert sorted(w["task"] for rule, w in jobs if rule == "evaluate") == ["perplexity", "summarization"]
+    assert evaluations == [("h2o", "0.001", "000")] * len(TASKS)
+    assert sorted(w["task"] for rule, w in jobs if rule == "evaluate") == sorted(TASKS)
     others = sorted((rule, w.get("task")) for rule, w in jobs if rule not in ("evaluate", "study_config"))
-    assert others == [(rule, task) for rule in ("comparison", "figures", "score") for task in TASKS]
+    assert others == sorted([(rule, task) for rule in ("comparison", "figures", "score") for task in TASKS]
+                            + [("protocols", task) for task in TWINNED])  # fmt: skip
     assert ("study_config", {}) in jobs  # the report's copy of the config
 
 
@@ -203,7 +234,7 @@ def test_adding_a_target_runs_only_its_calibration_and_its_evaluations(demo_run,
     ran = result.stdout + result.stderr
     threshold = json.loads((copy_dir / "results/demo/calibration/h2o/0.45.json").read_text())["threshold"]
     evaluated = sorted(re.findall(r"wildcards: task=(\w+), method=(\w+), value=([^,]+), shard=(\d+)", ran))
-    assert evaluated == [(task, "h2o", threshold, "000") for task in TASKS]
+    assert evaluated == sorted((task, "h2o", threshold, "000") for task in TASKS)
     table = summary(copy_dir, "perplexity")
     assert "0.45" in set(table.target_density) and len(table) == 8
     assert planned_jobs(copy_dir, configfile) == []
@@ -225,17 +256,16 @@ def test_changing_one_methods_window_reruns_only_that_method(demo_run):
     jobs = planned_jobs(workdir, write_config(workdir, edited, "window.yaml"))
     evaluations = sorted((w["task"], w["method"], w["value"], w["shard"]) for rule, w in jobs if rule == "evaluate")
     # The explicit threshold's jobs now; the calibrated ones after the recalibration.
-    assert evaluations == [(task, "kvzap", "0", "000") for task in TASKS]
+    assert evaluations == sorted((task, "kvzap", "0", "000") for task in TASKS)
     others = sorted(
         (rule, w.get("method") or w.get("task"), w.get("target"))
         for rule, w in jobs
         if rule not in ("evaluate", "study_config")
     )
-    assert others == [("calibrate", "kvzap", "0.3"), ("calibrate", "kvzap", "0.6"), ("calibration_probe", "kvzap", None),
-                      ("comparison", "perplexity", None), ("comparison", "summarization", None),
-                      ("eviction_map", "kvzap", None), ("figures", "perplexity", None),
-                      ("figures", "summarization", None), ("score", "perplexity", None),
-                      ("score", "summarization", None)]  # fmt: skip
+    assert others == sorted([("calibrate", "kvzap", "0.3"), ("calibrate", "kvzap", "0.6"),
+                             ("calibration_probe", "kvzap", None), ("eviction_map", "kvzap", None)]
+                            + [(rule, task, None) for rule in ("comparison", "figures", "score") for task in TASKS]
+                            + [("protocols", task, None) for task in TWINNED])  # fmt: skip
 
 
 def test_the_report_holds_figures_tables_config_and_provenance(demo_run, tmp_path):
@@ -353,11 +383,11 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
         for job in planned_jobs(workdir, write_config(workdir, edited, "summary_field.yaml"))
         if job[0] not in ("study_config", "check_surrogate_documents")  # the latter reads the rewritten list
     ]
-    assert {w.get("task") for _, w in jobs} == {"summarization"}
-    assert sorted(rule for rule, _ in jobs if rule != "evaluate") == [
-        "comparison", "document_list", "figures", "prepare", "score"
-    ]  # fmt: skip
-    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 7
+    assert {w.get("task") for _, w in jobs} == {"summarization", "summarization_kvpress"}
+    assert sorted(rule for rule, _ in jobs if rule != "evaluate") == sorted(
+        ["comparison", "document_list", "figures", "prepare", "score"] * 2 + ["protocols"]
+    )
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 14
 
 
 def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, tmp_path):
@@ -376,7 +406,7 @@ def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, 
     assert {w["method"] for rule, w in jobs if rule in ("evaluate", "eviction_map", "calibrate")} == kvzap
     # The explicit threshold's jobs now (one per task); the calibrated ones follow the
     # recalibration with the new surrogate.
-    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 2
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == len(TASKS)
     assert sorted((w["method"], w["target"]) for rule, w in jobs if rule == "calibrate") == [
         (m, t) for m in sorted(kvzap) for t in ("0.3", "0.6")
     ]
@@ -591,7 +621,8 @@ def test_a_deleted_result_is_evaluated_again_and_the_tables_follow(demo_run, tmp
     jobs = planned_jobs(copy_dir, configfile)
     evaluations = sorted((w["task"], w["method"], w["value"]) for rule, w in jobs if rule == "evaluate")
     assert evaluations == [("perplexity", "baseline", "none"), ("summarization", "h2o", calibrated)]
-    assert sorted(w["task"] for rule, w in jobs if rule == "score") == list(TASKS)
+    # The two tasks whose results were deleted (the kvpress-protocol twins' are all there).
+    assert sorted(w["task"] for rule, w in jobs if rule == "score") == ["perplexity", "summarization"]
 
 
 def test_a_model_path_spelled_another_way_plans_nothing(demo_run):

@@ -263,6 +263,8 @@ def final_outputs():
         outputs += [f"{RESULTS}/{task}/summary.csv", f"{RESULTS}/{task}/summary.md", f"{RESULTS}/data/{task}/documents.jsonl"]
         outputs += [f"{RESULTS}/{task}/comparison.csv", f"{RESULTS}/{task}/comparison.md"]
         outputs += expand(f"{RESULTS}/{task}/figures/quality_vs_density.{{ext}}", ext=["png", "pdf"])
+        if f"{task}_kvpress" in config["tasks"]:  # the task under both protocols, side by side
+            outputs += expand(f"{RESULTS}/protocols/{task}.{{ext}}", ext=["csv", "md", "png", "pdf"])
     outputs += expand(f"{RESULTS}/figures/eviction_map_{{method}}.{{ext}}", method=COMPRESSED, ext=["png", "pdf"])
     return outputs
 
@@ -307,13 +309,16 @@ def task_arguments(task):
     return options(task=task, **{s.name: config[task][s.name] for s in get_task(task).settings})
 
 
-def engine_arguments():
-    """The arguments of every job that runs the model and that its results depend on."""
+def engine_arguments(task=None):
+    """The arguments of every job that runs the model and that its results depend on. A task in
+    kvpress's protocol reads its context in one pass whatever `chunk_size` says: its chunk is
+    max_length, so that an edit of chunk_size reruns only the streaming jobs."""
+    streams = task is None or get_task(task).protocol == "streaming"
     return options(
         model=config["model"]["name"],
         dtype=config["model"]["dtype"],
         device=config["device"],
-        chunk_size=config["chunk_size"],
+        chunk_size=config["chunk_size"] if streams else config["dataset"]["max_length"],
         max_length=config["dataset"]["max_length"],
     )
 

@@ -12,7 +12,7 @@ rule evaluate:
     output:
         f"{RESULTS}/{{task}}/{{method}}/{{value}}/shard{{shard}}.jsonl",
     params:
-        engine=lambda wildcards: engine_arguments(),
+        engine=lambda wildcards: engine_arguments(wildcards.task),
         task=lambda wildcards: task_arguments(wildcards.task),
         method=lambda wildcards: method_arguments(wildcards.method, wildcards.value),
     resources:

@@ -21,6 +21,7 @@ COMMANDS = (
     "score",
     "comparison",
     "figures",
+    "protocols",
     "eviction_map",
     "train_surrogate",
     "check_surrogate_documents",

@@ -3,7 +3,10 @@
 from kvsweep.cli.arguments import add_engine_arguments, engine_options
 from kvsweep.study.tasks import all_tasks, get_task, task_settings
 
-HELP = "evaluate one shard under one method at one threshold (or window): streaming perplexity or summarization"
+HELP = (
+    "evaluate one shard under one method at one threshold (or window): perplexity or summarization, streaming or "
+    "in kvpress's protocol"
+)
 JOB = True
 
 

@@ -40,7 +40,6 @@ def stream_generate(
     width = whole_chunks(max(len(p) for p in prompts), chunk_size)  # whole chunks: one pass shape
     capacity = width + max_new_tokens
     input_ids = right_padded_ids(prompts, width, device)
-    eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
 
     # The baseline needs the masked attention too, to hide the padding between prompt and answer.
     press = press if press is not None else mask_only_press(reuse)
@@ -48,9 +47,7 @@ def stream_generate(
     layout.max_gap = width - int(min(len(p) for p in prompts))
     rows = torch.arange(batch, device=device)
     next_logits = torch.zeros((batch, model.config.get_text_config().vocab_size), device=device)
-    generated = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    n_generated = torch.zeros(batch, dtype=torch.long, device=device)
+    answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device)
 
     with press(model):
         passes = open_passes(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock, reuse)
@@ -65,31 +62,50 @@ def stream_generate(
             next_logits = torch.where(here[:, None], picked, next_logits)
 
         for step in range(max_new_tokens):
-            token = next_logits.argmax(-1)
-            stops = torch.isin(token, eos) if len(eos) else torch.zeros_like(finished)
-            writing = ~finished & ~stops
-            generated[:, step] = torch.where(writing, token, 0)
-            n_generated += writing
-            finished |= stops
-            # Stop once every document has ended (checked every 16 steps: each check waits for the GPU).
-            if step == max_new_tokens - 1 or (step % 16 == 15 and bool(finished.all())):
+            token, writing, done = answers.take(next_logits, step)
+            if done:
                 break
             # The token goes into the cache at slot width + step, document position n + step.
             slot = width + step
-            count = lengths + n_generated
+            count = lengths + answers.n_generated
             layout.position[:, slot] = torch.where(writing, count - 1, -1)
             layout.read(torch.where(writing, count - 1, count), count)
             next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float().to(device)
 
         counts = press.kv_counts()
 
-    generated, n_generated = generated.tolist(), n_generated.tolist()
-    counts = {key: value.tolist() for key, value in counts.items()}
-    return [
-        {
-            "generated_ids": generated[row][: n_generated[row]],
-            "n_generated": n_generated[row],
-            **{key: int(value[row]) for key, value in counts.items()},
-        }
-        for row in range(batch)
-    ]
+    return [{**answer, **{key: int(value[row]) for key, value in counts.items()}}
+            for row, answer in enumerate(answers.results())]  # fmt: skip
+
+
+class GreedyAnswers:
+    """The tokens a batch writes greedily, step by step: a document stops at its first
+    end-of-sequence token (not kept) and writes nothing after it. With `keep_first`, the first
+    token is kept whatever it is and the end is looked for from the second on, as kvpress's
+    pipeline does (`KVPressTextGenerationPipeline.generate_answer`)."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos_token_ids: set[int] | None, device, keep_first=False):
+        self.max_new_tokens, self.keep_first = max_new_tokens, keep_first
+        self.eos = torch.tensor(sorted(eos_token_ids or []), dtype=torch.long, device=device)
+        self.generated = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.n_generated = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def take(self, next_logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Step `step`'s token of each document (the argmax of `next_logits`), which documents
+        write it, and whether generation is over (the last step, or every document has ended)."""
+        token = next_logits.argmax(-1)
+        looks = len(self.eos) and not (self.keep_first and step == 0)
+        stops = torch.isin(token, self.eos) if looks else torch.zeros_like(self.finished)
+        writing = ~self.finished & ~stops
+        self.generated[:, step] = torch.where(writing, token, 0)
+        self.n_generated += writing
+        self.finished |= stops
+        # Every document's end is checked every 16 steps only: each check waits for the GPU.
+        done = step == self.max_new_tokens - 1 or (step % 16 == 15 and bool(self.finished.all()))
+        return token, writing, done
+
+    def results(self) -> list[dict]:
+        """Per document: `generated_ids` and `n_generated`."""
+        generated, n_generated = self.generated.tolist(), self.n_generated.tolist()
+        return [{"generated_ids": ids[:n], "n_generated": n} for ids, n in zip(generated, n_generated, strict=True)]

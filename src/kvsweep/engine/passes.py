@@ -102,11 +102,18 @@ class StaticPasses:
             logits = self.run(input_ids[:, start:end], positions.expand(len(input_ids), -1), start)
             yield start, end, positions, logits
 
-    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, first_slot: int) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        first_slot: int,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One pass of q = input_ids.shape[1] tokens into the cache slots [first_slot, first_slot + q).
 
-        Returns the logits (batch, q, vocab); the next pass may overwrite them. Passes must move
-        forward: a pass never lies in an earlier bucket than the one before it.
+        Returns the logits (batch, q, vocab), or with `logits_at` (pass offsets, a long tensor) only
+        those (batch, len(logits_at), vocab), computed eagerly; the next pass may overwrite them.
+        Passes must move forward: a pass never lies in an earlier bucket than the one before it.
         """
         q = input_ids.shape[1]
         index = first_slot // self.bucket
@@ -125,8 +132,8 @@ class StaticPasses:
         self.layout.query_slots = slots
         self.layout.slots = (index * self.bucket, min((index + 1) * self.bucket, self.capacity))
         self.layout.sync()
-        if not self.cuda_graphs:
-            return self._forward(ids, positions, slots)
+        if not self.cuda_graphs or logits_at is not None:
+            return self._forward(ids, positions, slots, logits_at)
 
         if (q, index) in self._graphs:
             graph, logits = self._graphs[(q, index)]
@@ -164,10 +171,12 @@ class StaticPasses:
     def _capture_stage(self):
         return self._clock.stage("graph_capture") if self._clock is not None else contextlib.nullcontext()
 
-    def _forward(self, ids, positions, slots) -> torch.Tensor:
+    def _forward(self, ids, positions, slots, logits_at=None) -> torch.Tensor:
+        keep = {} if logits_at is None else {"logits_to_keep": logits_at}
         return self.model(
-            input_ids=ids, position_ids=positions, cache_position=slots, past_key_values=self.cache, use_cache=True
-        ).logits
+            input_ids=ids, position_ids=positions, cache_position=slots, past_key_values=self.cache, use_cache=True,
+            **keep,
+        ).logits  # fmt: skip
 
 
 class ReusablePasses:

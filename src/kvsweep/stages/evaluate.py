@@ -1,5 +1,6 @@
 """Evaluation of one shard under one method and its swept value (a threshold, or streaming_llm's
-window): streaming perplexity or summarization.
+window): perplexity or summarization, streaming or in kvpress's protocol (the `_kvpress` tasks:
+their shards also hold the context's length, and `kvsweep.tasks` says what each task runs).
 
 Perplexity: input lines {"id": str, "input_ids": [int, ...]}; one output line per document, in
 input order, with id, n_tokens, nll_sum, n_predicted, kv_kept, kv_total, kv_kept_compressible,

@@ -118,6 +118,15 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
         raise KvsweepError(
             f"dataset.min_length ({dataset['min_length']}) exceeds dataset.max_length ({dataset['max_length']})"
         )
+    if (
+        "perplexity_kvpress" in config["tasks"]
+        and dataset["min_length"] <= config["perplexity_kvpress"]["continuation_tokens"]
+    ):
+        raise KvsweepError(
+            f"perplexity_kvpress.continuation_tokens ({config['perplexity_kvpress']['continuation_tokens']}): every "
+            f"document needs more tokens than the continuation scored after it, but dataset.min_length is "
+            f"{dataset['min_length']}; raise min_length or lower continuation_tokens"
+        )
     if config["device"] == "cpu" and config["gpus_per_job"] > 1:
         raise KvsweepError(
             f"gpus_per_job: {config['gpus_per_job']} splits the model over GPUs, but device is cpu "

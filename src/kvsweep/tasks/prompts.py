@@ -59,3 +59,60 @@ def summarization_prompt_ids(tokenizer, report: str, max_length: int) -> tuple[l
             return ids, True
         budget -= len(ids) - max_length
     raise KvsweepError(f"could not fit the summarization prompt into {max_length} tokens")
+
+
+# kvpress's protocol splits the same prompt where the report ends: the context (instructions and
+# report) is compressed, the question (the instruction after the report) is not.
+GOV_REPORT_CONTEXT, _ = GOV_REPORT_PROMPT.split("{context}")
+GOV_REPORT_CONTEXT += "{context}\n\n"
+GOV_REPORT_QUESTION = "Now, write a one-page summary of the report.\n\nSummary:"
+assert GOV_REPORT_CONTEXT.format(context="{context}") + GOV_REPORT_QUESTION == GOV_REPORT_PROMPT
+
+
+def kvpress_ids(tokenizer, context: str, question: str) -> tuple[list[int], list[int]]:
+    """The token ids kvpress's pipeline makes of (context, question): its own preprocessing
+    (`KVPressTextGenerationPipeline.preprocess`: the chat template split around the context, or
+    BOS + context and question + newline), called with the tokenizer alone, so that the two agree
+    by construction."""
+    from types import SimpleNamespace
+
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+
+    if getattr(tokenizer, "chat_template", None) is None and getattr(tokenizer, "bos_token", None) is None:
+        # kvpress's preprocessing prepends the BOS token as text, and fails on None.
+        raise KvsweepError(
+            "the tokenizer has neither a chat template nor a BOS token, which kvpress's pipeline needs to tokenize "
+            "a context: this model cannot run the kvpress-protocol tasks"
+        )
+
+    tensors = KVPressTextGenerationPipeline.preprocess(
+        SimpleNamespace(tokenizer=tokenizer), context, [question], answer_prefix="", max_context_length=10**12
+    )
+    return tensors["context_ids"][0].tolist(), tensors["questions_ids"][0][0].tolist()
+
+
+def kvpress_summarization_inputs(
+    tokenizer, report: str, max_length: int
+) -> tuple[str, str, list[int], list[int], bool]:
+    """(context, question, their ids as kvpress makes them, whether the report was cut) for
+    `report`, context and question together at most `max_length` tokens: a report too long keeps
+    its first and last halves of tokens (LongBench's rule, as `summarization_prompt_ids`)."""
+    cut = False
+    for _ in range(_MAX_ROUNDS):
+        context = GOV_REPORT_CONTEXT.format(context=report)
+        context_ids, question_ids = kvpress_ids(tokenizer, context, GOV_REPORT_QUESTION)
+        excess = len(context_ids) + len(question_ids) - max_length
+        if excess <= 0:
+            return context, GOV_REPORT_QUESTION, context_ids, question_ids, cut
+        bare = tokenizer(report, add_special_tokens=False)["input_ids"]
+        half = (len(bare) - excess) // 2
+        if half < 1:
+            raise KvsweepError(
+                f"max_length {max_length} is too small for the summarization prompt: its instructions and "
+                f"the model's template leave no room for the report (use a max_length of a few hundred tokens or more)"
+            )
+        report = tokenizer.decode(bare[:half], skip_special_tokens=True) + tokenizer.decode(
+            bare[-half:], skip_special_tokens=True
+        )
+        cut = True
+    raise KvsweepError(f"could not fit the summarization prompt into {max_length} tokens")

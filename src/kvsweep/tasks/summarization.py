@@ -14,6 +14,13 @@ def prepare_document(doc, record, text, tokenizer, preparation, stats, index) ->
     """The prompt (fitted into max_length, question kept) and the reference summaries."""
     from kvsweep.tasks.prompts import summarization_prompt_ids
 
+    doc["references"] = references_of(record, preparation, index)
+    doc["prompt_ids"], truncated = summarization_prompt_ids(tokenizer, text, preparation.max_length)
+    stats["prompts_truncated"] = stats.get("prompts_truncated", 0) + truncated
+
+
+def references_of(record: dict, preparation, index: int) -> list[str]:
+    """The record's reference summaries (a text or a list of texts), checked."""
     references = record.get(preparation.summary_field)
     if isinstance(references, str):
         references = [references]
@@ -28,9 +35,7 @@ def prepare_document(doc, record, text, tokenizer, preparation, stats, index) ->
         )
     for reference in references:
         checked_text(reference, preparation.source, index, preparation.summary_field)
-    doc["prompt_ids"], truncated = summarization_prompt_ids(tokenizer, text, preparation.max_length)
-    doc["references"] = references
-    stats["prompts_truncated"] = stats.get("prompts_truncated", 0) + truncated
+    return references
 
 
 def report(stats: dict, preparation) -> str:
@@ -60,10 +65,7 @@ def evaluator(evaluation, model, press, clock=None):
 
     reuse = ReusablePasses()  # batches of one shape share their passes
     tokenizer = load_tokenizer(evaluation.model_name)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
-        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    )
+    eos = eos_token_ids(model, tokenizer)
 
     def summarize_batch(batch):
         results = stream_generate(
@@ -77,17 +79,30 @@ def evaluator(evaluation, model, press, clock=None):
             clock=clock,
             reuse=reuse,
         )
-        return [
-            {
-                "generated": tokenizer.decode(result.pop("generated_ids"), skip_special_tokens=True).strip(),
-                "references": doc["references"],
-                "n_prompt_tokens": len(doc["input_ids"]),
-                **result,
-            }
-            for doc, result in zip(batch, results, strict=True)
-        ]
+        return result_lines(batch, results, tokenizer)
 
     return summarize_batch
+
+
+def result_lines(batch: list[dict], results: list[dict], tokenizer) -> list[dict]:
+    """The engine's answers as result lines: the decoded summary beside its references."""
+    return [
+        {
+            "generated": tokenizer.decode(result.pop("generated_ids"), skip_special_tokens=True).strip(),
+            "references": doc["references"],
+            "n_prompt_tokens": len(doc["input_ids"]),
+            **result,
+        }
+        for doc, result in zip(batch, results, strict=True)
+    ]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Where generation stops: the model's end-of-sequence ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    )
 
 
 def add_rouge(results):

@@ -1,0 +1,100 @@
+"""kvpress's protocol on the GPU: kvsweep's `compress_once_generate` beside kvpress's own pipeline
+on the same inputs (the context prefilled whole and compressed once by DMSPress(KVzapPress), the
+question uncompressed, greedy decoding).
+
+    python benchmarks/kvpress_protocol.py --arch llama-3.1-8b --output kvpress_protocol.json
+
+Random bf16 weights (`gpu_throughput.build_model`), random token contexts, the surrogate's
+threshold at the median of its scores (about half the context evicted). Per (decoding, batch):
+tokens/s of the whole call (prefill, question, answer) for kvpress's pipeline (batch 1 only: it
+takes one context) and for kvsweep, each after a warm-up call, and the entries each evicted per
+layer (bf16 scores from different kernels may differ in their last bit, so counts may differ by
+a few entries; the CPU tests hold them equal in float32).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from kvsweep.engine.compress_once import compress_once_generate, kvpress_evicted_per_layer
+
+from anchors import kvpress_pipeline
+from gpu_throughput import build_model, kvsweep_press, new_report, timed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llama-3.1-8b")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--question", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", default="1,8")
+    args = parser.parse_args()
+
+    report = new_report(args.arch)
+    report.update(context=args.context, question=args.question, new_tokens=args.new_tokens)
+    model, surrogate = build_model(args.arch)
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        probe = model.get_input_embeddings()(torch.randint(0, vocab, (1, 512), device="cuda"))
+        threshold = float(surrogate.layers[0](probe).float().median())
+    report["threshold"] = threshold
+    generator = torch.Generator().manual_seed(0)
+
+    def save():
+        Path(args.output).write_text(json.dumps(report, indent=1))
+
+    for decoding in (False, True):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            ids = torch.randint(0, vocab, (batch, args.context + args.question), generator=generator)
+            contexts = [row[: args.context].tolist() for row in ids]
+            questions = [row[args.context :].tolist() for row in ids]
+            fields = {"decoding": decoding, "batch": batch}
+            tokens = batch * (args.context + args.question + args.new_tokens)
+            for method in ("baseline", "kvzap"):
+                press = kvsweep_press(method, surrogate, threshold)  # kvzap: no sinks, as kvpress's DMSPress
+
+                def ours(press=press, contexts=contexts, questions=questions, decoding=decoding):
+                    return compress_once_generate(model, contexts, questions, args.new_tokens, press, decoding=decoding)
+
+                ours()  # warm-up: kernels compiled, graphs captured
+                results, seconds, peak = timed(ours)
+                report["runs"].append({**fields, "method": method, "engine": "kvsweep", "seconds": seconds,
+                                       "tok_per_s": tokens / seconds, "peak_GiB": peak,
+                                       "evicted_per_layer": results[0]["evicted_per_layer"]})  # fmt: skip
+                print(json.dumps(report["runs"][-1]), flush=True)
+                save()
+                if batch != 1:
+                    continue
+                upstream_threshold = None if method == "baseline" else threshold
+                run = kvpress_pipeline(model, surrogate, upstream_threshold, ids[:, : args.context].cuda(),
+                                       args.new_tokens, ids[:, args.context :].cuda(), decoding)  # fmt: skip
+                try:
+                    run()
+                    kvpress_evicted_per_layer(model)
+                    _, seconds, peak = timed(run)
+                    row = {"seconds": seconds, "tok_per_s": tokens / seconds, "peak_GiB": peak,
+                           "evicted_per_layer": kvpress_evicted_per_layer(model)}  # fmt: skip
+                except Exception as err:  # noqa: BLE001 (how upstream fails is the finding)
+                    row = {"error": repr(err)[:300]}
+                    kvpress_evicted_per_layer(model)
+                report["runs"].append({**fields, "method": method, "engine": "kvpress_pipeline", **row})
+                print(json.dumps(report["runs"][-1]), flush=True)
+                save()
+    by_key = {(r["decoding"], r["batch"], r["method"], r["engine"]): r for r in report["runs"]}
+    report["kvsweep_vs_kvpress"] = {
+        f"{'decoding' if d else 'prefill_only'}_{m}": by_key[(d, 1, m, "kvsweep")]["tok_per_s"]
+        / by_key[(d, 1, m, "kvpress_pipeline")]["tok_per_s"]
+        for d in (False, True)
+        for m in ("baseline", "kvzap")
+        if "tok_per_s" in by_key.get((d, 1, m, "kvpress_pipeline"), {})
+    }
+    save()
+    print(json.dumps(report["kvsweep_vs_kvpress"]))
+
+
+if __name__ == "__main__":
+    main()

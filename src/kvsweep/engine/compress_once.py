@@ -1,0 +1,193 @@
+"""kvpress's protocol: the context prefilled whole and compressed once, then the question and the
+answer (or a continuation to score) without further eviction unless `decoding` is asked for.
+
+This is what `pipeline("kv-press-text-generation", press=DMSPress(scorer, threshold, ...))` does
+(kvpress 0.5.5, `KVPressTextGenerationPipeline._forward`): one forward pass over the context, in
+which every query sees every context key; then the press decides once, for every position j of the
+context with j < n_context - W, by the same rule as streaming (`StreamingThresholdPress`); then the
+question is one uncompressed pass, and greedy decoding follows. With `decoding`, the press keeps
+deciding after the question's pass and after each new token, as `DMSPress(decoding=True)` does.
+The evicted entries are masked, as in streaming; kvpress replaces their keys with a "fake key"
+per pass, which reaches the same attention up to float rounding.
+
+Documents share cache slots as in `stream_generate`: contexts from slot 0 (padding on the right),
+every question at the same slots after the longest context, then one slot per new token, each
+token with its own position id, so the batch never changes a document's result.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kvsweep.engine.generate import GreedyAnswers
+from kvsweep.engine.layout import BatchLayout
+from kvsweep.engine.passes import StaticPasses
+from kvsweep.engine.placement import decoder_of
+from kvsweep.engine.press import StreamingThresholdPress
+from kvsweep.engine.stream_nll import right_padded_ids
+
+
+def _layout(contexts, follow_ups, extra_slots: int, device) -> tuple[BatchLayout, int, int]:
+    """The batch's layout: contexts in slots [0, Wc), each follow-up (question or continuation) in
+    [Wc, Wc + Wf) at positions n_context + k, and `extra_slots` more for generated tokens."""
+    width_context = max(len(c) for c in contexts)
+    width_follow = max(len(f) for f in follow_ups)
+    layout = BatchLayout.right_padded(contexts, width_context + width_follow + extra_slots, device)
+    for row, (context, follow) in enumerate(zip(contexts, follow_ups, strict=True)):
+        slots = slice(width_context, width_context + len(follow))
+        layout.position[row, slots] = torch.arange(len(context), len(context) + len(follow), device=device)
+    layout.max_gap = max(
+        width_context - len(c) + width_follow - len(f) for c, f in zip(contexts, follow_ups, strict=True)
+    )
+    return layout, width_context, width_follow
+
+
+def _prefill(model, layout, press, contexts, follow_ups, width_context, width_follow, decoding, cuda_graphs, clock):
+    """Open the passes, run the context's pass and the follow-up's pass. Returns the passes, the
+    logits at each context's last token (batch, vocab), the follow-up's logits (batch, Wf, vocab),
+    and each document's token count after the follow-up."""
+    device = model.device
+    n_context = torch.tensor([len(c) for c in contexts], device=device)
+    n_follow = torch.tensor([len(f) for f in follow_ups], device=device)
+    press.begin(model, layout)
+    # One key bucket over the whole cache: the context is a single pass of Wc queries.
+    passes = StaticPasses(model, layout, width_context, layout.position.shape[1], cuda_graphs, clock)
+    # The context's and the follow-up's passes run once each: eagerly (capturing a graph to replay
+    # it once would cost more); the decoding steps replay theirs.
+    graphs, passes.cuda_graphs = passes.cuda_graphs, False
+    layout.read(torch.zeros_like(n_context), n_context)
+    positions = torch.arange(width_context, device=device).expand(len(contexts), -1)
+    # Only the logits at each context's last token (the continuation's first prediction): the
+    # whole pass's would be batch x Wc x vocabulary (8 GiB at 32k tokens and 128k words in bf16).
+    last, which = torch.unique(n_context - 1, return_inverse=True)
+    logits = passes.run(right_padded_ids(contexts, width_context, device), positions, 0, logits_at=last)
+    rows = torch.arange(len(contexts), device=logits.device)
+    context_last = logits[rows, which.to(logits.device)].float().to(device)
+    # Without `decoding`, no later pass decides anything: no position enters [before - W, after - W).
+    after = n_context + n_follow if decoding else n_context
+    layout.read(n_context, after)
+    follow_positions = n_context[:, None] + torch.arange(width_follow, device=device)[None, :]
+    follow = passes.run(right_padded_ids(follow_ups, width_follow, device), follow_positions, width_context)
+    passes.cuda_graphs = graphs
+    return passes, context_last, follow.float().to(device), n_context + n_follow
+
+
+def _counts(press: StreamingThresholdPress, batch: int) -> list[dict]:
+    counts = {key: value.tolist() for key, value in press.kv_counts().items()}
+    return [{key: int(value[row]) for key, value in counts.items()} for row in range(batch)]
+
+
+def evicted_per_layer(press: StreamingThresholdPress) -> list[list[int]]:
+    """Per document, per layer: the entries evicted (over KV heads and positions), the count
+    kvpress keeps as `len(module.masked_key_indices[0])` for a batch of one."""
+    per_layer = [press.layers[i].evicted.sum((1, 2)).tolist() for i in sorted(press.layers)]
+    return [list(row) for row in zip(*per_layer, strict=True)]
+
+
+def kvpress_evicted_per_layer(model) -> list[int]:
+    """What kvpress's pipeline evicted in each layer of `model` (batch of one): the length of the
+    attention modules' `masked_key_indices`, which its `DMSPress` leaves set after a run. Clears
+    them, as the next prefill would. The count `evicted_per_layer` is compared with."""
+    counts = []
+    for layer in decoder_of(model).layers:
+        indices = getattr(layer.self_attn, "masked_key_indices", None)
+        counts.append(0 if indices is None else len(indices[0]))
+        layer.self_attn.masked_key_indices = None
+    return counts
+
+
+@torch.inference_mode()
+def compress_once_generate(
+    model,
+    contexts: list[list[int]],
+    questions: list[list[int]],
+    max_new_tokens: int,
+    press: StreamingThresholdPress | None = None,
+    decoding: bool = False,
+    eos_token_ids: set[int] | None = None,
+    cuda_graphs: bool | None = None,
+    clock=None,
+) -> list[dict]:
+    """Greedy answers to `questions` after their `contexts`, compressed once (kvpress's protocol).
+
+    Per document: `generated_ids` (the first token is the argmax after the question's last token,
+    kept even if it ends the sequence, as kvpress keeps it; a later end-of-sequence token ends the
+    answer and is not kept), `n_generated`, the KV counts at the end (`kv_kept`,
+    `kv_total` over context, question and answer; the compressible ones over [sinks, n - W) of
+    what was decided) and `evicted_per_layer`."""
+    if any(len(q) == 0 for q in questions) or any(len(c) == 0 for c in contexts):
+        raise ValueError("every context and every question needs at least one token")
+    device = model.device
+    batch = len(contexts)
+    press = press if press is not None else StreamingThresholdPress.mask_only()
+    layout, width_context, width_follow = _layout(contexts, questions, max_new_tokens, device)
+    rows = torch.arange(batch, device=device)
+    answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device, keep_first=True)
+    with press(model):
+        passes, _, logits, count = _prefill(
+            model, layout, press, contexts, questions, width_context, width_follow, decoding, cuda_graphs, clock
+        )
+        last = torch.tensor([len(q) - 1 for q in questions], device=device)
+        next_logits = logits[rows, last]
+        n_context = torch.tensor([len(c) for c in contexts], device=device)
+        for step in range(max_new_tokens):
+            token, writing, done = answers.take(next_logits, step)
+            if done:
+                break
+            slot = width_context + width_follow + step
+            layout.position[:, slot] = torch.where(writing, count, -1)
+            after = torch.where(writing, count + 1, count)
+            layout.read(count if decoding else n_context, after if decoding else n_context)
+            next_logits = passes.run(token[:, None], count[:, None], slot)[:, 0].float().to(device)
+            count = after
+        counts = _counts(press, batch)
+        per_layer = evicted_per_layer(press)
+    return [
+        {**answer, **counts[row], "evicted_per_layer": per_layer[row]} for row, answer in enumerate(answers.results())
+    ]
+
+
+@torch.inference_mode()
+def compress_once_nll(
+    model,
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    press: StreamingThresholdPress | None = None,
+    cuda_graphs: bool | None = None,
+    clock=None,
+) -> list[dict]:
+    """The loss of each continuation after its context, compressed once: one pass over the
+    context, the press decides, then one pass over the continuation (nothing more evicted).
+    The first continuation token is predicted from the context's last position.
+
+    Per document: `n_tokens` (context and continuation), `nll_sum` over the continuation's tokens,
+    `n_predicted` (its length), the KV counts and `evicted_per_layer` (as `compress_once_generate`'s)."""
+    if any(len(c) == 0 for c in continuations) or any(len(c) == 0 for c in contexts):
+        raise ValueError("every context and every continuation needs at least one token")
+    device = model.device
+    batch = len(contexts)
+    press = press if press is not None else StreamingThresholdPress.mask_only()
+    # The continuation's pass reads its own tokens; the logits of its last token predict nothing.
+    layout, width_context, width_follow = _layout(contexts, continuations, 0, device)
+    with press(model):
+        _, context_last, follow, _ = _prefill(
+            model, layout, press, contexts, continuations, width_context, width_follow, False, cuda_graphs, clock
+        )
+        counts = _counts(press, batch)
+        per_layer = evicted_per_layer(press)
+    nll = []
+    for row, continuation in enumerate(continuations):
+        # Token k of the continuation is predicted at the position before it: the context's last
+        # position for k = 0, else continuation token k - 1.
+        logits = torch.cat([context_last[row : row + 1], follow[row, : len(continuation) - 1]])
+        target = torch.tensor(continuation, device=device)
+        nll.append(float(F.cross_entropy(logits, target, reduction="sum")))
+    return [
+        {
+            "n_tokens": len(c) + len(f),
+            "nll_sum": nll[row],
+            "n_predicted": len(f),
+            **counts[row],
+            "evicted_per_layer": per_layer[row],
+        }
+        for row, (c, f) in enumerate(zip(contexts, continuations, strict=True))
+    ]

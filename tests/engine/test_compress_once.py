@@ -1,0 +1,203 @@
+"""kvpress's protocol (prefill whole, compress once) against kvpress itself: the same greedy tokens
+and the same entries evicted per layer as `pipeline("kv-press-text-generation", press=DMSPress(...))`
+on the bundled demo model, float32 on the CPU; and the continuation's loss as kvpress's masked
+cache gives it."""
+
+import pytest
+import torch
+from kvpress import DMSPress, KnormPress, KVzapPress
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
+
+from kvsweep.demo import BUNDLED_MODEL
+from kvsweep.demo.reports import generate_reports
+from kvsweep.engine.compress_once import compress_once_generate, compress_once_nll, kvpress_evicted_per_layer
+from kvsweep.engine.methods import knorm, kvzap
+from kvsweep.engine.stream_nll import stream_nll
+
+from conftest import random_documents, tiny_surrogate
+
+QUESTION = "Now, write a one-page summary of the report."
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def demo():
+    path = str(BUNDLED_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def surrogate(demo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo_surrogate")
+    tiny_surrogate(demo[0], seed=3).save_pretrained(path)
+    return str(path)
+
+
+def contexts_of(lengths: list[int]) -> list[str]:
+    """Report openings of about `lengths` words each (the demo's reports, cut)."""
+    reports = generate_reports(len(lengths), seed=5)
+    return [" ".join(report["report"].split()[:n]) for report, n in zip(reports, lengths, strict=True)]
+
+
+def kvpress_press(name: str, threshold: float, window: int, decoding: bool, surrogate: str | None, model):
+    if name == "kvzap":
+        scorer = KVzapPress(model_type="mlp")
+        # The surrogate by hand (KVzapPress would fetch nvidia/KVzap-mlp-<model> from the hub).
+        scorer.kvzap_model = type(tiny_surrogate(model)).from_pretrained(surrogate)
+        scorer.kvzap_model_name = f"nvidia/KVzap-mlp-{model.config.name_or_path.split('/')[-1]}"
+    else:
+        scorer = KnormPress()
+    return DMSPress(scorer, threshold=threshold, sliding_window_size=window, decoding=decoding)
+
+
+def kvsweep_press(name: str, threshold: float, window: int, surrogate: str | None):
+    if name == "kvzap":  # kvpress's DMSPress has no sinks: kvzap_no_sink's semantics
+        return kvzap(threshold, window, 0, surrogate, "mlp")
+    return knorm(threshold, window, 0)
+
+
+def pipeline_ids(pipe, context: str, question: str):
+    """The context's and the question's token ids exactly as kvpress's pipeline makes them."""
+    tensors = pipe.preprocess(context, questions=[question], answer_prefix="", max_context_length=10**9)
+    return tensors["context_ids"][0].tolist(), tensors["questions_ids"][0][0].tolist()
+
+
+# (method, threshold, window): each evicts a good share of the context and keeps some of it.
+SETTINGS = [("kvzap", 0.0, 8), ("kvzap", -0.1, 16), ("knorm", -3.0, 8)]
+
+
+@pytest.mark.parametrize("decoding", [False, True], ids=["prefill_only", "decoding"])
+@pytest.mark.parametrize("name,threshold,window", SETTINGS)
+def test_the_same_tokens_and_evictions_as_kvpress_pipeline(demo, surrogate, name, threshold, window, decoding):
+    model, tokenizer, pipe = demo
+    contexts = contexts_of([60, 95, 130])
+    eos = {model.generation_config.eos_token_id}
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
+    ours = compress_once_generate(
+        model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, kvsweep_press(name, threshold, window, surrogate),
+        decoding=decoding, eos_token_ids=eos,
+    )  # fmt: skip
+    evicted_somewhere = False
+    for context, result in zip(contexts, ours, strict=True):
+        press = kvpress_press(name, threshold, window, decoding, surrogate, model)
+        answer = pipe(context, question=QUESTION, press=press, max_new_tokens=NEW_TOKENS)["answer"]
+        masked = kvpress_evicted_per_layer(model)
+        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
+        assert result["evicted_per_layer"] == masked
+        evicted_somewhere |= sum(masked) > 0
+        kept = result["kv_total"] - sum(masked)
+        assert result["kv_kept"] == kept
+    assert evicted_somewhere, "the setting evicts nothing: the comparison would prove little"
+
+
+# Every method family, at settings that evict part of the context (h2o: mean attention received;
+# expected_attention: scored at decision time; random: keyed by document; streaming_llm: +inf).
+BATCHED = [
+    ("kvzap", 0.0, {"sliding_window": 8, "sinks": 4, "kvzap_type": "mlp"}),
+    ("h2o", 0.01, {"local_window": 8, "sinks": 0}),
+    ("expected_attention", 0.05, {"sliding_window": 8, "sinks": 4}),
+    ("random", 0.5, {"sliding_window": 8, "sinks": 4, "seed": 1}),
+    ("streaming_llm", None, {"sliding_window": 16, "sinks": 4}),
+    ("knorm", -3.0, {"sliding_window": 8, "sinks": 0}),
+]
+
+
+@pytest.mark.parametrize("decoding", [False, True], ids=["prefill_only", "decoding"])
+@pytest.mark.parametrize("name,threshold,settings", BATCHED, ids=[b[0] for b in BATCHED])
+def test_a_batch_gives_what_each_document_gives_alone(demo, surrogate, name, threshold, settings, decoding):
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, _, pipe = demo
+    method = get_method(name)
+    resolved = method.resolve(threshold, {**settings, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})})
+    press = build_press(method, threshold, resolved)
+    press.post_init_from_model(model)
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts_of([40, 120, 75])]
+    together = compress_once_generate(
+        model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, decoding=decoding
+    )
+    assert any(r["kv_kept"] < r["kv_total"] for r in together), "nothing evicted: the comparison proves little"
+    for (context, question), batched in zip(ids, together, strict=True):
+        alone = compress_once_generate(model, [context], [question], NEW_TOKENS, press, decoding=decoding)[0]
+        assert alone == batched
+
+
+@pytest.mark.parametrize("stop_at", [0, 3])
+def test_the_end_of_sequence_is_looked_for_as_kvpress_does(demo, surrogate, stop_at):
+    """kvpress keeps the first token whatever it is and stops at a later end-of-sequence token:
+    make the token the model writes at step `stop_at` the end-of-sequence token, on both sides."""
+    model, tokenizer, pipe = demo
+    context_ids, question_ids = pipeline_ids(pipe, contexts_of([80])[0], QUESTION)
+    free = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS)[0]["generated_ids"]
+    end = free[stop_at]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = end
+    try:
+        answer = pipe(contexts_of([80])[0], question=QUESTION, max_new_tokens=NEW_TOKENS)["answer"]
+        ours = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS, eos_token_ids={end})[0]
+    finally:
+        model.generation_config.eos_token_id = saved
+    # kvpress keeps tokens up to and including the first end after step 0 (a plain word here, which
+    # its decoding keeps); kvsweep keeps them without that end.
+    later = [k for k in range(1, len(free)) if free[k] == end]
+    kvpress_ids = free[: later[0] + 1] if later else free
+    assert answer == tokenizer.decode(kvpress_ids, skip_special_tokens=True)
+    assert ours["generated_ids"] == (kvpress_ids[:-1] if later else kvpress_ids)
+    assert ours["generated_ids"][0] == end if stop_at == 0 else len(ours["generated_ids"]) == stop_at
+
+
+def test_threshold_minus_inf_is_the_uncompressed_model(demo, surrogate):
+    model, _, pipe = demo
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts_of([50, 90])]
+    contexts, questions = [c for c, _ in ids], [q for _, q in ids]
+    plain = compress_once_generate(model, contexts, questions, NEW_TOKENS)
+    minus_inf = compress_once_generate(
+        model, contexts, questions, NEW_TOKENS, kvsweep_press("kvzap", float("-inf"), 8, surrogate), decoding=True
+    )
+    for (context, question), a, b in zip(ids, plain, minus_inf, strict=True):
+        assert a["generated_ids"] == b["generated_ids"] and b["kv_kept"] == b["kv_total"]
+        greedy = model.generate(torch.tensor([context + question]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert a["generated_ids"] == greedy[0, len(context) + len(question) :].tolist()[: a["n_generated"]]
+
+
+@pytest.mark.parametrize("name,threshold,window", SETTINGS)
+def test_the_continuations_loss_is_kvpress_masked_caches(demo, surrogate, name, threshold, window):
+    """The reference: kvpress's DMSPress during the context's pass (masking by fake keys), then the
+    model's plain forward over the continuation with that cache, one token at a time (kvpress's
+    fake-key search fails for a pass of several queries on this model: `search_hyperplane`)."""
+    model, tokenizer, _ = demo
+    texts = contexts_of([70, 110])
+    contexts = [tokenizer.encode(t)[:-10] for t in texts]
+    continuations = [tokenizer.encode(t)[-10:] for t in texts]
+    ours = compress_once_nll(model, contexts, continuations, kvsweep_press(name, threshold, window, surrogate))
+    for context, continuation, result in zip(contexts, continuations, ours, strict=True):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            with kvpress_press(name, threshold, window, False, surrogate, model)(model):
+                logits = [model(torch.tensor([context]), past_key_values=cache).logits[0, -1]]
+            for k, token in enumerate(continuation[:-1]):
+                position = torch.tensor([[len(context) + k]])
+                logits.append(
+                    model(torch.tensor([[token]]), past_key_values=cache, position_ids=position).logits[0, -1]
+                )
+        reference = torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(continuation), reduction="sum")
+        assert sum(kvpress_evicted_per_layer(model)) > 0 and sum(result["evicted_per_layer"]) > 0
+        assert result["nll_sum"] == pytest.approx(float(reference), rel=1e-5)
+        assert result["n_predicted"] == len(continuation)
+
+
+def test_without_eviction_the_loss_is_the_streamed_documents(model):
+    """Nothing evicted: the continuation's loss is the plain model's on context + continuation,
+    which `stream_nll` gives token by token."""
+    documents = random_documents([30, 47])
+    ours = compress_once_nll(model, [d[:20] for d in documents], [d[20:] for d in documents])
+    for document, result in zip(documents, ours, strict=True):
+        with torch.inference_mode():
+            logits = model(torch.tensor([document])).logits[0, 19:-1]
+        reference = torch.nn.functional.cross_entropy(logits, torch.tensor(document[20:]), reduction="sum")
+        assert result["nll_sum"] == pytest.approx(float(reference), rel=1e-5)
+        streamed = stream_nll(model, [document], chunk_size=1)[0]
+        assert streamed["kv_total"] == result["kv_total"]
