@@ -486,14 +486,15 @@ def test_bad_values_stop_the_plan_with_one_message(tmp_path, key, value, message
     assert not (tmp_path / "results").exists() and not (ROOT / "data").exists()
 
 
-def test_after_snakemake_is_killed_the_documented_commands_finish_the_run(demo_run, tmp_path):
-    """Snakemake killed with SIGKILL (a lost login session) leaves its lock and the outputs of the
-    jobs it was running marked incomplete. docs/cluster.md's two commands (`--unlock`, then the same
-    command) finish the run: rerun-incomplete is on for every run through the workflow profile."""
+def small_study_running(demo_run, tmp_path):
+    """A one-method perplexity study at chunk 1 (jobs long enough to be killed in), started in its
+    own session on the demo's assets; returns once its first job's log exists: (workdir, config,
+    configfile, command, the Snakemake process, the logs folder, the running job's log, and the
+    deadline of 300 s from the start that the test's later waits share)."""
     workdir, config = demo_run
     shutil.copytree(workdir / "results" / "demo" / "demo_assets", tmp_path / "results" / "demo" / "demo_assets")
     small = copy.deepcopy(config)
-    small["tasks"], small["chunk_size"] = ["perplexity"], 1  # chunk 1: jobs long enough to be killed in
+    small["tasks"], small["chunk_size"] = ["perplexity"], 1
     small["methods"] = {"baseline": None, "h2o": {"thresholds": [0.005], "local_window": 32}}
     configfile = write_config(tmp_path, small)
     command = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(configfile), "--cores", "1"]
@@ -503,7 +504,14 @@ def test_after_snakemake_is_killed_the_documented_commands_finish_the_run(demo_r
     deadline = time.time() + 300
     while time.time() < deadline and not list(logs.rglob("*.log")):
         time.sleep(0.2)
-    running = next(logs.rglob("*.log"))
+    return workdir, config, configfile, command, job, logs, next(logs.rglob("*.log")), deadline
+
+
+def test_after_snakemake_is_killed_the_documented_commands_finish_the_run(demo_run, tmp_path):
+    """Snakemake killed with SIGKILL (a lost login session) leaves its lock and the outputs of the
+    jobs it was running marked incomplete. docs/cluster.md's two commands (`--unlock`, then the same
+    command) finish the run: rerun-incomplete is on for every run through the workflow profile."""
+    workdir, config, configfile, command, job, logs, running, deadline = small_study_running(demo_run, tmp_path)
     os.killpg(job.pid, signal.SIGKILL)  # Snakemake and its job, as a lost session would
     job.wait()
     # What a non-atomic writer could have left behind: the running job's output, half written.
@@ -700,20 +708,7 @@ def test_after_snakemake_alone_is_killed_its_finished_jobs_are_kept(demo_run, tm
     """Snakemake killed hard while a job runs: the job runs on alone and finishes. docs/cluster.md's
     recovery (wait, `--unlock`, `--touch` the outputs those jobs wrote) keeps its output; only what
     was left is planned."""
-    workdir, config = demo_run
-    shutil.copytree(workdir / "results" / "demo" / "demo_assets", tmp_path / "results" / "demo" / "demo_assets")
-    small = copy.deepcopy(config)
-    small["tasks"], small["chunk_size"] = ["perplexity"], 1  # chunk 1: a job long enough to be killed in
-    small["methods"] = {"baseline": None, "h2o": {"thresholds": [0.005], "local_window": 32}}
-    configfile = write_config(tmp_path, small)
-    command = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(configfile), "--cores", "1"]
-    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)  # fmt: skip
-    logs = tmp_path / "results" / "demo" / "logs" / "perplexity"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(logs.rglob("*.log")):
-        time.sleep(0.2)
-    running = next(logs.rglob("*.log"))
+    workdir, config, configfile, command, job, logs, running, deadline = small_study_running(demo_run, tmp_path)
     os.kill(job.pid, signal.SIGKILL)  # Snakemake alone: its job runs on
     job.wait()
     output = tmp_path / "results" / "demo" / "perplexity" / running.relative_to(logs).with_suffix(".jsonl")
