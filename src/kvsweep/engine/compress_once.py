@@ -71,11 +71,6 @@ def _prefill(model, layout, press, contexts, follow_ups, width_context, width_fo
     return passes, context_last, follow.float().to(device), n_context + n_follow
 
 
-def _counts(press: StreamingThresholdPress, batch: int) -> list[dict]:
-    counts = {key: value.tolist() for key, value in press.kv_counts().items()}
-    return [{key: int(value[row]) for key, value in counts.items()} for row in range(batch)]
-
-
 def evicted_per_layer(press: StreamingThresholdPress) -> list[list[int]]:
     """Per document, per layer: the entries evicted (over KV heads and positions), the count
     kvpress keeps as `len(module.masked_key_indices[0])` for a batch of one."""
@@ -139,7 +134,7 @@ def compress_once_generate(
             layout.read(count if decoding else n_context, after if decoding else n_context)
             next_logits = passes.run(token[:, None], count[:, None], slot)[:, 0].float().to(device)
             count = after
-        counts = _counts(press, batch)
+        counts = press.kv_counts_per_document()
         per_layer = evicted_per_layer(press)
     return [
         {**answer, **counts[row], "evicted_per_layer": per_layer[row]} for row, answer in enumerate(answers.results())
@@ -164,7 +159,6 @@ def compress_once_nll(
     if any(len(c) == 0 for c in continuations) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and every continuation needs at least one token")
     device = model.device
-    batch = len(contexts)
     press = press if press is not None else StreamingThresholdPress.mask_only()
     # The continuation's pass reads its own tokens; the logits of its last token predict nothing.
     layout, width_context, width_follow = _layout(contexts, continuations, 0, device)
@@ -172,7 +166,7 @@ def compress_once_nll(
         _, context_last, follow, _ = _prefill(
             model, layout, press, contexts, continuations, width_context, width_follow, False, cuda_graphs, clock
         )
-        counts = _counts(press, batch)
+        counts = press.kv_counts_per_document()
         per_layer = evicted_per_layer(press)
     nll = []
     for row, continuation in enumerate(continuations):

@@ -72,10 +72,9 @@ def stream_generate(
             layout.read(torch.where(writing, count - 1, count), count)
             next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float().to(device)
 
-        counts = press.kv_counts()
+        counts = press.kv_counts_per_document()
 
-    return [{**answer, **{key: int(value[row]) for key, value in counts.items()}}
-            for row, answer in enumerate(answers.results())]  # fmt: skip
+    return [{**answer, **counts[row]} for row, answer in enumerate(answers.results())]
 
 
 class GreedyAnswers:

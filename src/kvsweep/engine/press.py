@@ -204,6 +204,11 @@ class StreamingThresholdPress(DMSPress):
         window = self.sliding_window_size if window is None else window
         return kv_counts(list(self.layers.values()), sinks, window)
 
+    def kv_counts_per_document(self) -> list[dict[str, int]]:
+        """`kv_counts` as one dict of Python ints per document (one transfer from the device)."""
+        counts = {key: value.tolist() for key, value in self.kv_counts().items()}
+        return [dict(zip(counts, row, strict=True)) for row in zip(*counts.values(), strict=True)]
+
     @property
     def compression_ratio(self):
         counts = self.kv_counts()

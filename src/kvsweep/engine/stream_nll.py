@@ -68,19 +68,18 @@ def stream_nll(
             token_nll = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none").to(device)
             nll += (token_nll.view(predicts.shape) * predicts).sum(1, dtype=torch.float64)
 
-        counts = press.kv_counts()
+        counts = press.kv_counts_per_document()
         if return_evicted:
             evicted = torch.stack([press.layers[i].evicted.cpu() for i in sorted(press.layers)]).numpy()
         if return_decision_scores:
             decisions = torch.stack([press.layers[i].decision_scores.cpu() for i in sorted(press.layers)]).numpy()
 
-    counts = {key: value.tolist() for key, value in counts.items()}
     results = [
         {
             "n_tokens": len(doc),
             "nll_sum": float(nll[row]),
             "n_predicted": len(doc) - 1,
-            **{key: int(value[row]) for key, value in counts.items()},
+            **counts[row],
         }
         for row, doc in enumerate(documents)
     ]
