@@ -129,11 +129,12 @@ def test_curve_passes_through_the_baseline_at_density_one():
     assert curve.at(0.75) == pytest.approx(np.full(N_DOCS, 1.0))  # half of 0.02 x 100 tokens
 
 
-def test_command_line_writes_the_tables(tmp_path):
+@pytest.mark.parametrize(("task", "protocol"), [("perplexity", "streaming"), ("perplexity_kvpress", "kvpress")])
+def test_command_line_writes_the_tables(tmp_path, task, protocol):
     frame = synthetic({"h2o": {0.2: 0.02, 0.4: 0.01}, "kvzap": {0.3: 0.02}}, {"h2o": noise(9), "kvzap": noise(10)})
     paths = []
     for (method, threshold), group in frame.groupby(["method", frame.value.fillna("none")]):
-        path = tmp_path / "perplexity" / method / threshold / "shard000.jsonl"
+        path = tmp_path / task / method / threshold / "shard000.jsonl"
         path.parent.mkdir(parents=True)
         path.write_text(
             "".join(json.dumps(r) + "\n" for r in group.drop(columns=["method", "value"]).to_dict("records"))
@@ -145,10 +146,15 @@ def test_command_line_writes_the_tables(tmp_path):
     out = {name: str(tmp_path / name) for name in ("c.csv", "a.csv", "c.md")}
     kvsweep("comparison", "--inputs", *paths, "--calibrations", calibration, "--grid", "0.5", "--length-buckets",
             "--output-csv", out["c.csv"], "--output-auc-csv", out["a.csv"], "--output-md", out["c.md"],
-            "--n-resamples", "200")  # fmt: skip
-    assert list(pd.read_csv(out["c.csv"]).density) == [0.35, 0.5]  # the target density joins the grid
+            "--n-resamples", "200", "--task", task)  # fmt: skip
+    points, areas = pd.read_csv(out["c.csv"]), pd.read_csv(out["a.csv"])
+    assert list(points.density) == [0.35, 0.5]  # the target density joins the grid
     assert "## Area under the quality-loss curve" in (tmp_path / "c.md").read_text()
-    assert len(pd.read_csv(out["a.csv"])) == 1
+    assert f"# {task} ({protocol} protocol)" in (tmp_path / "c.md").read_text()
+    assert len(areas) == 1
+    # Each row says which protocol measured it, after the pair of methods.
+    for table in (points, areas):
+        assert list(table.columns[:3]) == ["method_a", "method_b", "protocol"] and set(table.protocol) == {protocol}
 
 
 def test_methods_whose_points_do_not_spread_along_the_axis_are_left_out():

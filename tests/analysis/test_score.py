@@ -123,3 +123,26 @@ def test_compare_draws_an_interval_that_excludes_its_point(tmp_path):
     kvsweep("figures", "--summary", tmp_path / "summary.csv", "--output-png", tmp_path / "f.png",
             "--output-pdf", tmp_path / "f.pdf")  # fmt: skip
     assert (tmp_path / "f.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(("task", "protocol"), [("perplexity", "streaming"), ("perplexity_kvpress", "kvpress")])
+def test_tables_say_which_protocol_measured_them(tmp_path, task, protocol):
+    """summary.csv carries the task's protocol after the method; provenance.csv the protocol each
+    result line recorded (a line that records none ran its task's)."""
+    import pandas as pd
+
+    paths = []
+    for method, value, provenance in (("baseline", "none", {"protocol": protocol, "device": "cpu"}),
+                                      ("h2o", "0.1", {"device": "cpu"})):  # fmt: skip
+        path = tmp_path / task / method / value / "shard000.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({**doc(0, 10.0, 9, 100 if value == "none" else 60), "provenance": provenance}))
+        paths.append(path)
+    out = {name: tmp_path / name for name in ("s.csv", "s.md", "p.csv")}
+    kvsweep("score", "--inputs", *paths, "--task", task, "--output-csv", out["s.csv"], "--output-md", out["s.md"],
+            "--output-provenance", out["p.csv"], "--n-resamples", "100")  # fmt: skip
+    summary = pd.read_csv(out["s.csv"])
+    assert list(summary.columns) == [COLUMNS[0], "protocol", *COLUMNS[1:]]
+    assert list(summary.protocol) == [protocol, protocol] and "protocol" in out["s.md"].read_text().splitlines()[0]
+    provenance = pd.read_csv(out["p.csv"])
+    assert list(provenance.protocol) == [protocol, protocol] and list(provenance.device) == ["cpu", "cpu"]

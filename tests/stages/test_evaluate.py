@@ -57,6 +57,7 @@ def test_output_matches_engine(model, model_dir, surrogate_dir, tmp_path):
     assert lines[0]["provenance"]["torch"] == torch.__version__
     assert (lines[0]["provenance"]["device"], lines[0]["provenance"]["dtype"]) == ("cpu", "float32")
     assert len(lines[0]["provenance"]["kvsweep"].split("+")[0]) == 40  # the commit of this checkout
+    assert lines[0]["provenance"]["protocol"] == "streaming"
     assert lines[1]["n_tokens"] == 64  # truncated to --max-length
     method = get_method("kvzap")
     settings = method.resolve(0.0, {"sliding_window": 6, "kvzap_surrogate": surrogate_dir})

@@ -81,6 +81,7 @@ def test_an_evaluate_job_answers_as_kvpress_pipeline_on_the_recorded_strings(sha
         assert result["generated"] == answer.strip()
         assert result["evicted_per_layer"] == masked and sum(masked) > 0
         assert result["n_prompt_tokens"] == len(doc["input_ids"])
+        assert result["provenance"]["protocol"] == "kvpress"
 
 
 def test_a_context_length_that_splits_nothing_is_refused(shard, tmp_path, capsys):

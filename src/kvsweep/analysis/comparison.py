@@ -193,9 +193,9 @@ def not_along_the_axis(rows: pd.DataFrame, density: str) -> dict[str, str]:
 
 
 def markdown(points: pd.DataFrame, areas: pd.DataFrame, task: str, density: str, left_out=None) -> str:
-    unit = get_task(task).loss_unit
+    unit, protocol = get_task(task).loss_unit, get_task(task).protocol
     lines = [
-        f"# {task}: method against method at equal KV density ({density})",
+        f"# {task} ({protocol} protocol): method against method at equal KV density ({density})",
         "",
         f"`difference` = loss of method_a minus loss of method_b, in {unit} (loss: against the baseline on the "
         "same documents; below 0 means method_a loses less). Interval: paired percentile bootstrap over documents.",

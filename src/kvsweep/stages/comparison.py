@@ -10,6 +10,7 @@ from kvsweep.analysis.comparison import DEFAULT_GRID, compare_methods, markdown,
 from kvsweep.analysis.results import baseline_of, load_results, read_calibrations
 from kvsweep.core.io import atomic_path
 from kvsweep.study.config import check_bootstrap
+from kvsweep.study.tasks import get_task
 from kvsweep.tasks import work_of
 
 
@@ -58,9 +59,12 @@ def run(options: ComparisonOptions):
         targets.setdefault(record["method"], []).append(float(record["target_density"]))
     points, areas = compare_methods(rows, targets, options.density, options.grid, options.length_buckets,
                                     options.tolerance, options.n_resamples, options.confidence, options.seed)  # fmt: skip
+    protocol = get_task(options.task).protocol
     for table, path in ((points, options.output_csv), (areas, options.output_auc_csv)):
         with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
+            with_protocol = table.copy()
+            with_protocol.insert(2, "protocol", protocol)  # after method_a, method_b
+            with_protocol.to_csv(tmp, index=False)
     with atomic_path(options.output_md) as tmp:
         tmp.write_text(markdown(points, areas, options.task, options.density, left_out))
     print(points.to_string(index=False))

@@ -68,7 +68,7 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     from kvsweep.engine.models import environment, vocabulary_size, what_ran
 
     check_vocabulary(documents, vocabulary_size(model), options.data)
-    provenance = environment(model, options.dtype)
+    provenance = {**environment(model, options.dtype), "protocol": task.protocol}
 
     checkpoint = output.with_name(output.name + ".partial")
     key = fingerprint(options, settings, documents)

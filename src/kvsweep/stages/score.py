@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvsweep.analysis.costs import write_costs
 from kvsweep.analysis.results import load_results
-from kvsweep.analysis.summary import add_targets, provenance_table, write_tables
+from kvsweep.analysis.summary import add_protocol, add_targets, provenance_table, write_tables
 from kvsweep.core.io import atomic_path
 from kvsweep.study.config import check_bootstrap
 from kvsweep.tasks import work_of
@@ -39,13 +39,14 @@ class ScoreOptions:
 
 def run(options: ScoreOptions):
     check_bootstrap(options.n_resamples, options.confidence, options.seed)
-    summarize = work_of(options.task).summarize
+    work = work_of(options.task)
     results = load_results(options.inputs, options.task, options.swept, options.documents)
-    table = add_targets(summarize(results, options.n_resamples, options.confidence, options.seed), options.calibrations)
+    table = work.summarize(results, options.n_resamples, options.confidence, options.seed)
+    table = add_protocol(add_targets(table, options.calibrations), work.task.protocol)
     write_tables(table, options.output_csv, options.output_md)
     if options.output_provenance:
         with atomic_path(options.output_provenance) as tmp:
-            provenance_table(results).to_csv(tmp, index=False)
+            provenance_table(results, work.task.protocol).to_csv(tmp, index=False)
     if options.output_costs:
         # The calibration jobs: each target's search, and each method's probe beside them.
         probes = sorted({str(Path(path).with_name("probe.json")) for path in options.calibrations})
