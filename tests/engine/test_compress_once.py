@@ -201,3 +201,91 @@ def test_without_eviction_the_loss_is_the_streamed_documents(model):
         assert result["nll_sum"] == pytest.approx(float(reference), rel=1e-5)
         streamed = stream_nll(model, [document], chunk_size=1)[0]
         assert streamed["kv_total"] == result["kv_total"]
+
+
+# kvpress's budgets: `compression_ratio` on a ScorerPress, the share of the context evicted, per
+# KV head, lowest scores first (kvsweep: `StreamingThresholdPress.fixed_ratio`, no window, no sinks).
+RATIOS = [("knorm", 0.3), ("knorm", 0.75), ("kvzap", 0.5)]
+
+
+@pytest.mark.parametrize("name,ratio", RATIOS)
+def test_a_fixed_ratio_keeps_what_kvpress_scorer_press_keeps(demo, surrogate, name, ratio):
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, tokenizer, pipe = demo
+    method = get_method(name)
+    given = {"sliding_window": 0, "sinks": 0, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})}
+    press = build_press(method, None, method.resolve(0.0, given), compression_ratio=ratio)
+    press.post_init_from_model(model)
+    contexts = contexts_of([60, 95, 130])
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
+    eos = {model.generation_config.eos_token_id}
+    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
+    kv_heads = model.config.num_key_value_heads
+    for context, (context_ids, _), result in zip(contexts, ids, ours, strict=True):
+        upstream = kvpress_press(name, 0.0, 0, False, surrogate, model).press  # the scorer itself
+        upstream.compression_ratio = ratio
+        answer = pipe(context, question=QUESTION, press=upstream, max_new_tokens=NEW_TOKENS)["answer"]
+        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
+        n = len(context_ids)
+        evicted = (n - max(1, int(n * (1 - ratio)))) * kv_heads  # kvpress.utils.compute_n_kept
+        assert result["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers and evicted > 0
+
+
+def test_lowest_scored_is_the_slow_selection():
+    """Per document and head, the n - max(1, int(n (1 - r))) lowest scores among the positions
+    deciding (all of them if fewer), against a plain loop; slots need not be positions."""
+    from kvsweep.engine.press import lowest_scored
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.stack([torch.randperm(40, generator=generator).float() for _ in range(6)]).view(3, 2, 40)
+    position = torch.arange(40).repeat(3, 1)
+    position[1] = torch.arange(40).roll(7)  # slot j holds position j - 7 (mod 40)
+    position[2, 9:] = -1  # padding
+    tokens = torch.tensor([40, 40, 9])
+    deciding = (position >= 2) & (position < (tokens - 8)[:, None])
+    deciding[2] = (position[2] >= 1) & (position[2] < 3)
+    for ratio in (0.0, 0.25, 0.5, 0.9):
+        chosen = lowest_scored(scores, deciding, position, tokens, ratio)
+        for b in range(3):
+            n = int(tokens[b])
+            wanted = min(n - max(1, int(n * (1 - ratio))), int(deciding[b].sum()))
+            for h in range(2):
+                candidates = [j for j in range(40) if deciding[b, j]]
+                expected = sorted(candidates, key=lambda j: float(scores[b, h, j]))[:wanted]
+                assert sorted(torch.nonzero(chosen[b, h]).flatten().tolist()) == sorted(expected)
+
+
+@pytest.mark.parametrize("name,settings", [(b[0], b[2]) for b in BATCHED if b[0] != "streaming_llm"],
+                         ids=[b[0] for b in BATCHED if b[0] != "streaming_llm"])  # fmt: skip
+def test_a_fixed_ratio_batch_gives_what_each_document_gives_alone_and_ratio_0_evicts_nothing(
+    demo, surrogate, name, settings
+):
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, _, pipe = demo
+    method = get_method(name)
+    resolved = method.resolve(0.0, {**settings, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})})
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts_of([40, 120, 75])]
+    contexts, questions = [c for c, _ in ids], [q for _, q in ids]
+    press = build_press(method, None, resolved, compression_ratio=0.6)
+    press.post_init_from_model(model)
+    together = compress_once_generate(model, contexts, questions, NEW_TOKENS, press)
+    for context, question, batched in zip(contexts, questions, together, strict=True):
+        alone = compress_once_generate(model, [context], [question], NEW_TOKENS, press)[0]
+        assert alone == batched
+        # 60% of the context, taken from [sinks, n - window) only.
+        region = len(context) - settings.get("sinks", 0) - settings.get("sliding_window", settings.get("local_window"))
+        per_head = min(len(context) - max(1, int(len(context) * 0.4)), region)
+        assert batched["evicted_per_layer"] == [per_head * model.config.num_key_value_heads] * len(
+            batched["evicted_per_layer"]
+        )
+    nothing = build_press(method, None, resolved, compression_ratio=0.0)
+    nothing.post_init_from_model(model)
+    plain = compress_once_generate(model, contexts, questions, NEW_TOKENS)
+    for a, b in zip(plain, compress_once_generate(model, contexts, questions, NEW_TOKENS, nothing), strict=True):
+        assert a["generated_ids"] == b["generated_ids"] and b["kv_kept"] == b["kv_total"]
+    with pytest.raises(ValueError, match="no decoding"):
+        compress_once_generate(model, contexts, questions, NEW_TOKENS, press, decoding=True)

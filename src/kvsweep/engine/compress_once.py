@@ -111,6 +111,8 @@ def compress_once_generate(
     what was decided) and `evicted_per_layer`."""
     if any(len(q) == 0 for q in questions) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and every question needs at least one token")
+    if decoding and press is not None and press.fixed_ratio is not None:
+        raise ValueError("a fixed ratio (kvpress's compression_ratio) compresses the context once: no decoding")
     device = model.device
     batch = len(contexts)
     press = press if press is not None else StreamingThresholdPress.mask_only()

@@ -65,9 +65,19 @@ BUILDERS = {
 }
 
 
-def build_press(method: Method, threshold: float | None, settings: dict) -> StreamingThresholdPress | None:
-    """The method's press (None: no compression), from `method.resolve`d settings."""
+def build_press(
+    method: Method, threshold: float | None, settings: dict, compression_ratio: float | None = None
+) -> StreamingThresholdPress | None:
+    """The method's press (None: no compression), from `method.resolve`d settings. With
+    `compression_ratio` (a method with a score, kvpress's protocol): the budget kvpress's
+    `ScorerPress` sets, instead of a threshold (`StreamingThresholdPress.fixed_ratio`)."""
     if method.sweep is None:
         return None
     builder = BUILDERS[method.variant_of or method.name]
-    return builder(threshold, **settings) if method.takes_threshold else builder(**settings)
+    if compression_ratio is None:
+        return builder(threshold, **settings) if method.takes_threshold else builder(**settings)
+    if not method.takes_threshold or not 0 <= compression_ratio < 1:
+        raise ValueError(f"{method.name}: no fixed ratio {compression_ratio!r} (a scored method, a ratio in [0, 1))")
+    press = builder(-math.inf, **settings)
+    press.fixed_ratio = compression_ratio
+    return press

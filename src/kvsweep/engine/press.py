@@ -34,6 +34,13 @@ class StreamingThresholdPress(DMSPress):
     (`accumulates_attention`, H2O), or from the cache as it is then, over every visible key
     (Expected Attention, whose scorer also `observes_queries` on every pass).
 
+    With `fixed_ratio` (kvpress's `compression_ratio`, for kvpress's protocol only) the budget is
+    fixed instead of the threshold: at the first decision, per document and KV head, the
+    `n - max(1, int(n * (1 - fixed_ratio)))` lowest-scored positions among those decided are evicted
+    (n: the document's tokens so far, the context), as kvpress's `ScorerPress` keeps the
+    `max(1, int(n * (1 - compression_ratio)))` highest (`kvpress.utils.compute_n_kept`); sinks and
+    the window are never among them. Later passes decide nothing (`compress_once` without decoding).
+
     Extends kvpress's `DMSPress` (Dynamic Memory Sparsification, https://arxiv.org/abs/2506.05345):
     same fields and scorers, but eviction is a real mask rather than fake keys (which fail beyond a
     handful of queries per pass), works for any chunk and batch size, and supports sinks and
@@ -44,6 +51,7 @@ class StreamingThresholdPress(DMSPress):
     decoding: bool = True
     # Keep the score of every decision (calibration reads their distribution); off for evaluations.
     record_decisions: bool = False
+    fixed_ratio: float | None = None
     layers: dict[int, LayerEviction] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -52,6 +60,8 @@ class StreamingThresholdPress(DMSPress):
             raise ValueError(f"threshold must be a number, got {self.threshold!r}")
         if self.sliding_window_size < 0 or self.sinks < 0:
             raise ValueError("sliding_window_size and sinks must be >= 0")
+        if self.fixed_ratio is not None and not 0 <= self.fixed_ratio < 1:
+            raise ValueError(f"fixed_ratio must lie in [0, 1), got {self.fixed_ratio!r}")
 
     @classmethod
     def mask_only(cls) -> "StreamingThresholdPress":
@@ -116,6 +126,8 @@ class StreamingThresholdPress(DMSPress):
         if self.press is None:  # masking only (padding), nothing is evicted
             return output
         state = self.layers[module.layer_idx]
+        if self.fixed_ratio is not None and state.decided_once:  # its one decision is made
+            return output
         layout = state.layout
         hidden_states = kwargs["hidden_states"]
         slots = layout.query_slots  # the cache slots this pass wrote
@@ -156,7 +168,8 @@ class StreamingThresholdPress(DMSPress):
         elif self.accumulates_attention:
             received = state.attention_received[:, :, lo:hi]
             if (
-                self.press.decides_in_kernel()
+                self.fixed_ratio is None
+                and self.press.decides_in_kernel()
                 and state.decision_scores is None
                 and decisions.supports(evicted, received)
             ):
@@ -180,7 +193,7 @@ class StreamingThresholdPress(DMSPress):
                 "tokens": layout.tokens_after,
             }
             scores = self.press.score(module, hidden_states, keys[:, :, :last], values[:, :, :last], None, context)
-        if state.decision_scores is None and decisions.supports(evicted, scores):
+        if self.fixed_ratio is None and state.decision_scores is None and decisions.supports(evicted, scores):
             # One kernel on a GPU for what follows (without recording the scores).
             decisions.evict_decided(
                 evicted, scores, position, layout.tokens_before, layout.tokens_after, self.sinks, window, self.threshold
@@ -191,7 +204,11 @@ class StreamingThresholdPress(DMSPress):
             & (position >= (layout.tokens_before - window)[:, None])
             & (position < (layout.tokens_after - window)[:, None])
         )
-        evicted |= deciding[:, None, :] & (scores < self.threshold)
+        if self.fixed_ratio is None:
+            evicted |= deciding[:, None, :] & (scores < self.threshold)
+        else:
+            evicted |= lowest_scored(scores, deciding, position, layout.tokens_after, self.fixed_ratio)
+            state.decided_once = True
         if state.decision_scores is not None:
             recorded = state.decision_scores[:, :, lo:hi]
             recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))
@@ -213,6 +230,28 @@ class StreamingThresholdPress(DMSPress):
     def compression_ratio(self):
         counts = self.kv_counts()
         return float(1 - counts["kv_kept"].sum() / counts["kv_total"].sum())
+
+
+def lowest_scored(
+    scores: torch.Tensor, deciding: torch.Tensor, position: torch.Tensor, tokens: torch.Tensor, ratio: float
+) -> torch.Tensor:
+    """(batch, heads, slots): per document and KV head, the slots of its `deciding` positions that
+    kvpress's `ScorerPress` would not keep: `scores.topk(max(1, int(n * (1 - ratio))))` over the
+    document's n = `tokens` positions, where the positions not deciding (sinks, the window) score
+    +inf, so they are kept first. With every position deciding (no sinks, no window) that is
+    kvpress's own top-k on the same scores, ties included (torch's top-k breaks them its own way:
+    key norms tie exactly where a token repeats in the first layer, as RoPE keeps the norm). One
+    host read per document: a fixed ratio decides once, on the context's pass."""
+    evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for b, n in enumerate(tokens.tolist()):
+        slots = deciding[b].nonzero().flatten()
+        at = position[b, slots]
+        full = torch.full((1, scores.shape[1], n), torch.inf, dtype=scores.dtype, device=scores.device)
+        full[0, :, at] = scores[b][:, slots]
+        keep = full.topk(max(1, int(n * (1 - ratio))), dim=-1).indices
+        kept = torch.zeros(full.shape, dtype=torch.bool, device=scores.device).scatter_(-1, keep, True)
+        evicted[b][:, slots] = ~kept[0][:, at]
+    return evicted
 
 
 def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str, torch.Tensor]:

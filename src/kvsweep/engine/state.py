@@ -33,6 +33,8 @@ class LayerEviction:
     # With accumulated attention: positions below tokens_before - decision_window were decided
     # before the pass, so their sums are not needed any more (None: every key keeps receiving).
     decision_window: int | None = None
+    # A fixed ratio (`StreamingThresholdPress.fixed_ratio`) decides once per batch, at its first pass.
+    decided_once: bool = False
 
     @classmethod
     def allocate(
@@ -64,6 +66,7 @@ class LayerEviction:
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(getattr(fresh, name))
         self.scorer_state = _copied_into(self.scorer_state, fresh.scorer_state)
+        self.decided_once = fresh.decided_once
 
     def key_visibility(self) -> "KeyVisibility":
         """Which keys the pass's queries may attend to, in the factored form the Triton kernels read."""
