@@ -10,6 +10,11 @@ tokens/s of the whole call (prefill, question, answer) for kvpress's pipeline (b
 takes one context) and for kvsweep, each after a warm-up call, and the entries each evicted per
 layer (bf16 scores from different kernels may differ in their last bit, so counts may differ by
 a few entries; the CPU tests hold them equal in float32).
+
+With `--ratios`: kvpress's fixed budgets at batch 1, no decoding compression: `KnormPress` and
+`SnapKVPress` at `compression_ratio` 0.5 beside kvsweep's `knorm` and `snapkv` at the same ratio
+(no window, no sinks), each side's entries kept per layer (kvpress: its cache's length after the
+run; kvsweep: its counts), and how many of the greedy tokens the two share from the start.
 """
 
 import argparse
@@ -32,6 +37,8 @@ def main():
     parser.add_argument("--question", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--ratios", action="store_true", help="also kvpress's fixed budgets (knorm, snapkv at 0.5)")
+    parser.add_argument("--ratios-only", action="store_true", help="only kvpress's fixed budgets")
     args = parser.parse_args()
 
     report = new_report(args.arch)
@@ -47,7 +54,7 @@ def main():
     def save():
         Path(args.output).write_text(json.dumps(report, indent=1))
 
-    for decoding in (False, True):
+    for decoding in () if args.ratios_only else (False, True):
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = torch.randint(0, vocab, (batch, args.context + args.question), generator=generator)
             contexts = [row[: args.context].tolist() for row in ids]
@@ -84,7 +91,9 @@ def main():
                 report["runs"].append({**fields, "method": method, "engine": "kvpress_pipeline", **row})
                 print(json.dumps(report["runs"][-1]), flush=True)
                 save()
-    by_key = {(r["decoding"], r["batch"], r["method"], r["engine"]): r for r in report["runs"]}
+    if args.ratios or args.ratios_only:
+        report["ratio_runs"] = ratio_runs(model, vocab, args, generator, save, report)
+    by_key = {(r["decoding"], r["batch"], r["method"], r["engine"]): r for r in report["runs"] if "decoding" in r}
     report["kvsweep_vs_kvpress"] = {
         f"{'decoding' if d else 'prefill_only'}_{m}": by_key[(d, 1, m, "kvsweep")]["tok_per_s"]
         / by_key[(d, 1, m, "kvpress_pipeline")]["tok_per_s"]
@@ -94,6 +103,79 @@ def main():
     }
     save()
     print(json.dumps(report["kvsweep_vs_kvpress"]))
+
+
+def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
+    """kvpress's ScorerPress budgets beside kvsweep's fixed ratio, batch 1, one context."""
+    from kvpress import KnormPress, SnapKVPress
+    from transformers import DynamicCache
+
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    ids = torch.randint(0, vocab, (1, args.context + args.question), generator=generator)
+    context, question = ids[:, : args.context].cuda(), ids[:, args.context :].cuda()
+    tokens = args.context + args.question + args.new_tokens
+    rows = []
+    for name, settings, upstream in (
+        ("knorm", {"sliding_window": 0, "sinks": 0}, KnormPress(compression_ratio=ratio)),
+        ("snapkv", {"window_size": 64, "kernel_size": 5}, SnapKVPress(compression_ratio=ratio, window_size=64)),
+    ):
+        method = get_method(name)
+        press = build_press(method, None, method.resolve(0.0, settings), compression_ratio=ratio)
+        press.post_init_from_model(model)
+
+        def ours(press=press):
+            return compress_once_generate(model, [context[0].tolist()], [question[0].tolist()], args.new_tokens, press)
+
+        ours()
+        results, seconds, peak = timed(ours)
+        row = {"method": name, "ratio": ratio, "kvsweep_tok_per_s": tokens / seconds, "kvsweep_peak_GiB": peak,
+               "kvsweep_evicted_per_layer": results[0]["evicted_per_layer"]}  # fmt: skip
+        run = kvpress_run(model, context, question, args.new_tokens, upstream)
+        run(DynamicCache())
+        cache = DynamicCache()
+        answer, seconds, peak = timed(lambda cache=cache, run=run: run(cache))
+        kv_heads = model.config.num_key_value_heads
+        row.update(kvpress_tok_per_s=tokens / seconds, kvpress_peak_GiB=peak,
+                   kvpress_evicted_per_layer=[(args.context - cache.get_seq_length(i)) * kv_heads
+                                              for i in range(len(cache))])  # fmt: skip
+        ours_ids, theirs = results[0]["generated_ids"], answer
+        row["shared_leading_tokens"] = next(
+            (k for k, (a, b) in enumerate(zip(ours_ids, theirs, strict=False)) if a != b),
+            min(len(ours_ids), len(theirs)),
+        )
+        row["kvsweep_vs_kvpress"] = row["kvsweep_tok_per_s"] / row["kvpress_tok_per_s"]
+        rows.append(row)
+        report["ratio_runs"] = rows
+        print(json.dumps(row), flush=True)
+        save()
+    return rows
+
+
+def kvpress_run(model, context, question, new_tokens, press):
+    """kvpress's pipeline's `_forward` on one context and question with `press`, into a given
+    cache (which it leaves holding the compressed context); returns the greedy token ids."""
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    )
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    answers = []
+    # The generated ids, read where the pipeline decodes them to text.
+    pipe.tokenizer.decode = lambda ids, **_: answers.append([int(t) for t in ids]) or ""
+
+    def run(cache):
+        answers.clear()
+        with torch.inference_mode():
+            pipe._forward({"context_ids": context, "questions_ids": [question]}, max_new_tokens=new_tokens,
+                          press=press, cache=cache)  # fmt: skip
+        return answers[0]
+
+    return run
 
 
 if __name__ == "__main__":

@@ -289,3 +289,52 @@ def test_a_fixed_ratio_batch_gives_what_each_document_gives_alone_and_ratio_0_ev
         assert a["generated_ids"] == b["generated_ids"] and b["kv_kept"] == b["kv_total"]
     with pytest.raises(ValueError, match="no decoding"):
         compress_once_generate(model, contexts, questions, NEW_TOKENS, press, decoding=True)
+
+
+@pytest.mark.parametrize("ratio,window_size,kernel_size", [(0.5, 8, 5), (0.7, 16, 3)])
+def test_snapkv_keeps_what_kvpress_snapkv_press_keeps(demo, ratio, window_size, kernel_size):
+    """kvpress's own SnapKV score, per document of a batch: the same tokens as kvpress's pipeline
+    with `SnapKVPress`, the same count evicted per layer, and a batch gives what each document gives
+    alone."""
+    from kvpress import SnapKVPress
+
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, tokenizer, pipe = demo
+    method = get_method("snapkv")
+    settings = method.resolve(0.0, {"window_size": window_size, "kernel_size": kernel_size})
+    press = build_press(method, None, settings, compression_ratio=ratio)
+    press.post_init_from_model(model)
+    contexts = contexts_of([60, 95, 130])
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
+    eos = {model.generation_config.eos_token_id}
+    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
+    kv_heads = model.config.num_key_value_heads
+    for context, (context_ids, question_ids), result in zip(contexts, ids, ours, strict=True):
+        upstream = SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
+        answer = pipe(context, question=QUESTION, press=upstream, max_new_tokens=NEW_TOKENS)["answer"]
+        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
+        n = len(context_ids)
+        evicted = (n - max(1, int(n * (1 - ratio)))) * kv_heads
+        assert result["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers and evicted > 0
+        alone = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS, press, eos_token_ids=eos)
+        assert alone[0] == result
+
+
+def test_snapkv_refuses_a_context_no_longer_than_its_window_and_a_threshold(demo):
+    from kvsweep.core.errors import KvsweepError
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, _, pipe = demo
+    method = get_method("snapkv")
+    settings = method.resolve(0.0, {"window_size": 64})
+    press = build_press(method, None, settings, compression_ratio=0.5)
+    press.post_init_from_model(model)
+    context, question = pipeline_ids(pipe, contexts_of([30])[0], QUESTION)
+    assert len(context) <= 64
+    with pytest.raises(KvsweepError, match=f"a context of {len(context)} tokens is not longer than window_size 64"):
+        compress_once_generate(model, [context], [question], NEW_TOKENS, press)
+    with pytest.raises(ValueError, match="compression ratio only"):
+        build_press(method, 0.1, settings)

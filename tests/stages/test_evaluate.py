@@ -117,7 +117,8 @@ def test_stage_clock_bills_nested_stages_once(monkeypatch):
 
 
 BAD_INPUTS = [
-    (["--method", "snapkv", "--threshold", "1"], "unknown method 'snapkv'; known methods: baseline, kvzap"),
+    (["--method", "pyramidkv", "--threshold", "1"], "unknown method 'pyramidkv'; known methods: baseline, kvzap"),
+    (["--method", "snapkv", "--window-size", "8"], "method 'snapkv' runs at a compression ratio only"),
     (["--method", "h2o", "--threshold", "nan"], "threshold NaN is not allowed"),
     (["--method", "h2o", "--threshold", "1e400"], "threshold inf is +infinity (a number too large for a float"),
     (["--method", "baseline", "--threshold", "0.5"], "method 'baseline' takes no threshold"),

@@ -166,11 +166,11 @@ BAD = [
     ("calibration.tolerance", 0, "calibration.tolerance: 0 is less than or equal to the minimum of 0"),
     ("comparison.density", "density", "comparison.density: 'density' is not allowed (allowed values: kv_density_compressible, kv_density)"),
     ("methods.h2o.thresholds", [], "methods.h2o.thresholds: [] should be non-empty"),
-    ("methods.snapkv", {"thresholds": [1]}, "methods.snapkv: unknown method 'snapkv' (known methods: baseline, kvzap, kvzap_no_sink, h2o, observed_attention, streaming_llm, random, expected_attention, knorm; another name needs `type:`)"),
+    ("methods.pyramidkv", {"thresholds": [1]}, "methods.pyramidkv: unknown method 'pyramidkv' (known methods: baseline, kvzap, kvzap_no_sink, h2o, observed_attention, streaming_llm, random, expected_attention, knorm, snapkv; another name needs `type:`)"),
     ("methods.h2o_w128", {"type": "h2o_128", "thresholds": [1]}, "methods.h2o_w128.type: unknown method 'h2o_128'"),
     ("methods.baseline", {"thresholds": [1]}, "methods.baseline: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: type)"),
     ("methods.baseline", {"type": "h2o", "thresholds": [1]}, "methods.baseline: the entry named baseline must be the uncompressed baseline"),
-    ("methods.h2o.sliding_window", 64, "methods.h2o: Additional properties are not allowed ('sliding_window' was unexpected) (allowed keys: local_window, sinks, target_densities, thresholds, type)"),
+    ("methods.h2o.sliding_window", 64, "methods.h2o: Additional properties are not allowed ('sliding_window' was unexpected) (allowed keys: compression_ratios, local_window, sinks, target_densities, thresholds, type)"),
     ("methods.h2o.sinks", -1, "methods.h2o.sinks: -1 is less than the minimum of 0"),
     ("methods.h2o.sinks", 2.5, "methods.h2o.sinks: 2.5 is not of type 'integer'"),
     ("methods.expected_attention", {"thresholds": [0.1], "use_vnorm": "yes"}, "methods.expected_attention.use_vnorm: 'yes' is not of type 'boolean'"),
@@ -238,7 +238,9 @@ def test_a_method_needs_thresholds_or_target_densities(keep):
             f"canonical_{'targets' if keep != 'thresholds' else 'values'}"
         ]
     else:
-        with pytest.raises(KvsweepError, match="methods.kvzap: 'kvzap' needs thresholds, target_densities, or both"):
+        with pytest.raises(
+            KvsweepError, match=r"methods.kvzap: 'kvzap' needs thresholds, target_densities or compression_ratios \(any"
+        ):
             validate_config(config)
 
 
@@ -320,3 +322,75 @@ def test_surrogate_settings_are_checked():
         validate_config({**copy.deepcopy(base), "surrogate": {"validation_documents": 0}})
     with pytest.raises(KvsweepError, match=r"surrogate: .*\(allowed keys: batch_size, documents"):
         validate_config({**copy.deepcopy(base), "surrogate": {"document": 3}})
+
+
+def with_kvpress_task(**methods):
+    config = shipped()
+    config["tasks"] = ["perplexity", "summarization_kvpress"]
+    config["methods"] = {"baseline": None, **methods}
+    return config
+
+
+def test_compression_ratios_are_kvpress_budgets_in_canonical_spelling():
+    config = validate_config(with_kvpress_task(knorm={"compression_ratios": [0.5, "2.5e-1", 0, 0.90]}))
+    assert config["methods"]["knorm"]["canonical_ratios"] == ["0.5", "0.25", "0", "0.9"]
+    assert (
+        config["methods"]["knorm"]["canonical_values"] == [] and config["methods"]["knorm"]["canonical_targets"] == []
+    )
+    # Methods without them have none, so nothing of theirs is planned anew.
+    kvzap = validate_config(with_kvpress_task(kvzap={"thresholds": [-5]}))["methods"]["kvzap"]
+    assert kvzap["canonical_ratios"] == [] and "compression_ratios" not in kvzap
+
+
+@pytest.mark.parametrize(
+    ("tasks", "methods", "message"),
+    [
+        (None, {"h2o": {"compression_ratios": [1]}}, "methods.h2o.compression_ratios[0]: 1 is not a compression ratio in [0, 1)"),
+        (None, {"h2o": {"compression_ratios": [-0.1]}}, "is not a compression ratio in [0, 1)"),
+        (None, {"h2o": {"compression_ratios": ["half"]}}, "'half' is not a compression ratio"),
+        (None, {"h2o": {"compression_ratios": [0.5, "5e-1"]}}, "methods.h2o.compression_ratios lists 0.5 twice"),
+        (None, {"streaming_llm": {"compression_ratios": [0.5]}}, "('compression_ratios' was unexpected)"),
+        (None, {"h2o": {"compression_ratios": []}}, "methods.h2o.compression_ratios"),
+    ],
+)  # fmt: skip
+def test_bad_compression_ratios_name_the_key(tasks, methods, message):
+    config = with_kvpress_task(**methods)
+    if tasks:
+        config["tasks"] = tasks
+    with pytest.raises(KvsweepError) as err:
+        validate_config(config)
+    assert message in str(err.value)
+
+
+def test_compression_ratios_without_a_kvpress_protocol_task_are_named_as_unused():
+    from kvsweep.study.config import unused_compression_ratios
+
+    config = with_kvpress_task(h2o={"compression_ratios": [0.5]}, knorm={"thresholds": [-3]})
+    assert unused_compression_ratios(validate_config(copy.deepcopy(config))) == []
+    config["tasks"] = ["perplexity", "summarization"]
+    assert unused_compression_ratios(validate_config(config)) == ["h2o"]
+
+
+def test_compression_ratios_refuse_compressing_while_decoding():
+    config = with_kvpress_task(knorm={"compression_ratios": [0.5]})
+    config["summarization_kvpress"] = {"decoding": True}
+    with pytest.raises(KvsweepError, match="summarization_kvpress.decoding is true"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: compression_ratios, kernel_size, type, window_size)"),
+        ({"target_densities": [0.5], "compression_ratios": [0.5]}, "('target_densities' was unexpected)"),
+        ({"window_size": 8}, "'snapkv' needs compression_ratios (its score exists in kvpress's protocol only)"),
+        ({"compression_ratios": [0.5], "kernel_size": 4}, "methods.snapkv.kernel_size"),
+        ({"compression_ratios": [0.5], "window_size": 1024}, "methods.snapkv.window_size (1024): the shortest context"),
+    ],
+)  # fmt: skip
+def test_snapkv_takes_compression_ratios_only(block, message):
+    with pytest.raises(KvsweepError) as err:
+        validate_config(with_kvpress_task(snapkv=block))
+    assert message in str(err.value)
+    fine = validate_config(with_kvpress_task(snapkv={"compression_ratios": [0.5]}))["methods"]["snapkv"]
+    assert fine["canonical_ratios"] == ["0.5"] and fine["window_size"] == 64

@@ -125,3 +125,41 @@ def test_a_tokenizer_kvpress_cannot_use_is_one_message():
     tokenizer.bos_token = None  # and no chat template: kvpress's preprocess would add None to the text
     with pytest.raises(KvsweepError, match="neither a chat template nor a BOS token"):
         kvpress_ids(tokenizer, "a report", GOV_REPORT_QUESTION)
+
+
+def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded_strings(shard, tmp_path):
+    from kvpress import KnormPress
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
+    out = tmp_path / "out.jsonl"
+    kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16", "--task",
+            "summarization_kvpress", "--max-new-tokens", "16", "--method", "knorm", "--compression-ratio", "0.6",
+            "--sliding-window", "0", "--sinks", "0", "--batch-size", "3", "--output", out)  # fmt: skip
+    results = {r["id"]: r for r in lines(out)}
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(MODEL))
+    for doc in lines(data):
+        answer = pipe(doc["context"], question=doc["question"], press=KnormPress(0.6), max_new_tokens=16)["answer"]
+        n = doc["context_length"]
+        assert results[doc["id"]]["generated"] == answer.strip()
+        evicted = (n - int(n * 0.4)) * model.config.num_key_value_heads
+        assert results[doc["id"]]["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--task", "summarization_kvpress", "--method", "knorm", "--threshold", "-3"], "two budgets for one job"),
+        (["--task", "summarization_kvpress", "--method", "streaming_llm"], "'streaming_llm' has no score"),
+        (["--task", "summarization_kvpress", "--method", "baseline"], "'baseline' has no score"),
+        (["--task", "summarization", "--method", "knorm"], "task summarization streams"),
+        (["--task", "summarization_kvpress", "--method", "knorm", "--decoding", "true"], "--decoding must be false"),
+    ],
+)
+def test_a_compression_ratio_where_it_means_nothing_is_one_message(shard, tmp_path, capsys, flags, message):
+    data = shard / "data" / flags[1] / "shard000.jsonl"
+    with pytest.raises(SystemExit):
+        kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16",
+                "--compression-ratio", "0.5", *flags, "--output", tmp_path / "o.jsonl")  # fmt: skip
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "o.jsonl").exists()

@@ -50,7 +50,7 @@ def test_demo_produces_tables_and_figures(demo_run):
     assert "calibration jobs (6):" in (results / "perplexity" / "job_costs.md").read_text()
     table = summary(workdir, "perplexity")
     assert list(table.method) == ["baseline"] + [m for m in ("h2o", "kvzap") for _ in range(3)]
-    assert list(table.swept) == [""] + ["threshold"] * 6
+    assert list(table.swept) == [""] + ["threshold"] * 6 and (table.protocol == "streaming").all()
     for method, rows in table[table.method != "baseline"].groupby("method"):
         # One explicit threshold and two calibrated ones, each labelled with its target.
         assert sorted(rows.target_density) == ["", "0.3", "0.6"]
@@ -126,16 +126,30 @@ def test_demo_runs_both_protocols_side_by_side(demo_run):
     question, and the protocols table; dropping its tasks plans nothing else again."""
     workdir, config = demo_run
     results = workdir / "results" / "demo"
+    kv_heads = load_yaml(results / "demo_assets" / "model" / "config.json")["num_key_value_heads"]
     for task in ("perplexity_kvpress", "summarization_kvpress"):
         table = summary(workdir, task)
-        assert len(table) == 7 and (table.n_docs == 10).all()
+        assert len(table) == 9 and (table.n_docs == 10).all() and (table.protocol == "kvpress").all()
         assert (table[table.method != "baseline"].kv_density < 1).all()
+        # kvpress's budget: half of each context evicted per KV head, beside the thresholds.
+        ratios = table[table.swept == "compression_ratio"]
+        assert sorted(ratios.method) == ["h2o", "kvzap"] and set(ratios.value) == {"ratio_0.5"}
+        for line in map(json.loads, (results / task / "kvzap" / "ratio_0.5" / "shard000.jsonl").open()):
+            n = (
+                line["n_tokens"] - config["perplexity_kvpress"]["continuation_tokens"]
+                if task == "perplexity_kvpress"
+                else None
+            )
+            if n is not None:  # sinks 4 and the window 32 are kept first
+                per_head = max(0, min(n - max(1, int(n * 0.5)), n - 4 - 32))
+                assert set(line["evicted_per_layer"]) == {per_head * kv_heads}
     line = json.loads((results / "data/summarization_kvpress/shard000.jsonl").read_text().splitlines()[0])
     assert line["context"].startswith("You are given a report") and line["question"].endswith("Summary:")
     assert 0 < line["context_length"] < len(line["input_ids"])
     for task in TWINNED:
         table = pd.read_csv(results / "protocols" / f"{task}.csv")
         assert len(table) == 7 and {"gap", "kvpress_kv_density_compressible"} <= set(table.columns)
+        assert "Only in the kvpress summary (not compared): " in (results / "protocols" / f"{task}.md").read_text()
         assert (results / "protocols" / f"{task}.png").stat().st_size > 5000
     # kvpress's protocol reads the context in one pass: a new chunk size reruns the streaming jobs
     # (and the calibrations, which stream), not the kvpress-protocol jobs at explicit thresholds.
@@ -215,6 +229,20 @@ def test_adding_a_threshold_plans_only_that_threshold(demo_run):
     assert ("study_config", {}) in jobs  # the report's copy of the config
 
 
+def test_adding_a_compression_ratio_plans_only_its_kvpress_protocol_jobs(demo_run):
+    workdir, config = demo_run
+    edited = copy.deepcopy(config)
+    edited["methods"]["h2o"]["compression_ratios"] = [0.5, 0.75]
+    edited["methods"]["kvzap"]["compression_ratios"] = ["5e-1"]  # the same ratio, spelled another way
+    jobs = planned_jobs(workdir, write_config(workdir, edited, "ratio.yaml"))
+    evaluations = sorted((w["task"], w["method"], w["value"]) for rule, w in jobs if rule == "evaluate")
+    assert evaluations == [(task, "h2o", "ratio_0.75") for task in ("perplexity_kvpress", "summarization_kvpress")]
+    others = sorted((rule, w.get("task")) for rule, w in jobs if rule not in ("evaluate", "study_config"))
+    kvpress_tasks = ("perplexity_kvpress", "summarization_kvpress")
+    assert others == sorted([(rule, task) for rule in ("comparison", "figures", "score") for task in kvpress_tasks]
+                            + [("protocols", task) for task in TWINNED])  # fmt: skip
+
+
 def test_adding_a_target_runs_only_its_calibration_and_its_evaluations(demo_run, tmp_path):
     """The plan holds the new target's calibration (its evaluations are planned once it has run:
     their threshold is not known before); the run then evaluates that one threshold only."""
@@ -255,8 +283,9 @@ def test_changing_one_methods_window_reruns_only_that_method(demo_run):
     edited["methods"]["kvzap"]["sliding_window"] = 24
     jobs = planned_jobs(workdir, write_config(workdir, edited, "window.yaml"))
     evaluations = sorted((w["task"], w["method"], w["value"], w["shard"]) for rule, w in jobs if rule == "evaluate")
-    # The explicit threshold's jobs now; the calibrated ones after the recalibration.
-    assert evaluations == sorted((task, "kvzap", "0", "000") for task in TASKS)
+    # The explicit threshold's jobs and the compression ratio's now; the calibrated ones after the recalibration.
+    ratios = [(task, "kvzap", "ratio_0.5", "000") for task in ("perplexity_kvpress", "summarization_kvpress")]
+    assert evaluations == sorted([(task, "kvzap", "0", "000") for task in TASKS] + ratios)
     others = sorted(
         (rule, w.get("method") or w.get("task"), w.get("target"))
         for rule, w in jobs
@@ -387,7 +416,7 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
     assert sorted(rule for rule, _ in jobs if rule != "evaluate") == sorted(
         ["comparison", "document_list", "figures", "prepare", "score"] * 2 + ["protocols"]
     )
-    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 14
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 16  # 7 streaming; 7 and 2 ratios in kvpress's
 
 
 def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, tmp_path):
@@ -404,9 +433,9 @@ def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, 
     kvzap = {"kvzap"}
     assert not {"train_surrogate", "prepare_surrogate"} & {rule for rule, _ in jobs}  # a given surrogate is used as is
     assert {w["method"] for rule, w in jobs if rule in ("evaluate", "eviction_map", "calibrate")} == kvzap
-    # The explicit threshold's jobs now (one per task); the calibrated ones follow the
-    # recalibration with the new surrogate.
-    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == len(TASKS)
+    # The explicit threshold's jobs now (one per task) and the compression ratio's (one per task in
+    # kvpress's protocol); the calibrated ones follow the recalibration with the new surrogate.
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == len(TASKS) + 2
     assert sorted((w["method"], w["target"]) for rule, w in jobs if rule == "calibrate") == [
         (m, t) for m in sorted(kvzap) for t in ("0.3", "0.6")
     ]

@@ -30,7 +30,7 @@ from kvsweep.core.errors import KvsweepError  # noqa: E402
 from kvsweep.core.io import read_jsonl, record_digests  # noqa: E402
 from kvsweep.core.job import GPUS_VARIABLE  # noqa: E402
 from kvsweep.core.paths import incomplete_local_folder, missing_local_path  # noqa: E402
-from kvsweep.core.thresholds import canonical_threshold  # noqa: E402
+from kvsweep.core.thresholds import RATIO_PREFIX, canonical_threshold, ratio_folder, ratio_of_folder  # noqa: E402
 from kvsweep.study.calibrations import read_calibrations  # noqa: E402
 from kvsweep.study.config import (  # noqa: E402
     TRAIN,
@@ -38,6 +38,7 @@ from kvsweep.study.config import (  # noqa: E402
     method_settings,
     surrogate_to_train,
     trained_surrogate_path,
+    unused_compression_ratios,
     validate_config,
 )
 from kvsweep.study.shards import calibration_offset, documents_per_shard, n_shards, surrogate_offset  # noqa: E402
@@ -104,14 +105,23 @@ for _key, _value, _used, _kinds in (
             _stop(f"dataset.source: '{_value}' is a local file but not a .jsonl file")
 
 
-# The swept value in a path (a threshold, or the window of streaming_llm) and a target density are
-# always written in their canonical form; baseline's value is "none".
+# The swept value in a path (a threshold, the window of streaming_llm, or ratio_<r>: a compression
+# ratio) and a target density are always written in their canonical form; baseline's value is "none".
 wildcard_constraints:
     task="|".join(all_tasks()),
     method="|".join(METHODS),
-    value=r"none|-?inf|-?[0-9][0-9.e+-]*",
+    value=r"none|-?inf|-?[0-9][0-9.e+-]*|ratio_[0-9][0-9.e-]*",
     target=r"[0-9][0-9.e-]*",
     shard=r"\d{3}",
+
+
+_unused = unused_compression_ratios(config)
+if _unused and workflow.is_main_process:
+    print(
+        f"kvsweep: the compression_ratios of {', '.join(_unused)} are not evaluated: they are kvpress's budgets, "
+        "for the tasks in kvpress's protocol (perplexity_kvpress, summarization_kvpress), and tasks lists none.",
+        file=sys.stderr,
+    )
 
 
 # Target densities: a calibration job per (method, target) finds the threshold first (a checkpoint:
@@ -193,9 +203,17 @@ def configurations():
     return [(m, v) for m in METHODS for v in swept_values(m)]
 
 
+def ratio_configurations(task):
+    """(method, ratio_<r>) for each compression ratio: kvpress's budgets, in kvpress's protocol only."""
+    if get_task(task).protocol != "kvpress":
+        return []
+    return [(m, ratio_folder(r)) for m in COMPRESSED for r in config["methods"][m].get("canonical_ratios", [])]
+
+
 def evaluation_outputs(task):
-    """The evaluations at explicit values (thresholds, windows): known before any job runs."""
-    return [f"{RESULTS}/{task}/{m}/{v}/shard{s}.jsonl" for m, v in configurations() for s in SHARDS]
+    """The evaluations at explicit values (thresholds, windows, compression ratios): known before any job runs."""
+    explicit = configurations() + ratio_configurations(task)
+    return [f"{RESULTS}/{task}/{m}/{v}/shard{s}.jsonl" for m, v in explicit for s in SHARDS]
 
 
 def calibration_outputs():
@@ -265,7 +283,9 @@ def final_outputs():
         outputs += expand(f"{RESULTS}/{task}/figures/quality_vs_density.{{ext}}", ext=["png", "pdf"])
         if f"{task}_kvpress" in config["tasks"]:  # the task under both protocols, side by side
             outputs += expand(f"{RESULTS}/protocols/{task}.{{ext}}", ext=["csv", "md", "png", "pdf"])
-    outputs += expand(f"{RESULTS}/figures/eviction_map_{{method}}.{{ext}}", method=COMPRESSED, ext=["png", "pdf"])
+    # (a method with compression ratios only has no streaming value to map)
+    mapped = [m for m in COMPRESSED if swept_values(m) or config["methods"][m]["canonical_targets"]]
+    outputs += expand(f"{RESULTS}/figures/eviction_map_{{method}}.{{ext}}", method=mapped, ext=["png", "pdf"])
     return outputs
 
 
@@ -288,6 +308,9 @@ def method_arguments(method, value):
     runs = method_of(config, method)
     settings = method_settings(config, method)
     threshold = None
+    if ratio_of_folder(value) is not None:
+        return options(method=runs.name if runs.name != method else None, compression_ratio=value.removeprefix(RATIO_PREFIX),
+                       **settings)  # fmt: skip
     if value != "none" and runs.takes_threshold:
         threshold = value
     elif value != "none":
@@ -414,13 +437,14 @@ def reported_config():
     shown["methods"] = {}
     for name, settings in config["methods"].items():
         sweep_key = method_of(config, name).sweep_key
-        settings = {k: v for k, v in settings.items() if k not in (sweep_key, "target_densities")}
+        settings = {k: v for k, v in settings.items() if k not in (sweep_key, "target_densities", "compression_ratios")}
         # Windows are whole numbers; thresholds and targets are numbers (-inf included).
         runs = method_of(config, name)
         as_number = runs.setting(runs.sweep).kind if runs.sweep_key and not runs.takes_threshold else float
         for key, canonical, kind in (
             (sweep_key, "canonical_values", as_number),
             ("target_densities", "canonical_targets", float),
+            ("compression_ratios", "canonical_ratios", float),
         ):
             values = settings.pop(canonical, [])
             if values:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvsweep.core.errors import KvsweepError
 from kvsweep.core.io import read_jsonl
+from kvsweep.core.thresholds import ratio_of_folder
 from kvsweep.study.calibrations import read_calibrations  # noqa: F401 (the results' calibrations)
 from kvsweep.study.tasks import all_tasks, get_task
 
@@ -19,18 +20,24 @@ RERUN = "delete the file and run the workflow again (its evaluation job reruns)"
 
 
 def result_shard(path: str) -> tuple[str, str, str]:
-    """(method, swept value, shard number) of an evaluation output `.../<method>/<value>/shardNNN.jsonl`."""
+    """(method, swept value, shard number) of an evaluation output `.../<method>/<value>/shardNNN.jsonl`;
+    the value is a threshold, a swept setting, `ratio_<r>` (a compression ratio) or none (the baseline's)."""
     parts = Path(path).parts
     match = _SHARD_NAME.match(parts[-1]) if parts else None
     if match is None or len(parts) < 3:
         raise KvsweepError(f"{path}: not an evaluation result (expected <task>/<method>/<value>/shardNNN.jsonl)")
+    try:
+        if ratio_of_folder(parts[-2]) is not None:
+            return parts[-3], parts[-2], match.group(1)
+    except KvsweepError as err:
+        raise KvsweepError(f"{path}: {err}") from None
     try:
         value = 0.0 if parts[-2] == "none" else float(parts[-2])  # none: the baseline's
     except ValueError:
         value = math.nan
     if math.isnan(value) or value == math.inf:
         raise KvsweepError(
-            f"{path}: '{parts[-2]}' is no swept value (a number, -inf, or none) in <task>/<method>/<value>/"
+            f"{path}: '{parts[-2]}' is no swept value (a number, -inf, ratio_<r>, or none) in <task>/<method>/<value>/"
         )
     return parts[-3], parts[-2], match.group(1)
 
@@ -80,6 +87,8 @@ def load_results(
             mismatch = _mismatch(ids, listed[shard], "its prepared shard lists")
             raise KvsweepError(f"{path}: holds {mismatch}; {RERUN}")
         axis = "" if value == "none" else swept.get(method, "threshold")
+        if ratio_of_folder(value) is not None:
+            axis = "compression_ratio"
         for record in records:
             rows.append({**record, "id": str(record["id"]), "method": method, "swept": axis,
                          "value": None if value == "none" else value})  # fmt: skip
@@ -152,7 +161,10 @@ def densities(group: "pd.DataFrame") -> dict:  # noqa: F821
 
 
 def ordered(table: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
-    """Baseline first, then by method and numeric value."""
-    order = table.value.map(lambda t: float(t) if t else -math.inf)
-    table = table.assign(_base=table.method != "baseline", _t=order).sort_values(["_base", "method", "_t"])
-    return table.drop(columns=["_base", "_t"]).reset_index(drop=True)
+    """Baseline first, then by method, each method's thresholds (or windows) by value, then its
+    compression ratios by value."""
+    ratio = table.value.map(lambda t: ratio_of_folder(t) if t else None)
+    order = [r if r is not None else (float(t) if t else -math.inf) for r, t in zip(ratio, table.value, strict=True)]
+    table = table.assign(_base=table.method != "baseline", _ratio=ratio.notna(), _t=order)
+    table = table.sort_values(["_base", "method", "_ratio", "_t"])
+    return table.drop(columns=["_base", "_ratio", "_t"]).reset_index(drop=True)

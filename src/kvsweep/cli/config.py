@@ -27,5 +27,6 @@ def run(args, clock) -> None:
 
     config = validate_config(read_config_file(args.config))
     for block in config["methods"].values():  # the paths' spelling: not something to edit
-        block.pop("canonical_values", None), block.pop("canonical_targets", None)
+        for key in ("canonical_values", "canonical_targets", "canonical_ratios"):
+            block.pop(key, None)
     print(yaml.safe_dump(config, sort_keys=False))

@@ -1,6 +1,6 @@
 """`kvsweep evaluate`: one shard under one method and its swept value (`kvsweep.stages.evaluate`)."""
 
-from kvsweep.cli.arguments import add_engine_arguments, engine_options
+from kvsweep.cli.arguments import add_engine_arguments, engine_options, number
 from kvsweep.study.tasks import all_tasks, get_task, task_settings
 
 HELP = (
@@ -15,6 +15,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     for setting in task_settings().values():  # each task's own settings, from its declaration
         parser.add_argument(setting.flag, type=setting.parse, default=setting.default, help=setting.help)
+    parser.add_argument(
+        "--compression-ratio", type=number(0, 1, low_open=False),
+        help="kvpress's budget instead of --threshold (tasks in kvpress's protocol): the share of the context "
+        "evicted, per KV head, lowest scores first, as kvpress's ScorerPress",
+    )  # fmt: skip
     parser.add_argument("--output", required=True)
 
 
@@ -23,7 +28,8 @@ def options_of(args):
     from kvsweep.stages.evaluate import EvaluateOptions
 
     task_values = {s.name: getattr(args, s.name) for s in get_task(args.task).settings}
-    return EvaluateOptions(**engine_options(args), output=args.output, task=args.task, task_settings=task_values)
+    return EvaluateOptions(**engine_options(args), output=args.output, task=args.task, task_settings=task_values,
+                           compression_ratio=args.compression_ratio)  # fmt: skip
 
 
 def run(args, clock) -> None:

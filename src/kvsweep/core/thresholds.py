@@ -38,3 +38,25 @@ def canonical_threshold(value) -> str:
         return "-inf"
     text = repr(number)
     return text.removesuffix(".0")
+
+
+# A compression ratio (kvpress's budget) names its output folder `ratio_<canonical ratio>`, beside
+# the thresholds' folders of the same method.
+RATIO_PREFIX = "ratio_"
+
+
+def ratio_folder(canonical_ratio: str) -> str:
+    return f"{RATIO_PREFIX}{canonical_ratio}"
+
+
+def ratio_of_folder(name: str) -> float | None:
+    """The ratio a folder `ratio_<r>` names, None for any other folder; a malformed ratio is an error."""
+    if not name.startswith(RATIO_PREFIX):
+        return None
+    try:
+        ratio = float(name.removeprefix(RATIO_PREFIX))
+    except ValueError:
+        ratio = math.nan
+    if not 0 <= ratio < 1:
+        raise KvsweepError(f"'{name}' names no compression ratio (ratio_<r>, r in [0, 1))")
+    return ratio

@@ -14,6 +14,7 @@ from kvsweep.engine.scorers import (
     KnormScorer,
     KVzapScorer,
     RandomScorer,
+    SnapKVScorer,
     StreamingLLMScorer,
 )
 from kvsweep.study.methods import Method
@@ -54,6 +55,12 @@ def knorm(threshold: float, sliding_window: int, sinks: int):
     return StreamingThresholdPress(KnormScorer(), threshold=threshold, sliding_window_size=sliding_window, sinks=sinks)
 
 
+def snapkv(threshold: float, window_size: int, kernel_size: int):
+    # kvpress's SnapKVPress protects nothing but its own window, which it scores above the rest.
+    scorer = SnapKVScorer(window_size=window_size, kernel_size=kernel_size)
+    return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=0, sinks=0)
+
+
 # Method family -> builder of its press (the baseline has none: no compression).
 BUILDERS = {
     "kvzap": kvzap,
@@ -62,6 +69,7 @@ BUILDERS = {
     "random": random,
     "expected_attention": expected_attention,
     "knorm": knorm,
+    "snapkv": snapkv,
 }
 
 
@@ -75,6 +83,8 @@ def build_press(
         return None
     builder = BUILDERS[method.variant_of or method.name]
     if compression_ratio is None:
+        if method.ratio_only:
+            raise ValueError(f"{method.name} decides with a compression ratio only (kvpress's protocol)")
         return builder(threshold, **settings) if method.takes_threshold else builder(**settings)
     if not method.takes_threshold or not 0 <= compression_ratio < 1:
         raise ValueError(f"{method.name}: no fixed ratio {compression_ratio!r} (a scored method, a ratio in [0, 1))")

@@ -188,6 +188,7 @@ class StreamingThresholdPress(DMSPress):
             context = {
                 **kwargs,
                 "slot_range": (lo, hi),
+                "position": position,
                 "visible": visible,
                 "scorer_state": state.scorer_state,
                 "tokens": layout.tokens_after,

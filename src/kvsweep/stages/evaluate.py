@@ -16,13 +16,15 @@ batch completes, so a killed or requeued job resumes where it stopped; OUT.jsonl
 
 import hashlib
 import json
+import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from kvsweep.core.errors import KvsweepError
 from kvsweep.core.io import ensure_parent, write_jsonl_atomic
 from kvsweep.core.provenance import source_revision, weights_identity
 from kvsweep.core.timing import StageClock, discard_stage_record
@@ -34,8 +36,9 @@ from kvsweep.stages.model_jobs import (
     load_shard,
     resolve_method,
 )
+from kvsweep.study.methods import get_method
 from kvsweep.study.methods.kvzap import default_surrogate
-from kvsweep.study.tasks import get_task
+from kvsweep.study.tasks import all_tasks, get_task
 from kvsweep.tasks import Evaluation, work_of
 
 
@@ -44,15 +47,21 @@ class EvaluateOptions(EngineOptions):
     output: str = ""
     task: str = "perplexity"
     task_settings: dict = field(default_factory=dict)  # the task's own settings (summarization: max_new_tokens)
+    # kvpress's budget instead of a threshold (kvpress's protocol): the share of the context evicted
+    compression_ratio: float | None = None
 
 
 def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     clock = clock or StageClock()
-    method, settings = resolve_method(options)
     task = get_task(options.task)
     options.task_settings = {
         s.name: s.check(s.flag, options.task_settings.get(s.name, s.default)) for s in task.settings
     }
+    if options.compression_ratio is None:
+        method, settings = resolve_method(options)
+    else:
+        ratio_options = replace(options, threshold=check_compression_ratio(options, task))
+        method, settings = resolve_method(ratio_options, compression_ratio=True)
     output = ensure_parent(options.output)
     discard_stage_record(output)
     documents = load_shard(options.data, options.max_length, options.task)
@@ -80,7 +89,7 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
-    press = build_press(method, options.threshold, settings, model, clock)
+    press = build_press(method, options.threshold, settings, model, clock, options.compression_ratio)
     evaluation = Evaluation(options.model, options.chunk_size, options.graphs, options.task_settings)
     with clock.stage("surrogate_load"):  # and the task's own setup (summarization's tokenizer)
         evaluate_batch = work_of(options.task).evaluator(evaluation, model, press, clock)
@@ -114,6 +123,30 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     )  # fmt: skip
 
 
+def check_compression_ratio(options: "EvaluateOptions", task) -> float:
+    """A compression ratio is kvpress's budget for a scored method in kvpress's protocol, applied
+    once to the context; returns the threshold the method is resolved with (-inf, which every
+    scored method accepts; the press does not read it)."""
+    ratio = options.compression_ratio
+    if not 0 <= ratio < 1:
+        raise KvsweepError(f"--compression-ratio must lie in [0, 1) (the share of the context evicted), got {ratio}")
+    if options.threshold is not None:
+        raise KvsweepError("--compression-ratio and --threshold are two budgets for one job: give one")
+    if not get_method(options.method).takes_threshold:
+        raise KvsweepError(f"--compression-ratio: method '{options.method}' has no score to keep the top of")
+    if task.protocol != "kvpress":
+        kvpress_tasks = ", ".join(name for name, t in all_tasks().items() if t.protocol == "kvpress")
+        raise KvsweepError(
+            f"--compression-ratio is kvpress's budget, for the tasks in kvpress's protocol ({kvpress_tasks}); "
+            f"task {task.name} streams"
+        )
+    if options.task_settings.get("decoding"):
+        raise KvsweepError(
+            "--compression-ratio compresses the context once: --decoding must be false (a threshold decides while decoding)"
+        )
+    return -math.inf
+
+
 def planned_batches(documents: list[dict], batch_size: int) -> list[list[dict]]:
     """The shard's documents in batches of similar length, longest first. A resumed job runs the
     batches it has not finished as they were planned, a finished document of an unfinished batch
@@ -130,6 +163,8 @@ def fingerprint(options: "EvaluateOptions", settings: dict, documents: list[dict
     device and the kvsweep commit."""
     names = ("model", "method", "threshold", "chunk_size", "max_length", "dtype", "device", "task", "task_settings")
     key = {k: getattr(options, k) for k in names}
+    if options.compression_ratio is not None:
+        key["compression_ratio"] = options.compression_ratio
     # The committed code (a fix between two attempts must not be mixed with results from before it);
     # uncommitted edits are left out, or editing config.yaml would discard every checkpoint.
     key["code"] = source_revision().split("+")[0]

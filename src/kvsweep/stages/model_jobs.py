@@ -47,14 +47,20 @@ class EngineOptions:
         return job_gpus(self.device, self.gpus)
 
 
-def resolve_method(options: EngineOptions) -> tuple[Method, dict]:
-    """Check the numeric options and the method's settings and threshold; return (method, settings)."""
+def resolve_method(options: EngineOptions, compression_ratio: bool = False) -> tuple[Method, dict]:
+    """Check the numeric options and the method's settings and threshold; return (method, settings).
+    A method whose score exists in kvpress's protocol only runs at a compression ratio only."""
     for name in ("chunk_size", "max_length", "batch_size"):
         if getattr(options, name) < 1:
             raise KvsweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
     if options.max_length < 2:
         raise KvsweepError("--max-length must be at least 2")
     method = get_method(options.method)
+    if method.ratio_only and not compression_ratio:
+        raise KvsweepError(
+            f"method '{method.name}' runs at a compression ratio only (`kvsweep evaluate --compression-ratio` on a task "
+            "in kvpress's protocol): its score exists within the context's one pass"
+        )
     settings = method.resolve(options.threshold, {k: v for k, v in options.settings.items() if v is not None})
     if method.takes_threshold:
         try:
@@ -112,13 +118,15 @@ def load_engine_model(options: EngineOptions, clock: StageClock):
         return load_model(options.model, options.dtype, options.device, gpus=options.gpu_count)
 
 
-def build_press(method: Method, threshold: float | None, settings: dict, model, clock: StageClock):
+def build_press(
+    method: Method, threshold: float | None, settings: dict, model, clock: StageClock, compression_ratio=None
+):
     """The method's press (None for the baseline) with what it loads (KVzap's surrogate), billed to
-    `surrogate_load`."""
+    `surrogate_load`; with `compression_ratio`, kvpress's fixed budget instead of the threshold."""
     from kvsweep.engine.methods import build_press as build
 
     with clock.stage("surrogate_load"):
-        press = build(method, threshold, settings)
+        press = build(method, threshold, settings, compression_ratio)
         if press is not None:
             press.post_init_from_model(model)
     return press

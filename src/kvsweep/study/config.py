@@ -127,6 +127,7 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
             f"document needs more tokens than the continuation scored after it, but dataset.min_length is "
             f"{dataset['min_length']}; raise min_length or lower continuation_tokens"
         )
+    _check_compression_ratios(config)
     if config["device"] == "cpu" and config["gpus_per_job"] > 1:
         raise KvsweepError(
             f"gpus_per_job: {config['gpus_per_job']} splits the model over GPUs, but device is cpu "
@@ -145,6 +146,39 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
             "the calibration documents would be evaluated documents too"
         )
     return config
+
+
+def unused_compression_ratios(config: dict) -> list[str]:
+    """The entries whose compression ratios no task evaluates: kvpress's budgets are evaluated by
+    the tasks in kvpress's protocol only (the workflow says so when it plans; a study may drop
+    those tasks for a while without editing its methods)."""
+    if any(all_tasks()[task].protocol == "kvpress" for task in config["tasks"]):
+        return []
+    return [name for name, block in config["methods"].items() if block.get("canonical_ratios")]
+
+
+def _check_compression_ratios(config: dict) -> None:
+    """A compression ratio compresses each context once; SnapKV's window fits every context."""
+    with_ratios = [name for name, block in config["methods"].items() if block.get("canonical_ratios")]
+    if not with_ratios:
+        return
+    if "summarization_kvpress" in config["tasks"] and config["summarization_kvpress"]["decoding"]:
+        raise KvsweepError(
+            f"methods.{with_ratios[0]}.compression_ratios: a compression ratio compresses the context once, but "
+            "summarization_kvpress.decoding is true (a threshold decides while decoding); use thresholds there"
+        )
+    # SnapKV scores with the context's last window_size queries: every context must be longer.
+    shortest = config["dataset"]["min_length"]
+    if "perplexity_kvpress" in config["tasks"]:
+        shortest -= config["perplexity_kvpress"]["continuation_tokens"]
+    for name, block in config["methods"].items():
+        window = block.get("window_size")
+        if method_of(config, name).ratio_only and window is not None and window >= shortest:
+            raise KvsweepError(
+                f"methods.{name}.window_size ({window}): the shortest context may have {shortest} tokens "
+                "(dataset.min_length, less perplexity_kvpress.continuation_tokens), and SnapKV needs a longer one; "
+                "lower window_size or raise min_length"
+            )
 
 
 def check_bootstrap(n_resamples: int, confidence: float, seed: int) -> None:
@@ -179,11 +213,19 @@ def trained_surrogate_path(config: dict) -> str:
 def method_block_schema(method: Method) -> dict:
     """The JSON schema of a method's block in config.yaml, made from the method's declaration."""
     properties = {"type": {"type": "string", "description": "the method this entry runs (default: its name)"}}
-    if method.sweep_key:
+    if method.sweep_key and not method.ratio_only:
         # A threshold is a number, or a string such as "5e-4" (YAML 1.1 reads 5e-4 without a dot as
         # text) or "-inf", parsed and checked by kvsweep.core.thresholds; a swept setting is its own type.
         values = {"type": ["number", "string"]} if method.takes_threshold else method.setting(method.sweep).schema()
         properties[method.sweep_key] = {"type": "array", "minItems": 1, "items": values}
+    if method.takes_threshold:
+        properties["compression_ratios"] = {
+            "description": "kvpress's budgets (the share of the context evicted, per KV head, lowest scores first), "
+            "for the tasks in kvpress's protocol",
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": ["number", "string"]},
+        }
     if method.takes_targets:
         properties["target_densities"] = {
             "description": "compressible KV densities to reach; the threshold of each is calibrated",
@@ -208,7 +250,7 @@ def _validate_method(name: str, block: dict) -> dict:
     every setting's default, and its swept values and targets in canonical spelling."""
     where = f"methods.{name}"
     # Validating a validated config again gives the same config.
-    block = {k: v for k, v in block.items() if k not in ("canonical_values", "canonical_targets")}
+    block = {k: v for k, v in block.items() if k not in ("canonical_values", "canonical_targets", "canonical_ratios")}
     kind = block.get("type", name)
     methods = all_methods()
     if not isinstance(kind, str):
@@ -230,10 +272,19 @@ def _validate_method(name: str, block: dict) -> dict:
     if errors:
         raise KvsweepError(_describe(jsonschema.exceptions.best_match(errors), where))
     values, targets = block.get(method.sweep_key) if method.sweep_key else None, block.get("target_densities")
-    if method.sweep_key and not values and not targets:
-        needs = f"{method.sweep_key}, target_densities, or both" if method.takes_targets else method.sweep_key
+    ratios = block.get("compression_ratios")
+    if method.sweep_key and not values and not targets and not ratios:
+        needs = (
+            "compression_ratios (its score exists in kvpress's protocol only)"
+            if method.ratio_only
+            else f"{method.sweep_key}, target_densities or compression_ratios (any of them)"
+            if method.takes_targets
+            else method.sweep_key
+        )
         raise KvsweepError(f"{where}: '{kind}' needs {needs}")
-    settings = {k: v for k, v in block.items() if k not in ("type", "target_densities", method.sweep_key)}
+    settings = {
+        k: v for k, v in block.items() if k not in ("type", "target_densities", "compression_ratios", method.sweep_key)
+    }
     try:
         resolved = method.resolve(0.0 if method.takes_threshold else None, settings)
     except KvsweepError as err:
@@ -243,6 +294,8 @@ def _validate_method(name: str, block: dict) -> dict:
         checked[method.sweep_key] = values
     if targets:
         checked["target_densities"] = targets
+    if ratios:
+        checked["compression_ratios"] = ratios
     for setting in method.settings:
         if not setting.model_level and setting.name != method.sweep:
             checked[setting.name] = resolved[setting.name]
@@ -254,6 +307,8 @@ def _validate_method(name: str, block: dict) -> dict:
         )
         checked["canonical_values"] = _canonical_list(where, method.sweep_key, values or [], canonical)
         checked["canonical_targets"] = _canonical_list(where, "target_densities", targets or [], _target_density)
+    if method.takes_threshold:
+        checked["canonical_ratios"] = _canonical_list(where, "compression_ratios", ratios or [], _compression_ratio)
     return checked
 
 
@@ -272,6 +327,17 @@ def _target_density(value) -> str:
         raise KvsweepError(f"{value!r} is not a density (a number between 0 and 1)") from None
     if not 0 < float(text) < 1:
         raise KvsweepError(f"{value!r} is not a density strictly between 0 and 1")
+    return text
+
+
+def _compression_ratio(value) -> str:
+    """A compression ratio's canonical spelling, once it is known to lie in [0, 1)."""
+    try:
+        text = canonical_threshold(value)
+    except KvsweepError:
+        raise KvsweepError(f"{value!r} is not a compression ratio (a share of the context, from 0 up to 1)") from None
+    if not 0 <= float(text) < 1:
+        raise KvsweepError(f"{value!r} is not a compression ratio in [0, 1) (the share of the context evicted)")
     return text
 
 

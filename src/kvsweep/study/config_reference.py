@@ -13,10 +13,13 @@ METHOD_ENTRY_KEYS = (
      "method with other settings, e.g. `h2o_w128: {type: h2o, local_window: 128, thresholds: [...]}` beside `h2o`"),
     ("methods.<name>.thresholds", "", "the thresholds to sweep: numbers or `-inf` (evicts nothing), within the "
      "method's range (`kvsweep methods`); NaN and +inf (what `1e400` overflows to) are refused. Every entry but "
-     "`baseline` needs its swept values or `target_densities`"),
+     "`baseline` needs its swept values, `target_densities` or `compression_ratios`"),
     ("methods.<name>.sliding_windows", "", "`streaming_llm` only: the windows to sweep (its density is set by the window)"),
     ("methods.<name>.target_densities", "", "compressible KV densities (0 < d < 1) to reach; each gets a calibrated "
      "threshold (methods that sweep a threshold; docs/configuration.md, \"Stating a study in target densities\")"),
+    ("methods.<name>.compression_ratios", "", "kvpress's budgets (0 <= r < 1: the share of the context evicted, per "
+     "KV head, lowest scores first, as kvpress's `ScorerPress`), for methods with a score; evaluated by the tasks in "
+     "kvpress's protocol only, each in `<task>/<name>/ratio_<r>/` (docs/methods.md, \"Two protocols\")"),
     ("methods.<name>.<setting>", "the method's", "any setting of the entry's method (the methods table); "
      "`kvzap_surrogate` and `kvzap_type` are given under `model:`"),
 )  # fmt: skip

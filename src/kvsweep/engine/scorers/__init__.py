@@ -6,6 +6,7 @@ from kvsweep.engine.scorers.entry import KnormScorer, RandomScorer, StreamingLLM
 from kvsweep.engine.scorers.expected_attention import ExpectedAttentionScorer
 from kvsweep.engine.scorers.h2o import H2OScorer
 from kvsweep.engine.scorers.kvzap import KVzapScorer
+from kvsweep.engine.scorers.snapkv import SnapKVScorer
 
 __all__ = [
     "ExpectedAttentionScorer",
@@ -13,6 +14,7 @@ __all__ = [
     "KVzapScorer",
     "KnormScorer",
     "RandomScorer",
+    "SnapKVScorer",
     "StreamingLLMScorer",
     "StreamingScorer",
 ]

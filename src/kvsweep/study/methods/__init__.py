@@ -48,6 +48,9 @@ class Method:
     # evicts nothing, is always allowed. Outside it a threshold repeats an end of the range under
     # another output path.
     threshold_range: tuple[float, float] = (-math.inf, math.inf)
+    # A score that exists only within the context's one pass (SnapKV: the attention of the
+    # context's last queries): kvpress's protocol and `compression_ratios` only.
+    ratio_only: bool = False
     _by_name: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -67,7 +70,7 @@ class Method:
     @property
     def takes_targets(self) -> bool:
         """Target densities are calibrated along a threshold whose density falls as it rises."""
-        return self.takes_threshold and self.density_falls
+        return self.takes_threshold and self.density_falls and not self.ratio_only
 
     def setting(self, name: str) -> Setting:
         return self._by_name[name]
@@ -160,6 +163,8 @@ def method_table() -> str:
         swept = (
             "-"
             if method.sweep is None
+            else "`compression_ratios` only (kvpress's protocol)"
+            if method.ratio_only
             else f"`{method.sweep_key}`"
             + (f": {method.swept_meaning}" if method.swept_meaning else "")
             + _range(method)
@@ -174,7 +179,7 @@ def method_table() -> str:
 
 def _range(method: Method) -> str:
     """Where a threshold may lie, beside -inf (which evicts nothing), if bounded."""
-    if not method.takes_threshold or method.threshold_range == (-math.inf, math.inf):
+    if not method.takes_threshold or method.ratio_only or method.threshold_range == (-math.inf, math.inf):
         return ""
     low, high = (_number(bound) for bound in method.threshold_range)
     return f", in [{low}, {high}]"

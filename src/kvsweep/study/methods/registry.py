@@ -13,6 +13,7 @@ FILES = (
     "random",
     "expected_attention",
     "knorm",
+    "snapkv",
 )
 
 METHODS: dict[str, Method] = {}
