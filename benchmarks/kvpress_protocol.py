@@ -11,9 +11,9 @@ takes one context) and for kvsweep, each after a warm-up call, and the entries e
 layer (bf16 scores from different kernels may differ in their last bit, so counts may differ by
 a few entries; the CPU tests hold them equal in float32).
 
-With `--ratios`: kvpress's fixed budgets at batch 1, no decoding compression: `KnormPress` and
-`SnapKVPress` at `compression_ratio` 0.5 beside kvsweep's `knorm` and `snapkv` at the same ratio
-(no window, no sinks), each side's entries kept per layer (kvpress: its cache's length after the
+With `--ratios`: kvpress's fixed budgets at batch 1, no decoding compression: `KnormPress`,
+`AdaKVPress(KnormPress)` and `SnapKVPress` at `compression_ratio` 0.5 beside kvsweep's `knorm`
+(per head, and adaptive with safeguard 0.2) and `snapkv` at the same ratio (no window, no sinks), each side's entries kept per layer (kvpress: its cache's length after the
 run; kvsweep: its counts), and how many of the greedy tokens the two share from the start.
 """
 
@@ -107,7 +107,7 @@ def main():
 
 def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
     """kvpress's ScorerPress budgets beside kvsweep's fixed ratio, batch 1, one context."""
-    from kvpress import KnormPress, SnapKVPress
+    from kvpress import AdaKVPress, KnormPress, SnapKVPress
     from transformers import DynamicCache
 
     from kvsweep.engine.methods import build_press
@@ -117,12 +117,13 @@ def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
     context, question = ids[:, : args.context].cuda(), ids[:, args.context :].cuda()
     tokens = args.context + args.question + args.new_tokens
     rows = []
-    for name, settings, upstream in (
-        ("knorm", {"sliding_window": 0, "sinks": 0}, KnormPress(compression_ratio=ratio)),
-        ("snapkv", {"window_size": 64, "kernel_size": 5}, SnapKVPress(compression_ratio=ratio, window_size=64)),
+    for name, settings, safeguard, upstream in (
+        ("knorm", {"sliding_window": 0, "sinks": 0}, None, KnormPress(compression_ratio=ratio)),
+        ("knorm", {"sliding_window": 0, "sinks": 0}, 0.2, AdaKVPress(KnormPress(compression_ratio=ratio))),
+        ("snapkv", {"window_size": 64, "kernel_size": 5}, None, SnapKVPress(compression_ratio=ratio, window_size=64)),
     ):
         method = get_method(name)
-        press = build_press(method, None, method.resolve(0.0, settings), compression_ratio=ratio)
+        press = build_press(method, None, method.resolve(0.0, settings), ratio, adaptive_safeguard=safeguard)
         press.post_init_from_model(model)
 
         def ours(press=press):
@@ -130,16 +131,20 @@ def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
 
         ours()
         results, seconds, peak = timed(ours)
-        row = {"method": name, "ratio": ratio, "kvsweep_tok_per_s": tokens / seconds, "kvsweep_peak_GiB": peak,
+        row = {"method": name, "ratio": ratio, "adaptive_safeguard": safeguard, "kvsweep_tok_per_s": tokens / seconds, "kvsweep_peak_GiB": peak,
                "kvsweep_evicted_per_layer": results[0]["evicted_per_layer"]}  # fmt: skip
         run = kvpress_run(model, context, question, args.new_tokens, upstream)
         run(DynamicCache())
+        kvpress_evicted_per_layer(model)
         cache = DynamicCache()
         answer, seconds, peak = timed(lambda cache=cache, run=run: run(cache))
-        kv_heads = model.config.num_key_value_heads
+        # AdaKV masks (kvpress's masked indices); a ScorerPress shrinks the cache.
+        masked = kvpress_evicted_per_layer(model)
+        shrunk = [
+            (args.context - cache.get_seq_length(i)) * model.config.num_key_value_heads for i in range(len(cache))
+        ]
         row.update(kvpress_tok_per_s=tokens / seconds, kvpress_peak_GiB=peak,
-                   kvpress_evicted_per_layer=[(args.context - cache.get_seq_length(i)) * kv_heads
-                                              for i in range(len(cache))])  # fmt: skip
+                   kvpress_evicted_per_layer=masked if any(masked) else shrunk)  # fmt: skip
         ours_ids, theirs = results[0]["generated_ids"], answer
         row["shared_leading_tokens"] = next(
             (k for k, (a, b) in enumerate(zip(ours_ids, theirs, strict=False)) if a != b),

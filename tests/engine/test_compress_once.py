@@ -338,3 +338,89 @@ def test_snapkv_refuses_a_context_no_longer_than_its_window_and_a_threshold(demo
         compress_once_generate(model, [context], [question], NEW_TOKENS, press)
     with pytest.raises(ValueError, match="compression ratio only"):
         build_press(method, 0.1, settings)
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.8])
+def test_h2o_at_a_fixed_ratio_keeps_what_kvpress_observed_attention_press_keeps(demo, ratio):
+    """H2O's score in kvpress's protocol is kvpress's `ObservedAttentionPress` score: the mean
+    attention each context key received from the context's queries that see it, over the query
+    heads of its group (kvpress computes it from eager attention weights, kvsweep inside its
+    masked attention): at a compression ratio, with no window and no sinks, the same tokens."""
+    from kvpress import ObservedAttentionPress
+
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, tokenizer, pipe = demo
+    eager = AutoModelForCausalLM.from_pretrained(str(BUNDLED_MODEL), dtype=torch.float32, attn_implementation="eager")
+    eager_pipe = pipeline("kv-press-text-generation", model=eager.eval(), tokenizer=tokenizer, device="cpu")
+    method = get_method("h2o")
+    press = build_press(method, None, method.resolve(0.0, {"local_window": 0, "sinks": 0}), compression_ratio=ratio)
+    press.post_init_from_model(model)
+    contexts = contexts_of([60, 95, 130])
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
+    eos = {model.generation_config.eos_token_id}
+    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
+    for context, (context_ids, _), result in zip(contexts, ids, ours, strict=True):
+        upstream = ObservedAttentionPress(compression_ratio=ratio)
+        answer = eager_pipe(context, question=QUESTION, press=upstream, max_new_tokens=NEW_TOKENS)["answer"]
+        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
+        n = len(context_ids)
+        assert set(result["evicted_per_layer"]) == {
+            (n - max(1, int(n * (1 - ratio)))) * model.config.num_key_value_heads
+        }
+
+
+@pytest.mark.parametrize("name,ratio,safeguard", [("knorm", 0.5, 0.2), ("knorm", 0.75, 0.0), ("kvzap", 0.6, 0.5)])
+def test_an_adaptive_ratio_keeps_what_kvpress_adakv_press_keeps(demo, surrogate, name, ratio, safeguard):
+    """AdaKV's budget (kvpress `AdaKVPress` around a scorer): a layer's heads share n_kept per head,
+    each keeping at least its safeguard's share; the same tokens as kvpress's pipeline and the same
+    entries evicted per layer (kvpress's masked indices), which now differ from head to head."""
+    from kvpress import AdaKVPress
+
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, tokenizer, pipe = demo
+    method = get_method(name)
+    given = {"sliding_window": 0, "sinks": 0, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})}
+    press = build_press(method, None, method.resolve(0.0, given), compression_ratio=ratio, adaptive_safeguard=safeguard)
+    press.post_init_from_model(model)
+    contexts = contexts_of([60, 95, 130])
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
+    eos = {model.generation_config.eos_token_id}
+    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
+    for context, result in zip(contexts, ours, strict=True):
+        scorer = kvpress_press(name, 0.0, 0, False, surrogate, model).press
+        scorer.compression_ratio = ratio
+        answer = pipe(context, question=QUESTION, press=AdaKVPress(scorer, alpha_safeguard=safeguard),
+                      max_new_tokens=NEW_TOKENS)["answer"]  # fmt: skip
+        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
+        assert result["evicted_per_layer"] == kvpress_evicted_per_layer(model)
+    with pytest.raises(ValueError, match="shares a compression ratio's budget"):
+        build_press(method, 0.0, method.resolve(0.0, given), adaptive_safeguard=safeguard)
+
+
+def test_lowest_scored_with_a_safeguard_is_the_slow_selection():
+    """AdaKV by hand: each head's safeguard kept, then the lowest over all heads evicted until each
+    document has evicted heads x (n - n_kept) of its positions deciding."""
+    from kvsweep.engine.press import lowest_scored
+
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randperm(3 * 4 * 30, generator=generator).float().view(3, 4, 30)
+    position = torch.arange(30).repeat(3, 1)
+    position[2, 20:] = -1
+    tokens = torch.tensor([30, 30, 20])
+    deciding = position >= 0
+    for ratio, safeguard in ((0.5, 0.2), (0.8, 0.5), (0.3, 0.0), (0.9, 1.0)):
+        chosen = lowest_scored(scores, deciding, position, tokens, ratio, safeguard)
+        for b in range(3):
+            n = int(tokens[b])
+            n_kept = max(1, int(n * (1 - ratio)))
+            n_safe = max(1, int(n_kept * safeguard)) if safeguard > 0 else 0
+            safe = {(h, j) for h in range(4) for j in sorted(range(n), key=lambda j: -float(scores[b, h, j]))[:n_safe]}
+            others = sorted(((h, j) for h in range(4) for j in range(n) if (h, j) not in safe),
+                            key=lambda hj: float(scores[b, hj[0], hj[1]]))  # fmt: skip
+            expected = set(others[: 4 * (n - n_kept)])
+            found = {(h, j) for h, j in torch.nonzero(chosen[b]).tolist()}
+            assert found == expected

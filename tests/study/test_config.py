@@ -170,7 +170,7 @@ BAD = [
     ("methods.h2o_w128", {"type": "h2o_128", "thresholds": [1]}, "methods.h2o_w128.type: unknown method 'h2o_128'"),
     ("methods.baseline", {"thresholds": [1]}, "methods.baseline: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: type)"),
     ("methods.baseline", {"type": "h2o", "thresholds": [1]}, "methods.baseline: the entry named baseline must be the uncompressed baseline"),
-    ("methods.h2o.sliding_window", 64, "methods.h2o: Additional properties are not allowed ('sliding_window' was unexpected) (allowed keys: compression_ratios, local_window, sinks, target_densities, thresholds, type)"),
+    ("methods.h2o.sliding_window", 64, "methods.h2o: Additional properties are not allowed ('sliding_window' was unexpected) (allowed keys: adaptive, adaptive_safeguard, compression_ratios, local_window, sinks, target_densities, thresholds, type)"),
     ("methods.h2o.sinks", -1, "methods.h2o.sinks: -1 is less than the minimum of 0"),
     ("methods.h2o.sinks", 2.5, "methods.h2o.sinks: 2.5 is not of type 'integer'"),
     ("methods.expected_attention", {"thresholds": [0.1], "use_vnorm": "yes"}, "methods.expected_attention.use_vnorm: 'yes' is not of type 'boolean'"),
@@ -381,7 +381,7 @@ def test_compression_ratios_refuse_compressing_while_decoding():
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        ({"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: compression_ratios, kernel_size, type, window_size)"),
+        ({"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: adaptive, adaptive_safeguard, compression_ratios, kernel_size, type, window_size)"),
         ({"target_densities": [0.5], "compression_ratios": [0.5]}, "('target_densities' was unexpected)"),
         ({"window_size": 8}, "'snapkv' needs compression_ratios (its score exists in kvpress's protocol only)"),
         ({"compression_ratios": [0.5], "kernel_size": 4}, "methods.snapkv.kernel_size"),
@@ -394,3 +394,29 @@ def test_snapkv_takes_compression_ratios_only(block, message):
     assert message in str(err.value)
     fine = validate_config(with_kvpress_task(snapkv={"compression_ratios": [0.5]}))["methods"]["snapkv"]
     assert fine["canonical_ratios"] == ["0.5"] and fine["window_size"] == 64
+
+
+def test_adaptive_budgets_are_adakv_at_the_compression_ratios():
+    from kvsweep.study.config import adaptive_safeguard
+
+    config = validate_config(with_kvpress_task(
+        knorm={"compression_ratios": [0.5]},
+        knorm_ada={"type": "knorm", "compression_ratios": [0.5], "adaptive": True},
+        h2o_ada={"type": "h2o", "compression_ratios": [0.5], "adaptive": True, "adaptive_safeguard": 0.5},
+    ))  # fmt: skip
+    assert [adaptive_safeguard(config, name) for name in ("knorm", "knorm_ada", "h2o_ada")] == [None, 0.2, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"thresholds": [-3], "adaptive": True}, "methods.knorm.adaptive: AdaKV shares a compression ratio's budget"),
+        ({"compression_ratios": [0.5], "adaptive_safeguard": 0.3}, "methods.knorm.adaptive_safeguard: only with adaptive: true"),
+        ({"compression_ratios": [0.5], "adaptive": True, "adaptive_safeguard": 1.5}, "methods.knorm.adaptive_safeguard"),
+        ({"compression_ratios": [0.5], "adaptive": "yes"}, "methods.knorm.adaptive"),
+    ],
+)  # fmt: skip
+def test_bad_adaptive_budgets_name_the_key(block, message):
+    with pytest.raises(KvsweepError) as err:
+        validate_config(with_kvpress_task(knorm=block))
+    assert message in str(err.value)

@@ -127,19 +127,22 @@ def test_a_tokenizer_kvpress_cannot_use_is_one_message():
         kvpress_ids(tokenizer, "a report", GOV_REPORT_QUESTION)
 
 
-def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded_strings(shard, tmp_path):
-    from kvpress import KnormPress
+@pytest.mark.parametrize("safeguard", [None, 0.3], ids=["per_head", "adakv"])
+def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded_strings(shard, tmp_path, safeguard):
+    from kvpress import AdaKVPress, KnormPress
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
     out = tmp_path / "out.jsonl"
     kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16", "--task",
             "summarization_kvpress", "--max-new-tokens", "16", "--method", "knorm", "--compression-ratio", "0.6",
-            "--sliding-window", "0", "--sinks", "0", "--batch-size", "3", "--output", out)  # fmt: skip
+            "--sliding-window", "0", "--sinks", "0", "--batch-size", "3", "--output", out,
+            *(["--adaptive-safeguard", str(safeguard)] if safeguard is not None else []))  # fmt: skip
     results = {r["id"]: r for r in lines(out)}
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(MODEL))
     for doc in lines(data):
-        answer = pipe(doc["context"], question=doc["question"], press=KnormPress(0.6), max_new_tokens=16)["answer"]
+        press = KnormPress(0.6) if safeguard is None else AdaKVPress(KnormPress(0.6), alpha_safeguard=safeguard)
+        answer = pipe(doc["context"], question=doc["question"], press=press, max_new_tokens=16)["answer"]
         n = doc["context_length"]
         assert results[doc["id"]]["generated"] == answer.strip()
         evicted = (n - int(n * 0.4)) * model.config.num_key_value_heads
@@ -154,12 +157,15 @@ def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded
         (["--task", "summarization_kvpress", "--method", "baseline"], "'baseline' has no score"),
         (["--task", "summarization", "--method", "knorm"], "task summarization streams"),
         (["--task", "summarization_kvpress", "--method", "knorm", "--decoding", "true"], "--decoding must be false"),
+        (["--task", "summarization_kvpress", "--method", "knorm", "--threshold", "-3", "--adaptive-safeguard", "0.2"],
+         "--adaptive-safeguard shares a compression ratio's budget (AdaKV): give --compression-ratio"),
     ],
-)
+)  # fmt: skip
 def test_a_compression_ratio_where_it_means_nothing_is_one_message(shard, tmp_path, capsys, flags, message):
     data = shard / "data" / flags[1] / "shard000.jsonl"
+    ratio = [] if "--adaptive-safeguard" in flags else ["--compression-ratio", "0.5"]
     with pytest.raises(SystemExit):
         kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16",
-                "--compression-ratio", "0.5", *flags, "--output", tmp_path / "o.jsonl")  # fmt: skip
+                *ratio, *flags, "--output", tmp_path / "o.jsonl")  # fmt: skip
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "o.jsonl").exists()

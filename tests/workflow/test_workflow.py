@@ -241,6 +241,12 @@ def test_adding_a_compression_ratio_plans_only_its_kvpress_protocol_jobs(demo_ru
     kvpress_tasks = ("perplexity_kvpress", "summarization_kvpress")
     assert others == sorted([(rule, task) for rule in ("comparison", "figures", "score") for task in kvpress_tasks]
                             + [("protocols", task) for task in TWINNED])  # fmt: skip
+    # AdaKV's budget at h2o's ratio: only that ratio's jobs again.
+    adaptive = copy.deepcopy(config)
+    adaptive["methods"]["h2o"]["adaptive"] = True
+    jobs = planned_jobs(workdir, write_config(workdir, adaptive, "adaptive.yaml"))
+    evaluations = sorted((w["task"], w["method"], w["value"]) for rule, w in jobs if rule == "evaluate")
+    assert evaluations == [(task, "h2o", "ratio_0.5") for task in kvpress_tasks]
 
 
 def test_adding_a_target_runs_only_its_calibration_and_its_evaluations(demo_run, tmp_path):

@@ -34,6 +34,7 @@ from kvsweep.core.thresholds import RATIO_PREFIX, canonical_threshold, ratio_fol
 from kvsweep.study.calibrations import read_calibrations  # noqa: E402
 from kvsweep.study.config import (  # noqa: E402
     TRAIN,
+    adaptive_safeguard,
     method_of,
     method_settings,
     surrogate_to_train,
@@ -310,7 +311,7 @@ def method_arguments(method, value):
     threshold = None
     if ratio_of_folder(value) is not None:
         return options(method=runs.name if runs.name != method else None, compression_ratio=value.removeprefix(RATIO_PREFIX),
-                       **settings)  # fmt: skip
+                       adaptive_safeguard=adaptive_safeguard(config, method), **settings)  # fmt: skip
     if value != "none" and runs.takes_threshold:
         threshold = value
     elif value != "none":

@@ -20,6 +20,11 @@ def add_arguments(parser) -> None:
         help="kvpress's budget instead of --threshold (tasks in kvpress's protocol): the share of the context "
         "evicted, per KV head, lowest scores first, as kvpress's ScorerPress",
     )  # fmt: skip
+    parser.add_argument(
+        "--adaptive-safeguard", type=number(0, 1, low_open=False, high_open=False),
+        help="with --compression-ratio: AdaKV's budget (kvpress AdaKVPress), shared by a layer's heads, each keeping "
+        "at least this share of its own (kvpress's default: 0.2)",
+    )  # fmt: skip
     parser.add_argument("--output", required=True)
 
 
@@ -29,7 +34,8 @@ def options_of(args):
 
     task_values = {s.name: getattr(args, s.name) for s in get_task(args.task).settings}
     return EvaluateOptions(**engine_options(args), output=args.output, task=args.task, task_settings=task_values,
-                           compression_ratio=args.compression_ratio)  # fmt: skip
+                           compression_ratio=args.compression_ratio,
+                           adaptive_safeguard=args.adaptive_safeguard)  # fmt: skip
 
 
 def run(args, clock) -> None:

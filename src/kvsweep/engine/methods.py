@@ -74,20 +74,29 @@ BUILDERS = {
 
 
 def build_press(
-    method: Method, threshold: float | None, settings: dict, compression_ratio: float | None = None
+    method: Method,
+    threshold: float | None,
+    settings: dict,
+    compression_ratio: float | None = None,
+    adaptive_safeguard: float | None = None,
 ) -> StreamingThresholdPress | None:
     """The method's press (None: no compression), from `method.resolve`d settings. With
     `compression_ratio` (a method with a score, kvpress's protocol): the budget kvpress's
-    `ScorerPress` sets, instead of a threshold (`StreamingThresholdPress.fixed_ratio`)."""
+    `ScorerPress` sets, instead of a threshold (`StreamingThresholdPress.fixed_ratio`), shared by
+    the heads of a layer as AdaKV shares it with `adaptive_safeguard`."""
     if method.sweep is None:
         return None
     builder = BUILDERS[method.variant_of or method.name]
     if compression_ratio is None:
+        if adaptive_safeguard is not None:
+            raise ValueError(f"{method.name}: an adaptive safeguard shares a compression ratio's budget; give one")
         if method.ratio_only:
             raise ValueError(f"{method.name} decides with a compression ratio only (kvpress's protocol)")
         return builder(threshold, **settings) if method.takes_threshold else builder(**settings)
     if not method.takes_threshold or not 0 <= compression_ratio < 1:
         raise ValueError(f"{method.name}: no fixed ratio {compression_ratio!r} (a scored method, a ratio in [0, 1))")
+    if adaptive_safeguard is not None and not 0 <= adaptive_safeguard <= 1:
+        raise ValueError(f"{method.name}: no adaptive safeguard {adaptive_safeguard!r} (a share in [0, 1])")
     press = builder(-math.inf, **settings)
-    press.fixed_ratio = compression_ratio
+    press.fixed_ratio, press.adaptive_safeguard = compression_ratio, adaptive_safeguard
     return press

@@ -40,6 +40,9 @@ class StreamingThresholdPress(DMSPress):
     (n: the document's tokens so far, the context), as kvpress's `ScorerPress` keeps the
     `max(1, int(n * (1 - compression_ratio)))` highest (`kvpress.utils.compute_n_kept`); sinks and
     the window are never among them. Later passes decide nothing (`compress_once` without decoding).
+    With `adaptive_safeguard` as well, the budget is AdaKV's (kvpress `AdaKVPress`): the layer's
+    heads share it, the lowest scores over all of them evicted, each head keeping at least that
+    share of its own.
 
     Extends kvpress's `DMSPress` (Dynamic Memory Sparsification, https://arxiv.org/abs/2506.05345):
     same fields and scorers, but eviction is a real mask rather than fake keys (which fail beyond a
@@ -52,6 +55,7 @@ class StreamingThresholdPress(DMSPress):
     # Keep the score of every decision (calibration reads their distribution); off for evaluations.
     record_decisions: bool = False
     fixed_ratio: float | None = None
+    adaptive_safeguard: float | None = None
     layers: dict[int, LayerEviction] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -62,6 +66,8 @@ class StreamingThresholdPress(DMSPress):
             raise ValueError("sliding_window_size and sinks must be >= 0")
         if self.fixed_ratio is not None and not 0 <= self.fixed_ratio < 1:
             raise ValueError(f"fixed_ratio must lie in [0, 1), got {self.fixed_ratio!r}")
+        if self.adaptive_safeguard is not None and not 0 <= self.adaptive_safeguard <= 1:
+            raise ValueError(f"adaptive_safeguard must lie in [0, 1], got {self.adaptive_safeguard!r}")
 
     @classmethod
     def mask_only(cls) -> "StreamingThresholdPress":
@@ -208,7 +214,9 @@ class StreamingThresholdPress(DMSPress):
         if self.fixed_ratio is None:
             evicted |= deciding[:, None, :] & (scores < self.threshold)
         else:
-            evicted |= lowest_scored(scores, deciding, position, layout.tokens_after, self.fixed_ratio)
+            evicted |= lowest_scored(
+                scores, deciding, position, layout.tokens_after, self.fixed_ratio, self.adaptive_safeguard
+            )
             state.decided_once = True
         if state.decision_scores is not None:
             recorded = state.decision_scores[:, :, lo:hi]
@@ -234,23 +242,40 @@ class StreamingThresholdPress(DMSPress):
 
 
 def lowest_scored(
-    scores: torch.Tensor, deciding: torch.Tensor, position: torch.Tensor, tokens: torch.Tensor, ratio: float
+    scores: torch.Tensor,
+    deciding: torch.Tensor,
+    position: torch.Tensor,
+    tokens: torch.Tensor,
+    ratio: float,
+    adaptive_safeguard: float | None = None,
 ) -> torch.Tensor:
-    """(batch, heads, slots): per document and KV head, the slots of its `deciding` positions that
-    kvpress's `ScorerPress` would not keep: `scores.topk(max(1, int(n * (1 - ratio))))` over the
-    document's n = `tokens` positions, where the positions not deciding (sinks, the window) score
-    +inf, so they are kept first. With every position deciding (no sinks, no window) that is
-    kvpress's own top-k on the same scores, ties included (torch's top-k breaks them its own way:
-    key norms tie exactly where a token repeats in the first layer, as RoPE keeps the norm). One
-    host read per document: a fixed ratio decides once, on the context's pass."""
+    """(batch, heads, slots): per document, the slots of its `deciding` positions that kvpress
+    would not keep at `ratio`, over its n = `tokens` positions, where the positions not deciding
+    (sinks, the window) score +inf, so they are kept first. Per KV head (`ScorerPress`):
+    `scores.topk(n_kept)` kept, n_kept = max(1, int(n * (1 - ratio))). With `adaptive_safeguard`
+    (`AdaKVPress`): each head's top `max(1, int(n_kept * safeguard))` kept, then the heads * (n -
+    n_kept) lowest over all heads evicted. With every position deciding (no sinks, no window) these
+    are kvpress's own top-k calls on the same scores, ties included (torch's top-k breaks them its
+    own way: key norms tie exactly where a token repeats in the first layer, as RoPE keeps the
+    norm). One host read per document: a fixed ratio decides once, on the context's pass."""
     evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    heads = scores.shape[1]
     for b, n in enumerate(tokens.tolist()):
         slots = deciding[b].nonzero().flatten()
         at = position[b, slots]
-        full = torch.full((1, scores.shape[1], n), torch.inf, dtype=scores.dtype, device=scores.device)
+        full = torch.full((1, heads, n), torch.inf, dtype=scores.dtype, device=scores.device)
         full[0, :, at] = scores[b][:, slots]
-        keep = full.topk(max(1, int(n * (1 - ratio))), dim=-1).indices
-        kept = torch.zeros(full.shape, dtype=torch.bool, device=scores.device).scatter_(-1, keep, True)
+        n_kept = max(1, int(n * (1 - ratio)))
+        if adaptive_safeguard is None:
+            kept = torch.zeros(full.shape, dtype=torch.bool, device=scores.device)
+            kept.scatter_(-1, full.topk(n_kept, dim=-1).indices, True)
+        else:
+            n_safe = max(1, int(n_kept * adaptive_safeguard)) if adaptive_safeguard > 0 else 0
+            full.scatter_(-1, full.topk(n_safe, dim=-1).indices, torch.finfo(full.dtype).max)
+            pruned = torch.topk(-full.reshape(1, -1), heads * (n - n_kept), dim=1).indices
+            kept = torch.ones(heads * n, dtype=torch.bool, device=scores.device)
+            kept[pruned[0]] = False
+            kept = kept.view(1, heads, n)
         evicted[b][:, slots] = ~kept[0][:, at]
     return evicted
 

@@ -49,6 +49,7 @@ class EvaluateOptions(EngineOptions):
     task_settings: dict = field(default_factory=dict)  # the task's own settings (summarization: max_new_tokens)
     # kvpress's budget instead of a threshold (kvpress's protocol): the share of the context evicted
     compression_ratio: float | None = None
+    adaptive_safeguard: float | None = None  # with it, AdaKV's budget: a layer's heads share the ratio's
 
 
 def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
@@ -57,7 +58,7 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     options.task_settings = {
         s.name: s.check(s.flag, options.task_settings.get(s.name, s.default)) for s in task.settings
     }
-    if options.compression_ratio is None:
+    if options.compression_ratio is None and options.adaptive_safeguard is None:
         method, settings = resolve_method(options)
     else:
         ratio_options = replace(options, threshold=check_compression_ratio(options, task))
@@ -89,7 +90,9 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     if done:
         print(f"resuming: {len(done)} of {len(documents)} documents already done", file=sys.stderr)
     print(f"provenance: {json.dumps(provenance)}", file=sys.stderr)
-    press = build_press(method, options.threshold, settings, model, clock, options.compression_ratio)
+    press = build_press(
+        method, options.threshold, settings, model, clock, options.compression_ratio, options.adaptive_safeguard
+    )
     evaluation = Evaluation(options.model, options.chunk_size, options.graphs, options.task_settings)
     with clock.stage("surrogate_load"):  # and the task's own setup (summarization's tokenizer)
         evaluate_batch = work_of(options.task).evaluator(evaluation, model, press, clock)
@@ -128,6 +131,10 @@ def check_compression_ratio(options: "EvaluateOptions", task) -> float:
     once to the context; returns the threshold the method is resolved with (-inf, which every
     scored method accepts; the press does not read it)."""
     ratio = options.compression_ratio
+    if ratio is None:
+        raise KvsweepError("--adaptive-safeguard shares a compression ratio's budget (AdaKV): give --compression-ratio")
+    if options.adaptive_safeguard is not None and not 0 <= options.adaptive_safeguard <= 1:
+        raise KvsweepError(f"--adaptive-safeguard must lie in [0, 1], got {options.adaptive_safeguard}")
     if not 0 <= ratio < 1:
         raise KvsweepError(f"--compression-ratio must lie in [0, 1) (the share of the context evicted), got {ratio}")
     if options.threshold is not None:
@@ -165,6 +172,8 @@ def fingerprint(options: "EvaluateOptions", settings: dict, documents: list[dict
     key = {k: getattr(options, k) for k in names}
     if options.compression_ratio is not None:
         key["compression_ratio"] = options.compression_ratio
+    if options.adaptive_safeguard is not None:
+        key["adaptive_safeguard"] = options.adaptive_safeguard
     # The committed code (a fix between two attempts must not be mixed with results from before it);
     # uncommitted edits are left out, or editing config.yaml would discard every checkpoint.
     key["code"] = source_revision().split("+")[0]

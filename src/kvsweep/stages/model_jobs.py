@@ -119,14 +119,20 @@ def load_engine_model(options: EngineOptions, clock: StageClock):
 
 
 def build_press(
-    method: Method, threshold: float | None, settings: dict, model, clock: StageClock, compression_ratio=None
+    method: Method,
+    threshold: float | None,
+    settings: dict,
+    model,
+    clock: StageClock,
+    compression_ratio: float | None = None,
+    adaptive_safeguard: float | None = None,
 ):
     """The method's press (None for the baseline) with what it loads (KVzap's surrogate), billed to
     `surrogate_load`; with `compression_ratio`, kvpress's fixed budget instead of the threshold."""
     from kvsweep.engine.methods import build_press as build
 
     with clock.stage("surrogate_load"):
-        press = build(method, threshold, settings, compression_ratio)
+        press = build(method, threshold, settings, compression_ratio, adaptive_safeguard)
         if press is not None:
             press.post_init_from_model(model)
     return press

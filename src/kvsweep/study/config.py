@@ -19,6 +19,8 @@ from kvsweep.study.shards import MAX_SHARDS, documents_per_shard, n_shards
 from kvsweep.study.tasks import all_tasks
 
 # Shipped inside the package, so that validation works from any install (workflow/schemas/ links here).
+# kvpress's AdaKVPress default: the share of its budget each head keeps at least.
+ADAKV_SAFEGUARD = 0.2
 SCHEMA = files("kvsweep.study") / "schemas" / "config.schema.yaml"
 
 
@@ -148,6 +150,12 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
     return config
 
 
+def adaptive_safeguard(config: dict, name: str) -> float | None:
+    """An entry's AdaKV safeguard (kvpress's default 0.2), or None for a budget per head."""
+    block = config["methods"][name]
+    return block.get("adaptive_safeguard", ADAKV_SAFEGUARD) if block.get("adaptive") else None
+
+
 def unused_compression_ratios(config: dict) -> list[str]:
     """The entries whose compression ratios no task evaluates: kvpress's budgets are evaluated by
     the tasks in kvpress's protocol only (the workflow says so when it plans; a study may drop
@@ -226,6 +234,16 @@ def method_block_schema(method: Method) -> dict:
             "minItems": 1,
             "items": {"type": ["number", "string"]},
         }
+        properties["adaptive"] = {
+            "type": "boolean",
+            "description": "AdaKV's budget at the compression ratios (kvpress AdaKVPress): a layer's heads share it",
+        }
+        properties["adaptive_safeguard"] = {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "with adaptive: the share of its budget each head keeps at least (AdaKV's 0.2 if not given)",
+        }
     if method.takes_targets:
         properties["target_densities"] = {
             "description": "compressible KV densities to reach; the threshold of each is calibrated",
@@ -282,9 +300,12 @@ def _validate_method(name: str, block: dict) -> dict:
             else method.sweep_key
         )
         raise KvsweepError(f"{where}: '{kind}' needs {needs}")
-    settings = {
-        k: v for k, v in block.items() if k not in ("type", "target_densities", "compression_ratios", method.sweep_key)
-    }
+    budget_keys = ("compression_ratios", "adaptive", "adaptive_safeguard")
+    settings = {k: v for k, v in block.items() if k not in ("type", "target_densities", *budget_keys, method.sweep_key)}
+    if block.get("adaptive") and not ratios:
+        raise KvsweepError(f"{where}.adaptive: AdaKV shares a compression ratio's budget; give compression_ratios")
+    if "adaptive_safeguard" in block and not block.get("adaptive"):
+        raise KvsweepError(f"{where}.adaptive_safeguard: only with adaptive: true (AdaKV's budget)")
     try:
         resolved = method.resolve(0.0 if method.takes_threshold else None, settings)
     except KvsweepError as err:
@@ -296,6 +317,9 @@ def _validate_method(name: str, block: dict) -> dict:
         checked["target_densities"] = targets
     if ratios:
         checked["compression_ratios"] = ratios
+    for key in ("adaptive", "adaptive_safeguard"):
+        if key in block:
+            checked[key] = block[key]
     for setting in method.settings:
         if not setting.model_level and setting.name != method.sweep:
             checked[setting.name] = resolved[setting.name]

@@ -20,6 +20,11 @@ METHOD_ENTRY_KEYS = (
     ("methods.<name>.compression_ratios", "", "kvpress's budgets (0 <= r < 1: the share of the context evicted, per "
      "KV head, lowest scores first, as kvpress's `ScorerPress`), for methods with a score; evaluated by the tasks in "
      "kvpress's protocol only, each in `<task>/<name>/ratio_<r>/` (docs/methods.md, \"Two protocols\")"),
+    ("methods.<name>.adaptive", "`false`", "with `compression_ratios`: AdaKV's budget (kvpress `AdaKVPress`): a layer's "
+     "heads share it, the lowest scores over all of them evicted; an entry of its own beside the per-head one "
+     "(`knorm_ada: {type: knorm, adaptive: true, ...}`)"),
+    ("methods.<name>.adaptive_safeguard", "0.2", "with `adaptive: true`: the share of its budget each head keeps at "
+     "least (AdaKV's alpha)"),
     ("methods.<name>.<setting>", "the method's", "any setting of the entry's method (the methods table); "
      "`kvzap_surrogate` and `kvzap_type` are given under `model:`"),
 )  # fmt: skip
