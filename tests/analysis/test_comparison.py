@@ -176,3 +176,34 @@ def test_methods_whose_points_do_not_spread_along_the_axis_are_left_out():
     assert sorted(left_out) == ["one_point_twice", "streaming_llm"]
     assert "64: 0" in left_out["streaming_llm"] and "compare on kv_density" in left_out["streaming_llm"]
     assert sorted(not_along_the_axis(rows, "kv_density")) == ["one_point_twice"]
+
+
+def test_a_methods_compression_ratios_are_a_curve_of_their_own(tmp_path):
+    """kvpress's fixed budgets are another policy than the method's thresholds: comparison.csv
+    compares `<method>@ratio` as a method of its own, and the thresholds' curve does not pass
+    through the ratio's point (adding a ratio leaves the thresholds' comparison as it was)."""
+    frame = synthetic({"h2o": {0.2: 0.02, 0.6: 0.01}, "kvzap": {0.3: 0.02, 0.7: 0.01}, "h2o_ratio": {0.4: 0.05}},
+                      {"h2o": noise(9), "kvzap": noise(10), "h2o_ratio": noise(11)})  # fmt: skip
+
+    def write(frame, folder):
+        paths = []
+        for (method, value), group in frame.groupby(["method", frame.value.fillna("none")]):
+            name, value = ("h2o", "ratio_0.5") if method == "h2o_ratio" else (method, value)
+            path = tmp_path / folder / "perplexity_kvpress" / name / value / "shard000.jsonl"
+            path.parent.mkdir(parents=True)
+            path.write_text(
+                "".join(json.dumps(r) + "\n" for r in group.drop(columns=["method", "value"]).to_dict("records"))
+            )
+            paths.append(str(path))
+        out = [str(tmp_path / folder / name) for name in ("c.csv", "a.csv", "c.md")]
+        kvsweep("comparison", "--inputs", *paths, "--grid", "0.5", "--length-buckets", "--output-csv", out[0],
+                "--output-auc-csv", out[1], "--output-md", out[2], "--n-resamples", "200", "--task",
+                "perplexity_kvpress")  # fmt: skip
+        return pd.read_csv(out[0])
+
+    with_ratio = write(frame, "with")
+    without = write(frame[frame.method != "h2o_ratio"], "without")
+    pairs = set(zip(with_ratio.method_a, with_ratio.method_b, strict=True))
+    assert ("h2o@ratio", "kvzap") in pairs and ("h2o", "h2o@ratio") in pairs
+    thresholds = with_ratio[(with_ratio.method_a == "h2o") & (with_ratio.method_b == "kvzap")]
+    pd.testing.assert_frame_equal(thresholds.reset_index(drop=True), without.reset_index(drop=True))

@@ -424,3 +424,16 @@ def test_lowest_scored_with_a_safeguard_is_the_slow_selection():
             expected = set(others[: 4 * (n - n_kept)])
             found = {(h, j) for h, j in torch.nonzero(chosen[b]).tolist()}
             assert found == expected
+
+
+def test_a_fixed_ratio_is_refused_while_streaming(model):
+    """kvpress's budget is over a whole context, decided once: a stream never holds one."""
+    from kvsweep.engine.generate import stream_generate
+
+    press = knorm(-3.0, 0, 0)
+    press.fixed_ratio = 0.5
+    documents = random_documents([20, 30])
+    with pytest.raises(ValueError, match="use compress_once"):
+        stream_nll(model, documents, chunk_size=4, press=press)
+    with pytest.raises(ValueError, match="use compress_once"):
+        stream_generate(model, documents, max_new_tokens=2, chunk_size=4, press=press)

@@ -343,20 +343,18 @@ def test_compression_ratios_are_kvpress_budgets_in_canonical_spelling():
 
 
 @pytest.mark.parametrize(
-    ("tasks", "methods", "message"),
+    ("methods", "message"),
     [
-        (None, {"h2o": {"compression_ratios": [1]}}, "methods.h2o.compression_ratios[0]: 1 is not a compression ratio in [0, 1)"),
-        (None, {"h2o": {"compression_ratios": [-0.1]}}, "is not a compression ratio in [0, 1)"),
-        (None, {"h2o": {"compression_ratios": ["half"]}}, "'half' is not a compression ratio"),
-        (None, {"h2o": {"compression_ratios": [0.5, "5e-1"]}}, "methods.h2o.compression_ratios lists 0.5 twice"),
-        (None, {"streaming_llm": {"compression_ratios": [0.5]}}, "('compression_ratios' was unexpected)"),
-        (None, {"h2o": {"compression_ratios": []}}, "methods.h2o.compression_ratios"),
+        ({"h2o": {"compression_ratios": [1]}}, "methods.h2o.compression_ratios[0]: 1 is not a compression ratio in [0, 1)"),
+        ({"h2o": {"compression_ratios": [-0.1]}}, "is not a compression ratio in [0, 1)"),
+        ({"h2o": {"compression_ratios": ["half"]}}, "'half' is not a compression ratio"),
+        ({"h2o": {"compression_ratios": [0.5, "5e-1"]}}, "methods.h2o.compression_ratios lists 0.5 twice"),
+        ({"streaming_llm": {"compression_ratios": [0.5]}}, "('compression_ratios' was unexpected)"),
+        ({"h2o": {"compression_ratios": []}}, "methods.h2o.compression_ratios"),
     ],
 )  # fmt: skip
-def test_bad_compression_ratios_name_the_key(tasks, methods, message):
+def test_bad_compression_ratios_name_the_key(methods, message):
     config = with_kvpress_task(**methods)
-    if tasks:
-        config["tasks"] = tasks
     with pytest.raises(KvsweepError) as err:
         validate_config(config)
     assert message in str(err.value)

@@ -134,15 +134,16 @@ def test_demo_runs_both_protocols_side_by_side(demo_run):
         # kvpress's budget: half of each context evicted per KV head, beside the thresholds.
         ratios = table[table.swept == "compression_ratio"]
         assert sorted(ratios.method) == ["h2o", "kvzap"] and set(ratios.value) == {"ratio_0.5"}
+        shard = results / "data" / task / "shard000.jsonl"
+        context_lengths = {doc["id"]: doc.get("context_length") for doc in map(json.loads, shard.open())}
         for line in map(json.loads, (results / task / "kvzap" / "ratio_0.5" / "shard000.jsonl").open()):
-            n = (
-                line["n_tokens"] - config["perplexity_kvpress"]["continuation_tokens"]
-                if task == "perplexity_kvpress"
-                else None
-            )
-            if n is not None:  # sinks 4 and the window 32 are kept first
-                per_head = max(0, min(n - max(1, int(n * 0.5)), n - 4 - 32))
-                assert set(line["evicted_per_layer"]) == {per_head * kv_heads}
+            if task == "perplexity_kvpress":
+                n = line["n_tokens"] - config["perplexity_kvpress"]["continuation_tokens"]
+            else:
+                n = context_lengths[line["id"]]
+            # Sinks 4 and the window 32 are kept first; nothing after the context is evicted.
+            per_head = max(0, min(n - max(1, int(n * 0.5)), n - 4 - 32))
+            assert set(line["evicted_per_layer"]) == {per_head * kv_heads}
     line = json.loads((results / "data/summarization_kvpress/shard000.jsonl").read_text().splitlines()[0])
     assert line["context"].startswith("You are given a report") and line["question"].endswith("Summary:")
     assert 0 < line["context_length"] < len(line["input_ids"])

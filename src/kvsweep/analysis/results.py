@@ -160,6 +160,19 @@ def densities(group: "pd.DataFrame") -> dict:  # noqa: F821
     }
 
 
+# A method's compression ratios (kvpress's fixed budgets) are another policy than its thresholds:
+# comparisons and figures draw them as a curve of their own, `<method>@ratio`.
+RATIO_CURVE = "{}@ratio"
+
+
+def curve_names(table: "pd.DataFrame") -> "pd.Series":  # noqa: F821
+    """Each row's curve: its method, or `<method>@ratio` for a compression ratio (`swept`)."""
+    if "swept" not in table:
+        return table.method
+    at_ratio = table.swept.fillna("") == "compression_ratio"
+    return table.method.where(~at_ratio, table.method.map(RATIO_CURVE.format))
+
+
 def ordered(table: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
     """Baseline first, then by method, each method's thresholds (or windows) by value, then its
     compression ratios by value."""

@@ -15,7 +15,7 @@ import torch
 from kvsweep.engine.layout import BatchLayout
 from kvsweep.engine.passes import open_passes, whole_chunks
 from kvsweep.engine.press import StreamingThresholdPress
-from kvsweep.engine.stream_nll import mask_only_press, right_padded_ids
+from kvsweep.engine.stream_nll import right_padded_ids, streaming_press
 
 
 @torch.inference_mode()
@@ -42,7 +42,7 @@ def stream_generate(
     input_ids = right_padded_ids(prompts, width, device)
 
     # The baseline needs the masked attention too, to hide the padding between prompt and answer.
-    press = press if press is not None else mask_only_press(reuse)
+    press = streaming_press(press, reuse)
     layout = BatchLayout.right_padded(prompts, capacity, device)
     layout.max_gap = width - int(min(len(p) for p in prompts))
     rows = torch.arange(batch, device=device)

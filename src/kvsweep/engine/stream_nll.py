@@ -54,7 +54,7 @@ def stream_nll(
 
     nll = torch.zeros(batch, dtype=torch.float64, device=device)
     layout = BatchLayout.right_padded(documents, cache_slots(width, chunk_size, key_bucket), device)
-    press = press if press is not None else mask_only_press(reuse)
+    press = streaming_press(press, reuse)
     with press(model):
         passes = open_passes(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock, reuse)
         for start, end, positions, logits in passes.stream(input_ids, lengths, width, chunk_size):
@@ -98,6 +98,16 @@ def right_padded_ids(documents: list[list[int]], width: int, device) -> torch.Te
     for row, doc in enumerate(documents):
         input_ids[row, : len(doc)] = torch.tensor(doc, device=device)
     return input_ids
+
+
+def streaming_press(press: StreamingThresholdPress | None, reuse: ReusablePasses | None) -> StreamingThresholdPress:
+    """The press a stream runs: the one given, or the baseline's. A fixed ratio is refused: it is
+    kvpress's budget over a whole context, decided once (`compress_once`), which a stream never holds."""
+    if press is not None and press.fixed_ratio is not None:
+        raise ValueError(
+            "a fixed ratio (kvpress's compression_ratio) compresses a whole context once: use compress_once"
+        )
+    return press if press is not None else mask_only_press(reuse)
 
 
 def mask_only_press(reuse: ReusablePasses | None) -> StreamingThresholdPress:

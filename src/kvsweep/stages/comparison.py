@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from kvsweep.analysis.comparison import DEFAULT_GRID, compare_methods, markdown, not_along_the_axis
-from kvsweep.analysis.results import baseline_of, load_results, read_calibrations
+from kvsweep.analysis.results import baseline_of, curve_names, load_results, read_calibrations
 from kvsweep.core.io import atomic_path
 from kvsweep.study.config import check_bootstrap
 from kvsweep.study.tasks import get_task
@@ -50,6 +50,7 @@ def per_document_losses(results: pd.DataFrame, task: str) -> pd.DataFrame:
 def run(options: ComparisonOptions):
     check_bootstrap(options.n_resamples, options.confidence, options.seed)
     rows = per_document_losses(load_results(options.inputs, options.task, documents=options.documents), options.task)
+    rows["method"] = curve_names(rows)  # a method's compression ratios: a curve of their own
     left_out = not_along_the_axis(rows, options.density)
     for method, why in left_out.items():
         print(f"comparison: {method} left out: {why}", file=sys.stderr)

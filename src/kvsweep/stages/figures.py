@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from kvsweep.analysis.figures import plot_quality_vs_density, save_figure
+from kvsweep.analysis.results import curve_names
 from kvsweep.core.errors import KvsweepError
 from kvsweep.study.tasks import get_task
 
@@ -40,6 +41,7 @@ def run(options: FiguresOptions) -> None:
     quality = [task.difference, f"{task.difference}_ci_low", f"{task.difference}_ci_high", task.quality]
     table = read_table(options.summary, ["method", "value", options.density, *quality], f"a {task.name} summary.csv",
                        dtype={"value": str})  # fmt: skip
+    table["method"] = curve_names(table)  # a method's compression ratios: a line of their own
     comparison = None
     if options.comparison:
         columns = ["method_a", "method_b", "length_bucket", "density", "difference", "difference_ci_low",

@@ -153,7 +153,8 @@ def validate_config(config: dict, schema_path=SCHEMA) -> dict:
 def adaptive_safeguard(config: dict, name: str) -> float | None:
     """An entry's AdaKV safeguard (kvpress's default 0.2), or None for a budget per head."""
     block = config["methods"][name]
-    return block.get("adaptive_safeguard", ADAKV_SAFEGUARD) if block.get("adaptive") else None
+    # (as a float: 1 and 1.0 are one job's params)
+    return float(block.get("adaptive_safeguard", ADAKV_SAFEGUARD)) if block.get("adaptive") else None
 
 
 def unused_compression_ratios(config: dict) -> list[str]:
