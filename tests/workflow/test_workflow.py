@@ -203,11 +203,16 @@ def test_demo_compares_the_methods_at_equal_density(demo_run):
         folder = workdir / "results" / "demo" / task
         points = pd.read_csv(folder / "comparison.csv")
         pairs = list(dict.fromkeys(zip(points.method_a, points.method_b, strict=True)))
-        assert pairs == [("h2o", "kvzap")]
-        assert set(points.verdict) <= {"h2o better", "kvzap better", "no significant difference"}
+        if task.endswith("_kvpress"):  # kvpress's budgets (ratio 0.5) are curves of their own
+            assert pairs[0] == ("h2o", "kvzap") and ("h2o@ratio", "kvzap@ratio") in pairs and len(pairs) == 6
+        else:
+            assert pairs == [("h2o", "kvzap")]
+        for a, b, verdict in zip(points.method_a, points.method_b, points.verdict, strict=True):
+            assert verdict in {f"{a} better", f"{b} better", "no significant difference"}
         assert (points.difference_ci_low <= points.difference_ci_high).all()
-        assert {0.3, 0.6} <= set(points.density)  # the targets, reached by both on the evaluated documents
-        assert len(pd.read_csv(folder / "comparison_auc.csv")) == 1
+        both = points[(points.method_a == "h2o") & (points.method_b == "kvzap")]
+        assert {0.3, 0.6} <= set(both.density)  # the targets, reached by both on the evaluated documents
+        assert len(pd.read_csv(folder / "comparison_auc.csv")) == len(pairs)
         assert "Area under the quality-loss curve" in (folder / "comparison.md").read_text()
 
 
