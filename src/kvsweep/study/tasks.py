@@ -6,7 +6,7 @@ tables and figures name their quality. What each task does (prepares, runs, scor
 Adding a task: docs/contributing.md.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvsweep.core.errors import KvsweepError
 from kvsweep.core.settings import Setting
@@ -80,46 +80,33 @@ SUMMARIZATION = Task(
 
 # kvpress's protocol (`kvsweep.engine.compress_once`): the numbers kvpress's pipeline and the
 # papers measured with it report, beside the streaming ones.
-PERPLEXITY_KVPRESS = Task(
+# Each is its streaming twin with another name, protocol, description and settings (and the
+# shard fields kvpress's split records).
+PERPLEXITY_KVPRESS = replace(
+    PERPLEXITY,
     name="perplexity_kvpress",
     description=(
         "kvpress's protocol: the report but its last continuation_tokens prefilled whole and compressed once, "
         "then the NLL of those last tokens"
     ),
-    shard_fields=PERPLEXITY.shard_fields,
-    result_fields=PERPLEXITY.result_fields,
-    length_field="n_tokens",
-    difference="delta_nll",
-    difference_label="ΔNLL vs baseline (nats/token)",
-    quality="ppl",
     quality_label="perplexity of the continuation",
-    loss_unit="nats per token",
-    summary_columns=PERPLEXITY.summary_columns,
     settings=(Setting("continuation_tokens", 128, "the report's last tokens, scored after the rest is compressed",
                       minimum=1),),
     protocol="kvpress",
 )  # fmt: skip
-SUMMARIZATION_KVPRESS = Task(
+SUMMARIZATION_KVPRESS = replace(
+    SUMMARIZATION,
     name="summarization_kvpress",
     description=(
         "kvpress's protocol: the GovReport prompt's context (instructions and report) prefilled whole and "
         "compressed once, then its question and greedy generation; ROUGE"
     ),
     shard_fields=("id", "input_ids", "context_length", "context", "question", "references"),
-    result_fields=SUMMARIZATION.result_fields,
-    length_field="n_prompt_tokens",
-    difference=SUMMARIZATION.difference,
-    difference_label=SUMMARIZATION.difference_label,
-    quality=SUMMARIZATION.quality,
-    quality_label=SUMMARIZATION.quality_label,
-    loss_unit=SUMMARIZATION.loss_unit,
-    summary_columns=SUMMARIZATION.summary_columns,
     settings=(
         SUMMARIZATION.settings[0],
         Setting("decoding", False, "keep evicting after the context, while decoding (DMSPress(decoding=True))",
                 kind=bool, minimum=None),
     ),
-    reads_summary_field=True,
     protocol="kvpress",
 )  # fmt: skip
 
