@@ -43,7 +43,7 @@ from kvsweep.study.config import (  # noqa: E402
     validate_config,
 )
 from kvsweep.study.shards import calibration_offset, documents_per_shard, n_shards, surrogate_offset  # noqa: E402
-from kvsweep.study.tasks import all_tasks, get_task  # noqa: E402
+from kvsweep.study.tasks import all_tasks, get_task, kvpress_protocol_tasks  # noqa: E402
 
 
 def _stop(message, what="invalid config"):
@@ -120,7 +120,7 @@ _unused = unused_compression_ratios(config)
 if _unused and workflow.is_main_process:
     print(
         f"kvsweep: the compression_ratios of {', '.join(_unused)} are not evaluated: they are kvpress's budgets, "
-        "for the tasks in kvpress's protocol (perplexity_kvpress, summarization_kvpress), and tasks lists none.",
+        f"for the tasks in kvpress's protocol ({', '.join(kvpress_protocol_tasks())}), and tasks lists none.",
         file=sys.stderr,
     )
 

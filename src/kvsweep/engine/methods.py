@@ -6,6 +6,7 @@ Adding a method: a declaration in `kvsweep.study.methods`, a scorer in `kvsweep.
 and its builder here (docs/contributing.md)."""
 
 import math
+from dataclasses import replace
 
 from kvsweep.engine.press import StreamingThresholdPress
 from kvsweep.engine.scorers import (
@@ -93,10 +94,7 @@ def build_press(
         if method.ratio_only:
             raise ValueError(f"{method.name} decides with a compression ratio only (kvpress's protocol)")
         return builder(threshold, **settings) if method.takes_threshold else builder(**settings)
-    if not method.takes_threshold or not 0 <= compression_ratio < 1:
-        raise ValueError(f"{method.name}: no fixed ratio {compression_ratio!r} (a scored method, a ratio in [0, 1))")
-    if adaptive_safeguard is not None and not 0 <= adaptive_safeguard <= 1:
-        raise ValueError(f"{method.name}: no adaptive safeguard {adaptive_safeguard!r} (a share in [0, 1])")
-    press = builder(-math.inf, **settings)
-    press.fixed_ratio, press.adaptive_safeguard = compression_ratio, adaptive_safeguard
-    return press
+    if not method.takes_threshold:
+        raise ValueError(f"{method.name}: no score to keep the top of at a fixed ratio")
+    # (replace: the press checks the ratio and the safeguard as it is made)
+    return replace(builder(-math.inf, **settings), fixed_ratio=compression_ratio, adaptive_safeguard=adaptive_safeguard)

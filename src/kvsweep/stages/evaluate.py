@@ -38,7 +38,7 @@ from kvsweep.stages.model_jobs import (
 )
 from kvsweep.study.methods import get_method
 from kvsweep.study.methods.kvzap import default_surrogate
-from kvsweep.study.tasks import all_tasks, get_task
+from kvsweep.study.tasks import get_task, kvpress_protocol_tasks
 from kvsweep.tasks import Evaluation, work_of
 
 
@@ -142,9 +142,9 @@ def check_compression_ratio(options: "EvaluateOptions", task) -> float:
     if not get_method(options.method).takes_threshold:
         raise KvsweepError(f"--compression-ratio: method '{options.method}' has no score to keep the top of")
     if task.protocol != "kvpress":
-        kvpress_tasks = ", ".join(name for name, t in all_tasks().items() if t.protocol == "kvpress")
         raise KvsweepError(
-            f"--compression-ratio is kvpress's budget, for the tasks in kvpress's protocol ({kvpress_tasks}); "
+            f"--compression-ratio is kvpress's budget, for the tasks in kvpress's protocol "
+            f"({', '.join(kvpress_protocol_tasks())}); "
             f"task {task.name} streams"
         )
     if options.task_settings.get("decoding"):

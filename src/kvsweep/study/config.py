@@ -16,7 +16,7 @@ from kvsweep.core.paths import canonical_local_path, names_a_local_path
 from kvsweep.core.thresholds import canonical_threshold
 from kvsweep.study.methods import Method, all_methods, get_method
 from kvsweep.study.shards import MAX_SHARDS, documents_per_shard, n_shards
-from kvsweep.study.tasks import all_tasks
+from kvsweep.study.tasks import all_tasks, kvpress_protocol_tasks
 
 # Shipped inside the package, so that validation works from any install (workflow/schemas/ links here).
 # kvpress's AdaKVPress default: the share of its budget each head keeps at least.
@@ -161,7 +161,7 @@ def unused_compression_ratios(config: dict) -> list[str]:
     """The entries whose compression ratios no task evaluates: kvpress's budgets are evaluated by
     the tasks in kvpress's protocol only (the workflow says so when it plans; a study may drop
     those tasks for a while without editing its methods)."""
-    if any(all_tasks()[task].protocol == "kvpress" for task in config["tasks"]):
+    if set(kvpress_protocol_tasks()) & set(config["tasks"]):
         return []
     return [name for name, block in config["methods"].items() if block.get("canonical_ratios")]
 

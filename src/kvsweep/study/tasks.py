@@ -117,6 +117,11 @@ def all_tasks() -> dict[str, Task]:
     return TASKS
 
 
+def kvpress_protocol_tasks() -> list[str]:
+    """The tasks in kvpress's protocol: those that evaluate compression ratios."""
+    return [name for name, task in TASKS.items() if task.protocol == "kvpress"]
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KvsweepError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
