@@ -35,9 +35,8 @@ def upstream_stream(model, ids, chunk, press):
     return float(total)
 
 
-def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens, question_ids=None, decoding=True):
-    """kvpress's generation pipeline: one prefill of the context, then the question (default: the
-    context's first 16 tokens) and decoding; with DMSPress(KVzap) unless `threshold` is None."""
+def kvpress_text_pipeline(model):
+    """kvpress's generation pipeline over `model`, fed token ids (its tokenizer only decodes)."""
     from kvpress.pipeline import KVPressTextGenerationPipeline
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -45,7 +44,13 @@ def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens, quest
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     )
-    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    return KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+
+
+def kvpress_pipeline(model, surrogate, threshold, context_ids, new_tokens, question_ids=None, decoding=True):
+    """kvpress's generation pipeline: one prefill of the context, then the question (default: the
+    context's first 16 tokens) and decoding; with DMSPress(KVzap) unless `threshold` is None."""
+    pipe = kvpress_text_pipeline(model)
     question = context_ids[:, :16] if question_ids is None else question_ids
     press = None if threshold is None else upstream_kvzap_press(model, surrogate, threshold, decoding)
 

@@ -25,7 +25,7 @@ import torch
 
 from kvsweep.engine.compress_once import compress_once_generate, kvpress_evicted_per_layer
 
-from anchors import kvpress_pipeline
+from anchors import kvpress_pipeline, kvpress_text_pipeline
 from gpu_throughput import build_model, kvsweep_press, new_report, timed
 
 
@@ -161,14 +161,7 @@ def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
 def kvpress_run(model, context, question, new_tokens, press):
     """kvpress's pipeline's `_forward` on one context and question with `press`, into a given
     cache (which it leaves holding the compressed context); returns the greedy token ids."""
-    from kvpress.pipeline import KVPressTextGenerationPipeline
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    )
-    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    pipe = kvpress_text_pipeline(model)
     answers = []
     # The generated ids, read where the pipeline decodes them to text.
     pipe.tokenizer.decode = lambda ids, **_: answers.append([int(t) for t in ids]) or ""
