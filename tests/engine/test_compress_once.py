@@ -208,28 +208,55 @@ def test_without_eviction_the_loss_is_the_streamed_documents(model):
 RATIOS = [("knorm", 0.3), ("knorm", 0.75), ("kvzap", 0.5)]
 
 
-@pytest.mark.parametrize("name,ratio", RATIOS)
-def test_a_fixed_ratio_keeps_what_kvpress_scorer_press_keeps(demo, surrogate, name, ratio):
+def ratio_press(model, name: str, given: dict, ratio: float, safeguard: float | None = None):
+    """kvsweep's press for method `name` with settings `given` at a fixed ratio (AdaKV's budget
+    with `safeguard`), ready for `model`."""
     from kvsweep.engine.methods import build_press
     from kvsweep.study.methods import get_method
 
-    model, tokenizer, pipe = demo
     method = get_method(name)
-    given = {"sliding_window": 0, "sinks": 0, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})}
-    press = build_press(method, None, method.resolve(0.0, given), compression_ratio=ratio)
+    press = build_press(method, None, method.resolve(0.0, given), compression_ratio=ratio, adaptive_safeguard=safeguard)
     press.post_init_from_model(model)
+    return press
+
+
+def beside_kvpress_pipeline(demo, press, upstream, kvpress_pipe=None):
+    """kvsweep's greedy answers to three demo contexts, batched, with `press`, each beside the
+    answer of kvpress's pipeline (`kvpress_pipe`, default the demo's) with a fresh `upstream()`:
+    per context, (context ids, question ids, kvsweep's result, its text, kvpress's text, the entries
+    kvpress masked per layer)."""
+    model, tokenizer, pipe = demo
     contexts = contexts_of([60, 95, 130])
     ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
     eos = {model.generation_config.eos_token_id}
     ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
-    kv_heads = model.config.num_key_value_heads
-    for context, (context_ids, _), result in zip(contexts, ids, ours, strict=True):
-        upstream = kvpress_press(name, 0.0, 0, False, surrogate, model).press  # the scorer itself
-        upstream.compression_ratio = ratio
-        answer = pipe(context, question=QUESTION, press=upstream, max_new_tokens=NEW_TOKENS)["answer"]
-        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
-        n = len(context_ids)
-        evicted = (n - max(1, int(n * (1 - ratio)))) * kv_heads  # kvpress.utils.compute_n_kept
+    for context, (context_ids, question_ids), result in zip(contexts, ids, ours, strict=True):
+        answer = (kvpress_pipe or pipe)(context, question=QUESTION, press=upstream(), max_new_tokens=NEW_TOKENS)
+        text = tokenizer.decode(result["generated_ids"], skip_special_tokens=True)
+        yield context_ids, question_ids, result, text, answer["answer"], kvpress_evicted_per_layer(model)
+
+
+def evicted_at_ratio(n: int, ratio: float, kv_heads: int) -> int:
+    """The entries kvpress's ScorerPress evicts from a layer of n positions (`kvpress.utils.compute_n_kept`)."""
+    return (n - max(1, int(n * (1 - ratio)))) * kv_heads
+
+
+def kvpress_scorer(name: str, ratio: float, surrogate: str, model):
+    """kvpress's scorer press for `name` (KnormPress, KVzapPress with the test's surrogate) at `ratio`."""
+    scorer = kvpress_press(name, 0.0, 0, False, surrogate, model).press
+    scorer.compression_ratio = ratio
+    return scorer
+
+
+@pytest.mark.parametrize("name,ratio", RATIOS)
+def test_a_fixed_ratio_keeps_what_kvpress_scorer_press_keeps(demo, surrogate, name, ratio):
+    model = demo[0]
+    given = {"sliding_window": 0, "sinks": 0, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})}
+    press = ratio_press(model, name, given, ratio)
+    upstream = lambda: kvpress_scorer(name, ratio, surrogate, model)  # noqa: E731
+    for context_ids, _, result, text, answer, _ in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        evicted = evicted_at_ratio(len(context_ids), ratio, model.config.num_key_value_heads)
         assert result["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers and evicted > 0
 
 
@@ -262,16 +289,11 @@ def test_lowest_scored_is_the_slow_selection():
 def test_a_fixed_ratio_batch_gives_what_each_document_gives_alone_and_ratio_0_evicts_nothing(
     demo, surrogate, name, settings
 ):
-    from kvsweep.engine.methods import build_press
-    from kvsweep.study.methods import get_method
-
     model, _, pipe = demo
-    method = get_method(name)
-    resolved = method.resolve(0.0, {**settings, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})})
+    given = {**settings, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})}
     ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts_of([40, 120, 75])]
     contexts, questions = [c for c, _ in ids], [q for _, q in ids]
-    press = build_press(method, None, resolved, compression_ratio=0.6)
-    press.post_init_from_model(model)
+    press = ratio_press(model, name, given, 0.6)
     together = compress_once_generate(model, contexts, questions, NEW_TOKENS, press)
     for context, question, batched in zip(contexts, questions, together, strict=True):
         alone = compress_once_generate(model, [context], [question], NEW_TOKENS, press)[0]
@@ -282,8 +304,7 @@ def test_a_fixed_ratio_batch_gives_what_each_document_gives_alone_and_ratio_0_ev
         assert batched["evicted_per_layer"] == [per_head * model.config.num_key_value_heads] * len(
             batched["evicted_per_layer"]
         )
-    nothing = build_press(method, None, resolved, compression_ratio=0.0)
-    nothing.post_init_from_model(model)
+    nothing = ratio_press(model, name, given, 0.0)
     plain = compress_once_generate(model, contexts, questions, NEW_TOKENS)
     for a, b in zip(plain, compress_once_generate(model, contexts, questions, NEW_TOKENS, nothing), strict=True):
         assert a["generated_ids"] == b["generated_ids"] and b["kv_kept"] == b["kv_total"]
@@ -298,26 +319,14 @@ def test_snapkv_keeps_what_kvpress_snapkv_press_keeps(demo, ratio, window_size, 
     alone."""
     from kvpress import SnapKVPress
 
-    from kvsweep.engine.methods import build_press
-    from kvsweep.study.methods import get_method
-
-    model, tokenizer, pipe = demo
-    method = get_method("snapkv")
-    settings = method.resolve(0.0, {"window_size": window_size, "kernel_size": kernel_size})
-    press = build_press(method, None, settings, compression_ratio=ratio)
-    press.post_init_from_model(model)
-    contexts = contexts_of([60, 95, 130])
-    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
-    eos = {model.generation_config.eos_token_id}
-    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
-    kv_heads = model.config.num_key_value_heads
-    for context, (context_ids, question_ids), result in zip(contexts, ids, ours, strict=True):
-        upstream = SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)
-        answer = pipe(context, question=QUESTION, press=upstream, max_new_tokens=NEW_TOKENS)["answer"]
-        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
-        n = len(context_ids)
-        evicted = (n - max(1, int(n * (1 - ratio)))) * kv_heads
+    model = demo[0]
+    press = ratio_press(model, "snapkv", {"window_size": window_size, "kernel_size": kernel_size}, ratio)
+    upstream = lambda: SnapKVPress(compression_ratio=ratio, window_size=window_size, kernel_size=kernel_size)  # noqa: E731
+    for context_ids, question_ids, result, text, answer, _ in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        evicted = evicted_at_ratio(len(context_ids), ratio, model.config.num_key_value_heads)
         assert result["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers and evicted > 0
+        eos = {model.generation_config.eos_token_id}
         alone = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS, press, eos_token_ids=eos)
         assert alone[0] == result
 
@@ -330,8 +339,7 @@ def test_snapkv_refuses_a_context_no_longer_than_its_window_and_a_threshold(demo
     model, _, pipe = demo
     method = get_method("snapkv")
     settings = method.resolve(0.0, {"window_size": 64})
-    press = build_press(method, None, settings, compression_ratio=0.5)
-    press.post_init_from_model(model)
+    press = ratio_press(model, "snapkv", {"window_size": 64}, 0.5)
     context, question = pipeline_ids(pipe, contexts_of([30])[0], QUESTION)
     assert len(context) <= 64
     with pytest.raises(KvsweepError, match=f"a context of {len(context)} tokens is not longer than window_size 64"):
@@ -348,27 +356,15 @@ def test_h2o_at_a_fixed_ratio_keeps_what_kvpress_observed_attention_press_keeps(
     masked attention): at a compression ratio, with no window and no sinks, the same tokens."""
     from kvpress import ObservedAttentionPress
 
-    from kvsweep.engine.methods import build_press
-    from kvsweep.study.methods import get_method
-
-    model, tokenizer, pipe = demo
+    model, tokenizer, _ = demo
     eager = AutoModelForCausalLM.from_pretrained(str(BUNDLED_MODEL), dtype=torch.float32, attn_implementation="eager")
     eager_pipe = pipeline("kv-press-text-generation", model=eager.eval(), tokenizer=tokenizer, device="cpu")
-    method = get_method("h2o")
-    press = build_press(method, None, method.resolve(0.0, {"local_window": 0, "sinks": 0}), compression_ratio=ratio)
-    press.post_init_from_model(model)
-    contexts = contexts_of([60, 95, 130])
-    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
-    eos = {model.generation_config.eos_token_id}
-    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
-    for context, (context_ids, _), result in zip(contexts, ids, ours, strict=True):
-        upstream = ObservedAttentionPress(compression_ratio=ratio)
-        answer = eager_pipe(context, question=QUESTION, press=upstream, max_new_tokens=NEW_TOKENS)["answer"]
-        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
-        n = len(context_ids)
-        assert set(result["evicted_per_layer"]) == {
-            (n - max(1, int(n * (1 - ratio)))) * model.config.num_key_value_heads
-        }
+    press = ratio_press(model, "h2o", {"local_window": 0, "sinks": 0}, ratio)
+    upstream = lambda: ObservedAttentionPress(compression_ratio=ratio)  # noqa: E731
+    for context_ids, _, result, text, answer, _ in beside_kvpress_pipeline(demo, press, upstream, eager_pipe):
+        assert text == answer
+        evicted = evicted_at_ratio(len(context_ids), ratio, model.config.num_key_value_heads)
+        assert set(result["evicted_per_layer"]) == {evicted}
 
 
 @pytest.mark.parametrize("name,ratio,safeguard", [("knorm", 0.5, 0.2), ("knorm", 0.75, 0.0), ("kvzap", 0.6, 0.5)])
@@ -381,22 +377,14 @@ def test_an_adaptive_ratio_keeps_what_kvpress_adakv_press_keeps(demo, surrogate,
     from kvsweep.engine.methods import build_press
     from kvsweep.study.methods import get_method
 
-    model, tokenizer, pipe = demo
-    method = get_method(name)
+    model = demo[0]
     given = {"sliding_window": 0, "sinks": 0, **({"kvzap_surrogate": surrogate} if name == "kvzap" else {})}
-    press = build_press(method, None, method.resolve(0.0, given), compression_ratio=ratio, adaptive_safeguard=safeguard)
-    press.post_init_from_model(model)
-    contexts = contexts_of([60, 95, 130])
-    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts]
-    eos = {model.generation_config.eos_token_id}
-    ours = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], NEW_TOKENS, press, eos_token_ids=eos)
-    for context, result in zip(contexts, ours, strict=True):
-        scorer = kvpress_press(name, 0.0, 0, False, surrogate, model).press
-        scorer.compression_ratio = ratio
-        answer = pipe(context, question=QUESTION, press=AdaKVPress(scorer, alpha_safeguard=safeguard),
-                      max_new_tokens=NEW_TOKENS)["answer"]  # fmt: skip
-        assert tokenizer.decode(result["generated_ids"], skip_special_tokens=True) == answer
-        assert result["evicted_per_layer"] == kvpress_evicted_per_layer(model)
+    press = ratio_press(model, name, given, ratio, safeguard)
+    upstream = lambda: AdaKVPress(kvpress_scorer(name, ratio, surrogate, model), alpha_safeguard=safeguard)  # noqa: E731
+    for _, _, result, text, answer, masked in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        assert result["evicted_per_layer"] == masked
+    method = get_method(name)
     with pytest.raises(ValueError, match="shares a compression ratio's budget"):
         build_press(method, 0.0, method.resolve(0.0, given), adaptive_safeguard=safeguard)
 
