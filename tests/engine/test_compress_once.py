@@ -215,7 +215,8 @@ def ratio_press(model, name: str, given: dict, ratio: float, safeguard: float | 
     from kvsweep.study.methods import get_method
 
     method = get_method(name)
-    press = build_press(method, None, method.resolve(0.0, given), compression_ratio=ratio, adaptive_safeguard=safeguard)
+    resolved = method.resolve(0.0 if method.takes_threshold else None, given)
+    press = build_press(method, None, resolved, compression_ratio=ratio, adaptive_safeguard=safeguard)
     press.post_init_from_model(model)
     return press
 
@@ -365,6 +366,106 @@ def test_h2o_at_a_fixed_ratio_keeps_what_kvpress_observed_attention_press_keeps(
         assert text == answer
         evicted = evicted_at_ratio(len(context_ids), ratio, model.config.num_key_value_heads)
         assert set(result["evicted_per_layer"]) == {evicted}
+
+
+@pytest.mark.parametrize("ratio,sinks", [(0.3, 4), (0.8, 4), (0.5, 0)])
+def test_streaming_llm_at_a_fixed_ratio_keeps_what_kvpress_streaming_llm_press_keeps(demo, ratio, sinks):
+    """At a compression ratio StreamingLLM's order is recency: its sinks and the most recent
+    positions the budget leaves are kept, whatever window its streaming entry sweeps, as kvpress's
+    `StreamingLLMPress` keeps them: the same tokens, the same count per layer, and a batch gives what
+    each document gives alone."""
+    from kvpress import StreamingLLMPress
+
+    model = demo[0]
+    press = ratio_press(model, "streaming_llm", {"sinks": sinks}, ratio)
+    assert press.sliding_window_size == 0
+    upstream = lambda: StreamingLLMPress(compression_ratio=ratio, n_sink=sinks)  # noqa: E731
+    eos = {model.generation_config.eos_token_id}
+    for context_ids, question_ids, result, text, answer, _ in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        evicted = evicted_at_ratio(len(context_ids), ratio, model.config.num_key_value_heads)
+        assert result["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers and evicted > 0
+        alone = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS, press, eos_token_ids=eos)
+        assert alone[0] == result
+
+
+def test_streaming_llm_at_a_fixed_ratio_evicts_the_oldest_after_the_sinks(demo):
+    """The positions evicted are [sinks, sinks + n_pruned), those kvpress's `StreamingLLMPress`
+    scores 0: the continuation's loss equals the model's own forward over a cache with exactly those
+    masked (kvpress's masked-key attention)."""
+    model, _, pipe = demo
+    context, _ = pipeline_ids(pipe, contexts_of([80])[0], QUESTION)
+    continuation = context[-10:]
+    context = context[:-10]
+    n, ratio, sinks = len(context), 0.6, 4
+    n_pruned = n - max(1, int(n * (1 - ratio)))
+    result = compress_once_nll(
+        model, [context], [continuation], ratio_press(model, "streaming_llm", {"sinks": sinks}, ratio)
+    )[0]
+    heads = model.config.num_key_value_heads
+    pruned = torch.arange(sinks, sinks + n_pruned).repeat(heads)
+    masked = (torch.zeros_like(pruned), torch.arange(heads).repeat_interleave(n_pruned), pruned)
+    cache = DynamicCache()
+    with torch.no_grad():
+        first = model(torch.tensor([context]), past_key_values=cache).logits[0, -1:]
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = masked
+        try:
+            logits = model(torch.tensor([continuation[:-1]]), past_key_values=cache).logits[0]
+        finally:
+            for layer in model.model.layers:
+                layer.self_attn.masked_key_indices = None
+    target = torch.tensor(continuation)
+    reference = torch.nn.functional.cross_entropy(torch.cat([first, logits]), target, reduction="sum")
+    assert result["nll_sum"] == pytest.approx(float(reference), rel=1e-5)
+    assert result["evicted_per_layer"] == [n_pruned * heads] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_expected_attention_at_a_fixed_ratio_keeps_what_kvpress_expected_attention_press_keeps(demo, ratio):
+    """In kvpress's protocol the statistics of the queries are those of the context's one pass
+    (its first `sinks` left out), as kvpress's `ExpectedAttentionPress` takes them: with no window,
+    the same tokens and the same count evicted per layer."""
+    from kvpress import ExpectedAttentionPress
+
+    model = demo[0]
+    press = ratio_press(model, "expected_attention", {"sliding_window": 0, "sinks": 4}, ratio)
+    upstream = lambda: ExpectedAttentionPress(compression_ratio=ratio, n_sink=4)  # noqa: E731
+    for context_ids, _, result, text, answer, _ in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        evicted = evicted_at_ratio(len(context_ids), ratio, model.config.num_key_value_heads)
+        assert result["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers and evicted > 0
+
+
+@pytest.mark.parametrize("threshold,window", [(0.02, 8), (0.1, 16)])
+def test_expected_attention_at_a_threshold_is_kvpress_dms_press_around_it(demo, threshold, window):
+    """`DMSPress(ExpectedAttentionPress)` evicts the context's positions whose score is below the
+    threshold: the same tokens and the same entries masked per layer. With `decoding=True` kvpress
+    fails at the first decoding step (kvpress 0.5.5: `ExpectedAttentionPress.score` asserts that the
+    pass holds more than `n_sink` keys, and a decoding pass holds one); kvsweep's keeps deciding,
+    with the statistics of every query so far."""
+    from kvpress import ExpectedAttentionPress
+
+    from kvsweep.engine.methods import expected_attention
+
+    model, _, pipe = demo
+    press = expected_attention(threshold, window, 4, 512, True, True)
+    press.post_init_from_model(model)
+    upstream = lambda: DMSPress(ExpectedAttentionPress(n_sink=4), threshold=threshold, sliding_window_size=window)  # noqa: E731
+    results = []
+    for context_ids, question_ids, result, text, answer, masked in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        assert result["evicted_per_layer"] == masked and sum(masked) > 0
+        results.append((context_ids, question_ids, result))
+    context_ids, question_ids, prefill_only = results[0]
+    decoding = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS, press, decoding=True)[0]
+    assert sum(decoding["evicted_per_layer"]) > sum(prefill_only["evicted_per_layer"])
+    upstream_decoding = DMSPress(
+        ExpectedAttentionPress(n_sink=4), threshold=threshold, sliding_window_size=window, decoding=True
+    )
+    with pytest.raises(AssertionError, match="more tokens than n_sink=4"):
+        pipe(contexts_of([60])[0], question=QUESTION, press=upstream_decoding, max_new_tokens=NEW_TOKENS)
+    kvpress_evicted_per_layer(model)
 
 
 @pytest.mark.parametrize("name,ratio,safeguard", [("knorm", 0.5, 0.2), ("knorm", 0.75, 0.0), ("kvzap", 0.6, 0.5)])

@@ -175,11 +175,11 @@ BAD = [
     ("methods.h2o.sinks", 2.5, "methods.h2o.sinks: 2.5 is not of type 'integer'"),
     ("methods.expected_attention", {"thresholds": [0.1], "use_vnorm": "yes"}, "methods.expected_attention.use_vnorm: 'yes' is not of type 'boolean'"),
     ("methods.kvzap.kvzap_type", "mlp", "methods.kvzap: Additional properties are not allowed ('kvzap_type' was unexpected)"),
-    ("methods.streaming_llm", {"thresholds": [0.1]}, "methods.streaming_llm: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: sinks, sliding_windows, type)"),
+    ("methods.streaming_llm", {"thresholds": [0.1]}, "methods.streaming_llm: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: compression_ratios, sinks, sliding_windows, type)"),
     ("methods.streaming_llm", {"sliding_windows": [64, 64.0]}, "methods.streaming_llm.sliding_windows lists 64 twice (as 64 and 64.0)"),
     ("methods.streaming_llm", {"sliding_windows": [64, 6.5]}, "methods.streaming_llm.sliding_windows[1]: 6.5 is not of type 'integer'"),
     ("methods.streaming_llm", {"sliding_windows": [64, 64]}, "methods.streaming_llm.sliding_windows lists 64 twice"),
-    ("methods.streaming_llm", {"sinks": 4}, "methods.streaming_llm: 'streaming_llm' needs sliding_windows"),
+    ("methods.streaming_llm", {"sinks": 4}, "methods.streaming_llm: 'streaming_llm' needs sliding_windows or compression_ratios (either)"),
     ("methods.random", {"thresholds": [0.5], "seed": "x"}, "methods.random.seed: 'x' is not of type 'integer'"),
     ("methods.random", {"thresholds": [0.5], "seed": 2**32}, "methods.random.seed: 4294967296 is greater than the maximum of 4294967295"),
     ("methods.h2o_list", {"type": ["h2o"], "thresholds": [1]}, "methods.h2o_list.type: ['h2o'] is not a method name"),
@@ -349,7 +349,7 @@ def test_compression_ratios_are_kvpress_budgets_in_canonical_spelling():
         ({"h2o": {"compression_ratios": [-0.1]}}, "is not a compression ratio in [0, 1)"),
         ({"h2o": {"compression_ratios": ["half"]}}, "'half' is not a compression ratio"),
         ({"h2o": {"compression_ratios": [0.5, "5e-1"]}}, "methods.h2o.compression_ratios lists 0.5 twice"),
-        ({"streaming_llm": {"compression_ratios": [0.5]}}, "('compression_ratios' was unexpected)"),
+        ({"streaming_llm": {"compression_ratios": [0.5], "adaptive": True}}, "('adaptive' was unexpected)"),
         ({"h2o": {"compression_ratios": []}}, "methods.h2o.compression_ratios"),
     ],
 )  # fmt: skip
@@ -392,6 +392,15 @@ def test_snapkv_takes_compression_ratios_only(block, message):
     assert message in str(err.value)
     fine = validate_config(with_kvpress_task(snapkv={"compression_ratios": [0.5]}))["methods"]["snapkv"]
     assert fine["canonical_ratios"] == ["0.5"] and fine["window_size"] == 64
+
+
+def test_streaming_llm_takes_compression_ratios_beside_or_instead_of_its_windows():
+    config = validate_config(with_kvpress_task(streaming_llm={"compression_ratios": [0.5]}))
+    block = config["methods"]["streaming_llm"]
+    assert block["canonical_ratios"] == ["0.5"] and block["canonical_values"] == []
+    both = {"sliding_windows": [64], "compression_ratios": ["5e-1", 0.75]}
+    block = validate_config(with_kvpress_task(streaming_llm=both))["methods"]["streaming_llm"]
+    assert block["canonical_ratios"] == ["0.5", "0.75"] and block["canonical_values"] == ["64"]
 
 
 def test_adaptive_budgets_are_adakv_at_the_compression_ratios():

@@ -127,21 +127,35 @@ def test_a_tokenizer_kvpress_cannot_use_is_one_message():
         kvpress_ids(tokenizer, "a report", GOV_REPORT_QUESTION)
 
 
-@pytest.mark.parametrize("safeguard", [None, 0.3], ids=["per_head", "adakv"])
-def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded_strings(shard, tmp_path, safeguard):
-    from kvpress import AdaKVPress, KnormPress
+def kvpress_ratio_press(method: str, ratio: float, safeguard: float | None):
+    """kvpress's press for the `evaluate` job of `method` at `ratio` in the test below."""
+    from kvpress import AdaKVPress, KnormPress, StreamingLLMPress
 
+    if method == "streaming_llm":
+        return StreamingLLMPress(ratio, n_sink=4)
+    return KnormPress(ratio) if safeguard is None else AdaKVPress(KnormPress(ratio), alpha_safeguard=safeguard)
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "safeguard"),
+    [("knorm", ["--sliding-window", "0", "--sinks", "0"], None), ("knorm", ["--sliding-window", "0", "--sinks", "0"], 0.3),
+     ("streaming_llm", ["--sinks", "4"], None)],
+    ids=["per_head", "adakv", "streaming_llm"],
+)  # fmt: skip
+def test_a_compression_ratio_job_answers_as_kvpress_press_on_the_recorded_strings(
+    shard, tmp_path, method, flags, safeguard
+):
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
     out = tmp_path / "out.jsonl"
     kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16", "--task",
-            "summarization_kvpress", "--max-new-tokens", "16", "--method", "knorm", "--compression-ratio", "0.6",
-            "--sliding-window", "0", "--sinks", "0", "--batch-size", "3", "--output", out,
+            "summarization_kvpress", "--max-new-tokens", "16", "--method", method, "--compression-ratio", "0.6",
+            *flags, "--batch-size", "3", "--output", out,
             *(["--adaptive-safeguard", str(safeguard)] if safeguard is not None else []))  # fmt: skip
     results = {r["id"]: r for r in lines(out)}
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(MODEL))
     for doc in lines(data):
-        press = KnormPress(0.6) if safeguard is None else AdaKVPress(KnormPress(0.6), alpha_safeguard=safeguard)
+        press = kvpress_ratio_press(method, 0.6, safeguard)
         answer = pipe(doc["context"], question=doc["question"], press=press, max_new_tokens=16)["answer"]
         n = doc["context_length"]
         assert results[doc["id"]]["generated"] == answer.strip()
@@ -153,7 +167,10 @@ def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded
     ("flags", "message"),
     [
         (["--task", "summarization_kvpress", "--method", "knorm", "--threshold", "-3"], "two budgets for one job"),
-        (["--task", "summarization_kvpress", "--method", "streaming_llm"], "'streaming_llm' has no score"),
+        (["--task", "summarization_kvpress", "--method", "streaming_llm", "--sliding-window", "64"],
+         "--sliding-window: at a compression ratio, method 'streaming_llm' keeps its sinks and the most recent"),
+        (["--task", "summarization_kvpress", "--method", "streaming_llm", "--adaptive-safeguard", "0.2"],
+         "method 'streaming_llm' shares its budget at a ratio its own way"),
         (["--task", "summarization_kvpress", "--method", "baseline"], "'baseline' has no score"),
         (["--task", "summarization", "--method", "knorm"], "task summarization streams"),
         (["--task", "summarization_kvpress", "--method", "knorm", "--decoding", "true"], "--decoding must be false"),
@@ -163,7 +180,7 @@ def test_a_compression_ratio_job_answers_as_kvpress_scorer_press_on_the_recorded
 )  # fmt: skip
 def test_a_compression_ratio_where_it_means_nothing_is_one_message(shard, tmp_path, capsys, flags, message):
     data = shard / "data" / flags[1] / "shard000.jsonl"
-    ratio = [] if "--adaptive-safeguard" in flags else ["--compression-ratio", "0.5"]
+    ratio = [] if "give --compression-ratio" in message else ["--compression-ratio", "0.5"]
     with pytest.raises(SystemExit):
         kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16",
                 *ratio, *flags, "--output", tmp_path / "o.jsonl")  # fmt: skip

@@ -255,6 +255,25 @@ def test_adding_a_compression_ratio_plans_only_its_kvpress_protocol_jobs(demo_ru
     assert evaluations == [(task, "h2o", "ratio_0.5") for task in kvpress_tasks]
 
 
+def test_streaming_llm_at_compression_ratios_plans_kvpress_protocol_jobs_without_a_window(demo_run):
+    """At a ratio StreamingLLM keeps what the budget leaves of recency: its jobs get the ratio and
+    its sinks, no window (which `evaluate` would refuse beside a ratio)."""
+    workdir, config = demo_run
+    edited = copy.deepcopy(config)
+    edited["methods"]["streaming_llm"] = {"compression_ratios": [0.5], "sinks": 4}
+    path = write_config(workdir, edited, "streaming_ratio.yaml")
+    evaluations = sorted(
+        (w["task"], w["method"], w["value"]) for rule, w in planned_jobs(workdir, path) if rule == "evaluate"
+    )
+    assert evaluations == [
+        (task, "streaming_llm", "ratio_0.5") for task in ("perplexity_kvpress", "summarization_kvpress")
+    ]
+    shell = snakemake(workdir, path, "-n", "--printshellcmds").stdout
+    commands = [line for line in shell.splitlines() if "--method=streaming_llm" in line]
+    assert len(commands) == 2
+    assert all("--compression-ratio=0.5" in c and "--sinks=4" in c and "--sliding-window" not in c for c in commands)
+
+
 def test_adding_a_target_runs_only_its_calibration_and_its_evaluations(demo_run, tmp_path):
     """The plan holds the new target's calibration (its evaluations are planned once it has run:
     their threshold is not known before); the run then evaluates that one threshold only."""

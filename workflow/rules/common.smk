@@ -310,6 +310,8 @@ def method_arguments(method, value):
     settings = method_settings(config, method)
     threshold = None
     if ratio_of_folder(value) is not None:
+        if not runs.takes_threshold:  # the ratio sizes what an order keeps (StreamingLLM): no window
+            settings.pop(runs.sweep, None)
         return options(method=runs.name if runs.name != method else None, compression_ratio=value.removeprefix(RATIO_PREFIX),
                        adaptive_safeguard=adaptive_safeguard(config, method), **settings)  # fmt: skip
     if value != "none" and runs.takes_threshold:

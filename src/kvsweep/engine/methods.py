@@ -94,7 +94,15 @@ def build_press(
         if method.ratio_only:
             raise ValueError(f"{method.name} decides with a compression ratio only (kvpress's protocol)")
         return builder(threshold, **settings) if method.takes_threshold else builder(**settings)
-    if not method.takes_threshold:
+    if not method.takes_ratios:
         raise ValueError(f"{method.name}: no score to keep the top of at a fixed ratio")
+    if adaptive_safeguard is not None and not method.adaptive_budget:
+        raise ValueError(f"{method.name}: its budget at a ratio is its own, not AdaKV's")
+    if method.takes_threshold:
+        press = builder(-math.inf, **settings)
+    else:
+        # The ratio sizes what is kept of the order (StreamingLLM: the most recent positions, as
+        # kvpress's StreamingLLMPress keeps them): the swept setting, a window, protects nothing.
+        press = builder(**{**settings, method.sweep: 0})
     # (replace: the press checks the ratio and the safeguard as it is made)
-    return replace(builder(-math.inf, **settings), fixed_ratio=compression_ratio, adaptive_safeguard=adaptive_safeguard)
+    return replace(press, fixed_ratio=compression_ratio, adaptive_safeguard=adaptive_safeguard)

@@ -126,10 +126,10 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     )  # fmt: skip
 
 
-def check_compression_ratio(options: "EvaluateOptions", task) -> float:
+def check_compression_ratio(options: "EvaluateOptions", task) -> float | None:
     """A compression ratio is kvpress's budget for a scored method in kvpress's protocol, applied
     once to the context; returns the threshold the method is resolved with (-inf, which every
-    scored method accepts; the press does not read it)."""
+    scored method accepts, or None for a method without one; the press does not read it)."""
     ratio = options.compression_ratio
     if ratio is None:
         raise KvsweepError("--adaptive-safeguard shares a compression ratio's budget (AdaKV): give --compression-ratio")
@@ -139,8 +139,19 @@ def check_compression_ratio(options: "EvaluateOptions", task) -> float:
         raise KvsweepError(f"--compression-ratio must lie in [0, 1) (the share of the context evicted), got {ratio}")
     if options.threshold is not None:
         raise KvsweepError("--compression-ratio and --threshold are two budgets for one job: give one")
-    if not get_method(options.method).takes_threshold:
+    method = get_method(options.method)
+    if not method.takes_ratios:
         raise KvsweepError(f"--compression-ratio: method '{options.method}' has no score to keep the top of")
+    if options.adaptive_safeguard is not None and not method.adaptive_budget:
+        raise KvsweepError(
+            f"--adaptive-safeguard: method '{method.name}' shares its budget at a ratio its own way, not as AdaKV"
+        )
+    if method.ranks_at_ratio and options.settings.get(method.sweep) is not None:
+        flag = "--" + method.sweep.replace("_", "-")
+        raise KvsweepError(
+            f"{flag}: at a compression ratio, method '{method.name}' keeps its sinks and the most recent positions "
+            "the ratio leaves (kvpress's budget), not a window: give one of the two"
+        )
     if task.protocol != "kvpress":
         raise KvsweepError(
             f"--compression-ratio is kvpress's budget, for the tasks in kvpress's protocol "
@@ -151,7 +162,7 @@ def check_compression_ratio(options: "EvaluateOptions", task) -> float:
         raise KvsweepError(
             "--compression-ratio compresses the context once: --decoding must be false (a threshold decides while decoding)"
         )
-    return -math.inf
+    return -math.inf if method.takes_threshold else None
 
 
 def planned_batches(documents: list[dict], batch_size: int) -> list[list[dict]]:

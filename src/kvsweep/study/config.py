@@ -227,7 +227,7 @@ def method_block_schema(method: Method) -> dict:
         # text) or "-inf", parsed and checked by kvsweep.core.thresholds; a swept setting is its own type.
         values = {"type": ["number", "string"]} if method.takes_threshold else method.setting(method.sweep).schema()
         properties[method.sweep_key] = {"type": "array", "minItems": 1, "items": values}
-    if method.takes_threshold:
+    if method.takes_ratios:
         properties["compression_ratios"] = {
             "description": "kvpress's budgets (the share of the context evicted, per KV head, lowest scores first), "
             "for the tasks in kvpress's protocol",
@@ -235,6 +235,7 @@ def method_block_schema(method: Method) -> dict:
             "minItems": 1,
             "items": {"type": ["number", "string"]},
         }
+    if method.takes_ratios and method.adaptive_budget:
         properties["adaptive"] = {
             "type": "boolean",
             "description": "AdaKV's budget at the compression ratios (kvpress AdaKVPress): a layer's heads share it",
@@ -298,6 +299,8 @@ def _validate_method(name: str, block: dict) -> dict:
             if method.ratio_only
             else f"{method.sweep_key}, target_densities or compression_ratios (any of them)"
             if method.takes_targets
+            else f"{method.sweep_key} or compression_ratios (either)"
+            if method.takes_ratios
             else method.sweep_key
         )
         raise KvsweepError(f"{where}: '{kind}' needs {needs}")
@@ -332,7 +335,7 @@ def _validate_method(name: str, block: dict) -> dict:
         )
         checked["canonical_values"] = _canonical_list(where, method.sweep_key, values or [], canonical)
         checked["canonical_targets"] = _canonical_list(where, "target_densities", targets or [], _target_density)
-    if method.takes_threshold:
+    if method.takes_ratios:
         checked["canonical_ratios"] = _canonical_list(where, "compression_ratios", ratios or [], _compression_ratio)
     return checked
 

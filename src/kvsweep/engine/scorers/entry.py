@@ -1,5 +1,5 @@
 """Scorers that score a token once, when it enters the cache, from its position alone or its key:
-StreamingLLM (no score: everything outside the sinks and the window goes), random eviction, and
+StreamingLLM (its position: everything outside the sinks and the window goes), random eviction, and
 the key norm (kvpress's `KnormPress`)."""
 
 from dataclasses import dataclass
@@ -15,12 +15,18 @@ from kvsweep.engine.scorers.base import StreamingScorer
 @dataclass
 class StreamingLLMScorer(StreamingScorer, ScorerPress):
     """StreamingLLM (Xiao et al., 2023, https://arxiv.org/abs/2309.17453): attention sinks plus a
-    window of recent tokens, nothing else. Every position scores 0 and the press's threshold is
-    +inf, so each position is evicted when it leaves the window; the sinks are never evicted. The
-    density is set by the window (and the sinks), not by a threshold."""
+    window of recent tokens, nothing else. A position scores its own index and the press's
+    threshold is +inf, so each position is evicted when it leaves the window; the sinks are never
+    evicted. The density is set by the window (and the sinks), not by a threshold. At a fixed ratio
+    (kvpress's protocol) the order is recency: the top of it is the most recent positions, which
+    with the sinks is what kvpress's `StreamingLLMPress` keeps."""
+
+    reads_cache = False
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        return torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+        layout = kwargs["layout"]
+        positions = layout.position.index_select(1, layout.query_slots).float()
+        return positions[:, None, :].expand(-1, module.config.num_key_value_heads, -1)
 
 
 @dataclass

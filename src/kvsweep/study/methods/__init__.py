@@ -51,6 +51,13 @@ class Method:
     # A score that exists only within the context's one pass (SnapKV: the attention of the
     # context's last queries): kvpress's protocol and `compression_ratios` only.
     ratio_only: bool = False
+    # A method without a threshold whose positions still have an order (StreamingLLM: recency),
+    # so a compression ratio keeps the top of it as kvpress's press does.
+    ranks_at_ratio: bool = False
+    # Whether `adaptive: true` (AdaKV's budget, shared by a layer's heads) applies at its ratios:
+    # not where the method shares its budget its own way (KVzip: over every layer and head) or
+    # ranks by position alone (StreamingLLM: every head ranks alike).
+    adaptive_budget: bool = True
     _by_name: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -66,6 +73,11 @@ class Method:
     def sweep_key(self) -> str | None:
         """The config key listing the swept values: thresholds, or e.g. sliding_windows."""
         return None if self.sweep is None else f"{self.sweep}s"
+
+    @property
+    def takes_ratios(self) -> bool:
+        """Whether kvpress's `compression_ratios` apply: a score to keep the top of, or an order."""
+        return self.takes_threshold or self.ranks_at_ratio
 
     @property
     def takes_targets(self) -> bool:
