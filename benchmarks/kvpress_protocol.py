@@ -12,9 +12,13 @@ layer (bf16 scores from different kernels may differ in their last bit, so count
 a few entries; the CPU tests hold them equal in float32).
 
 With `--ratios`: kvpress's fixed budgets at batch 1, no decoding compression: `KnormPress`,
-`AdaKVPress(KnormPress)` and `SnapKVPress` at `compression_ratio` 0.5 beside kvsweep's `knorm`
-(per head, and adaptive with safeguard 0.2) and `snapkv` at the same ratio (no window, no sinks), each side's entries kept per layer (kvpress: its cache's length after the
-run; kvsweep: its counts), and how many of the greedy tokens the two share from the start.
+`AdaKVPress(KnormPress)`, `SnapKVPress`, `ExpectedAttentionPress` and `StreamingLLMPress` at
+`compression_ratio` 0.5 beside kvsweep's `knorm` (per head, and adaptive with safeguard 0.2),
+`snapkv`, `expected_attention` and `streaming_llm` at the same ratio (no window; 4 sinks where
+kvpress's press keeps them), each side's entries kept per layer (kvpress: its cache's length after
+the run; kvsweep: its counts), and how many of the greedy tokens the two share from the start.
+(`KVzipPress` needs the model's tokenizer, which random weights do not have: the CPU tests hold
+kvsweep's `kvzip` to it.)
 """
 
 import argparse
@@ -37,7 +41,7 @@ def main():
     parser.add_argument("--question", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--ratios", action="store_true", help="also kvpress's fixed budgets (knorm, snapkv at 0.5)")
+    parser.add_argument("--ratios", action="store_true", help="also kvpress's fixed budgets (scorer presses at 0.5)")
     parser.add_argument("--ratios-only", action="store_true", help="only kvpress's fixed budgets")
     args = parser.parse_args()
 
@@ -107,7 +111,7 @@ def main():
 
 def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
     """kvpress's ScorerPress budgets beside kvsweep's fixed ratio, batch 1, one context."""
-    from kvpress import AdaKVPress, KnormPress, SnapKVPress
+    from kvpress import AdaKVPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
     from transformers import DynamicCache
 
     from kvsweep.engine.methods import build_press
@@ -121,9 +125,17 @@ def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
         ("knorm", {"sliding_window": 0, "sinks": 0}, None, KnormPress(compression_ratio=ratio)),
         ("knorm", {"sliding_window": 0, "sinks": 0}, 0.2, AdaKVPress(KnormPress(compression_ratio=ratio))),
         ("snapkv", {"window_size": 64, "kernel_size": 5}, None, SnapKVPress(compression_ratio=ratio, window_size=64)),
+        (
+            "expected_attention",
+            {"sliding_window": 0, "sinks": 4},
+            None,
+            ExpectedAttentionPress(compression_ratio=ratio),
+        ),
+        ("streaming_llm", {"sinks": 4}, None, StreamingLLMPress(compression_ratio=ratio)),
     ):
         method = get_method(name)
-        press = build_press(method, None, method.resolve(0.0, settings), ratio, adaptive_safeguard=safeguard)
+        resolved = method.resolve(0.0 if method.takes_threshold else None, settings)
+        press = build_press(method, None, resolved, ratio, adaptive_safeguard=safeguard)
         press.post_init_from_model(model)
 
         def ours(press=press):

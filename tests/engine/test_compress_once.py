@@ -468,6 +468,83 @@ def test_expected_attention_at_a_threshold_is_kvpress_dms_press_around_it(demo, 
     kvpress_evicted_per_layer(model)
 
 
+# (ratio, layerwise, KVzip+, repeat chunk): one budget over the layers, or per layer; contexts
+# replayed whole, or in chunks of 32 and 40 tokens (kvpress's prompt to go on from the last ones).
+KVZIP = [(0.5, False, True, 2048), (0.7, True, False, 40), (0.3, False, True, 32)]
+
+
+@pytest.mark.parametrize("ratio,layerwise,plus,chunk", KVZIP)
+def test_kvzip_keeps_what_kvpress_kvzip_press_keeps(demo, ratio, layerwise, plus, chunk):
+    """kvzip is kvpress's `KVzipPress` run on each context alone, its masked entries masked in
+    kvsweep's cache: the same tokens as kvpress's pipeline and the same entries masked per layer
+    (which differ from layer to layer unless `layerwise`), and a batch gives what each document
+    gives alone."""
+    from kvpress import KVzipPress
+
+    model = demo[0]
+    given = {"layerwise": layerwise, "kvzip_plus": plus, "repeat_chunk": chunk}
+    press = ratio_press(model, "kvzip", given, ratio)
+    upstream = lambda: KVzipPress(  # noqa: E731
+        compression_ratio=ratio, layerwise=layerwise, kvzip_plus_normalization=plus, chunk_size=chunk
+    )
+    eos = {model.generation_config.eos_token_id}
+    layers_differ = False
+    for context_ids, question_ids, result, text, answer, masked in beside_kvpress_pipeline(demo, press, upstream):
+        assert text == answer
+        assert result["evicted_per_layer"] == masked
+        # kvpress's budget: the ratio of every layer's entries, or of all of them at once.
+        entries = len(context_ids) * model.config.num_key_value_heads
+        assert sum(masked) == (int(entries * ratio) * len(masked) if layerwise else int(entries * len(masked) * ratio))
+        layers_differ |= len(set(masked)) > 1
+        alone = compress_once_generate(model, [context_ids], [question_ids], NEW_TOKENS, press, eos_token_ids=eos)
+        assert alone[0] == result
+    assert layers_differ != layerwise
+
+
+def test_kvzip_continuations_loss_is_kvpress_kvzip_masked_cache(demo):
+    """`perplexity_kvpress` with kvzip: the reference is kvpress's `KVzipPress` around the context's
+    pass, then the model's plain forward over the continuation, one token at a time, with the
+    entries KVzipPress masked."""
+    from kvpress import KVzipPress
+
+    model, tokenizer, _ = demo
+    texts = contexts_of([70, 110])
+    contexts = [tokenizer.encode(t)[:-10] for t in texts]
+    continuations = [tokenizer.encode(t)[-10:] for t in texts]
+    ours = compress_once_nll(model, contexts, continuations, ratio_press(model, "kvzip", {}, 0.5))
+    for context, continuation, result in zip(contexts, continuations, ours, strict=True):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            with KVzipPress(compression_ratio=0.5, kvzip_plus_normalization=True)(model):
+                logits = [model(input_ids=torch.tensor([context]), past_key_values=cache).logits[0, -1]]
+            for k, token in enumerate(continuation[:-1]):
+                position = torch.tensor([[len(context) + k]])
+                logits.append(
+                    model(torch.tensor([[token]]), past_key_values=cache, position_ids=position).logits[0, -1]
+                )
+        reference = torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(continuation), reduction="sum")
+        masked = kvpress_evicted_per_layer(model)
+        assert result["evicted_per_layer"] == masked and sum(masked) > 0
+        assert result["nll_sum"] == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_kvzip_decides_at_a_compression_ratio_only_and_from_its_own_passes(demo):
+    from kvsweep.engine.methods import build_press
+    from kvsweep.study.methods import get_method
+
+    model, _, pipe = demo
+    method = get_method("kvzip")
+    with pytest.raises(ValueError, match="compression ratio only"):
+        build_press(method, 0.1, method.resolve(0.0, {}))
+    with pytest.raises(ValueError, match="its own, not AdaKV's"):
+        build_press(method, None, method.resolve(0.0, {}), compression_ratio=0.5, adaptive_safeguard=0.2)
+    press = ratio_press(model, "kvzip", {}, 0.5)
+    context, question = pipeline_ids(pipe, contexts_of([40])[0], QUESTION)
+    press.prepare_contexts = lambda model, contexts: None  # as if nothing ran KVzip's passes
+    with pytest.raises(ValueError, match="prepare_contexts first"):
+        compress_once_generate(model, [context], [question], NEW_TOKENS, press)
+
+
 @pytest.mark.parametrize("name,ratio,safeguard", [("knorm", 0.5, 0.2), ("knorm", 0.75, 0.0), ("kvzap", 0.6, 0.5)])
 def test_an_adaptive_ratio_keeps_what_kvpress_adakv_press_keeps(demo, surrogate, name, ratio, safeguard):
     """AdaKV's budget (kvpress `AdaKVPress` around a scorer): a layer's heads share n_kept per head,

@@ -166,7 +166,7 @@ BAD = [
     ("calibration.tolerance", 0, "calibration.tolerance: 0 is less than or equal to the minimum of 0"),
     ("comparison.density", "density", "comparison.density: 'density' is not allowed (allowed values: kv_density_compressible, kv_density)"),
     ("methods.h2o.thresholds", [], "methods.h2o.thresholds: [] should be non-empty"),
-    ("methods.pyramidkv", {"thresholds": [1]}, "methods.pyramidkv: unknown method 'pyramidkv' (known methods: baseline, kvzap, kvzap_no_sink, h2o, observed_attention, streaming_llm, random, expected_attention, knorm, snapkv; another name needs `type:`)"),
+    ("methods.pyramidkv", {"thresholds": [1]}, "methods.pyramidkv: unknown method 'pyramidkv' (known methods: baseline, kvzap, kvzap_no_sink, h2o, observed_attention, streaming_llm, random, expected_attention, knorm, snapkv, kvzip; another name needs `type:`)"),
     ("methods.h2o_w128", {"type": "h2o_128", "thresholds": [1]}, "methods.h2o_w128.type: unknown method 'h2o_128'"),
     ("methods.baseline", {"thresholds": [1]}, "methods.baseline: Additional properties are not allowed ('thresholds' was unexpected) (allowed keys: type)"),
     ("methods.baseline", {"type": "h2o", "thresholds": [1]}, "methods.baseline: the entry named baseline must be the uncompressed baseline"),
@@ -401,6 +401,25 @@ def test_streaming_llm_takes_compression_ratios_beside_or_instead_of_its_windows
     both = {"sliding_windows": [64], "compression_ratios": ["5e-1", 0.75]}
     block = validate_config(with_kvpress_task(streaming_llm=both))["methods"]["streaming_llm"]
     assert block["canonical_ratios"] == ["0.5", "0.75"] and block["canonical_values"] == ["64"]
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: compression_ratios, kvzip_plus, layerwise, repeat_chunk, sinks, type)"),
+        ({"compression_ratios": [0.5], "adaptive": True}, "('adaptive' was unexpected)"),
+        ({"layerwise": True}, "'kvzip' needs compression_ratios (its score exists in kvpress's protocol only)"),
+        ({"compression_ratios": [0.5], "repeat_chunk": 0}, "methods.kvzip.repeat_chunk"),
+    ],
+)  # fmt: skip
+def test_kvzip_takes_compression_ratios_only(block, message):
+    with pytest.raises(KvsweepError) as err:
+        validate_config(with_kvpress_task(kvzip=block))
+    assert message in str(err.value)
+    fine = validate_config(with_kvpress_task(kvzip={"compression_ratios": [0.5], "layerwise": True}))["methods"][
+        "kvzip"
+    ]
+    assert fine["canonical_ratios"] == ["0.5"] and fine["layerwise"] is True and fine["kvzip_plus"] is True
 
 
 def test_adaptive_budgets_are_adakv_at_the_compression_ratios():

@@ -129,18 +129,20 @@ def test_a_tokenizer_kvpress_cannot_use_is_one_message():
 
 def kvpress_ratio_press(method: str, ratio: float, safeguard: float | None):
     """kvpress's press for the `evaluate` job of `method` at `ratio` in the test below."""
-    from kvpress import AdaKVPress, KnormPress, StreamingLLMPress
+    from kvpress import AdaKVPress, KnormPress, KVzipPress, StreamingLLMPress
 
     if method == "streaming_llm":
         return StreamingLLMPress(ratio, n_sink=4)
+    if method == "kvzip":  # kvsweep's kvzip is KVzip+ unless told otherwise
+        return KVzipPress(ratio, kvzip_plus_normalization=True)
     return KnormPress(ratio) if safeguard is None else AdaKVPress(KnormPress(ratio), alpha_safeguard=safeguard)
 
 
 @pytest.mark.parametrize(
     ("method", "flags", "safeguard"),
     [("knorm", ["--sliding-window", "0", "--sinks", "0"], None), ("knorm", ["--sliding-window", "0", "--sinks", "0"], 0.3),
-     ("streaming_llm", ["--sinks", "4"], None)],
-    ids=["per_head", "adakv", "streaming_llm"],
+     ("streaming_llm", ["--sinks", "4"], None), ("kvzip", [], None)],
+    ids=["per_head", "adakv", "streaming_llm", "kvzip"],
 )  # fmt: skip
 def test_a_compression_ratio_job_answers_as_kvpress_press_on_the_recorded_strings(
     shard, tmp_path, method, flags, safeguard
@@ -159,8 +161,11 @@ def test_a_compression_ratio_job_answers_as_kvpress_press_on_the_recorded_string
         answer = pipe(doc["context"], question=doc["question"], press=press, max_new_tokens=16)["answer"]
         n = doc["context_length"]
         assert results[doc["id"]]["generated"] == answer.strip()
-        evicted = (n - int(n * 0.4)) * model.config.num_key_value_heads
-        assert results[doc["id"]]["evicted_per_layer"] == [evicted] * model.config.num_hidden_layers
+        # kvpress's ScorerPress removes what it evicts; KVzipPress masks it, and says where
+        masked = kvpress_evicted_per_layer(model)
+        per_head = (n - int(n * 0.4)) * model.config.num_key_value_heads
+        evicted = masked if method == "kvzip" else [per_head] * model.config.num_hidden_layers
+        assert results[doc["id"]]["evicted_per_layer"] == evicted and sum(evicted) > 0
 
 
 @pytest.mark.parametrize(

@@ -129,21 +129,28 @@ def test_demo_runs_both_protocols_side_by_side(demo_run):
     kv_heads = load_yaml(results / "demo_assets" / "model" / "config.json")["num_key_value_heads"]
     for task in ("perplexity_kvpress", "summarization_kvpress"):
         table = summary(workdir, task)
-        assert len(table) == 9 and (table.n_docs == 10).all() and (table.protocol == "kvpress").all()
+        assert len(table) == 10 and (table.n_docs == 10).all() and (table.protocol == "kvpress").all()
         assert (table[table.method != "baseline"].kv_density < 1).all()
-        # kvpress's budget: half of each context evicted per KV head, beside the thresholds.
+        # kvpress's budget: half of each context evicted per KV head, beside the thresholds; KVzip's
+        # half of every entry of the context, over all layers and heads at once.
         ratios = table[table.swept == "compression_ratio"]
-        assert sorted(ratios.method) == ["h2o", "kvzap"] and set(ratios.value) == {"ratio_0.5"}
+        assert sorted(ratios.method) == ["h2o", "kvzap", "kvzip"] and set(ratios.value) == {"ratio_0.5"}
         shard = results / "data" / task / "shard000.jsonl"
         context_lengths = {doc["id"]: doc.get("context_length") for doc in map(json.loads, shard.open())}
-        for line in map(json.loads, (results / task / "kvzap" / "ratio_0.5" / "shard000.jsonl").open()):
+
+        def context_length(line, task=task, context_lengths=context_lengths):
             if task == "perplexity_kvpress":
-                n = line["n_tokens"] - config["perplexity_kvpress"]["continuation_tokens"]
-            else:
-                n = context_lengths[line["id"]]
+                return line["n_tokens"] - config["perplexity_kvpress"]["continuation_tokens"]
+            return context_lengths[line["id"]]
+
+        for line in map(json.loads, (results / task / "kvzap" / "ratio_0.5" / "shard000.jsonl").open()):
+            n = context_length(line)
             # Sinks 4 and the window 32 are kept first; nothing after the context is evicted.
             per_head = max(0, min(n - max(1, int(n * 0.5)), n - 4 - 32))
             assert set(line["evicted_per_layer"]) == {per_head * kv_heads}
+        for line in map(json.loads, (results / task / "kvzip" / "ratio_0.5" / "shard000.jsonl").open()):
+            entries = context_length(line) * kv_heads * len(line["evicted_per_layer"])
+            assert sum(line["evicted_per_layer"]) == int(entries * 0.5)
     line = json.loads((results / "data/summarization_kvpress/shard000.jsonl").read_text().splitlines()[0])
     assert line["context"].startswith("You are given a report") and line["question"].endswith("Summary:")
     assert 0 < line["context_length"] < len(line["input_ids"])
@@ -204,7 +211,9 @@ def test_demo_compares_the_methods_at_equal_density(demo_run):
         points = pd.read_csv(folder / "comparison.csv")
         pairs = list(dict.fromkeys(zip(points.method_a, points.method_b, strict=True)))
         if task.endswith("_kvpress"):  # kvpress's budgets (ratio 0.5) are curves of their own
-            assert pairs[0] == ("h2o", "kvzap") and ("h2o@ratio", "kvzap@ratio") in pairs and len(pairs) == 6
+            # (five curves: h2o, kvzap, and h2o, kvzap and kvzip, KVzap's oracle, at the ratio)
+            assert pairs[0] == ("h2o", "kvzap") and ("h2o@ratio", "kvzap@ratio") in pairs and len(pairs) == 10
+            assert {"kvzap@ratio", "kvzip@ratio"} in [set(pair) for pair in pairs]
         else:
             assert pairs == [("h2o", "kvzap")]
         for a, b, verdict in zip(points.method_a, points.method_b, points.verdict, strict=True):
@@ -447,7 +456,7 @@ def test_dropping_a_task_or_editing_its_fields_reruns_only_that_task(demo_run):
     assert sorted(rule for rule, _ in jobs if rule != "evaluate") == sorted(
         ["comparison", "document_list", "figures", "prepare", "score"] * 2 + ["protocols"]
     )
-    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 16  # 7 streaming; 7 and 2 ratios in kvpress's
+    assert len([rule for rule, _ in jobs if rule == "evaluate"]) == 17  # 7 streaming; 7 and 3 ratios in kvpress's
 
 
 def test_replacing_the_surrogate_reruns_only_the_methods_that_read_it(demo_run, tmp_path):

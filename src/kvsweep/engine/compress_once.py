@@ -119,6 +119,7 @@ def compress_once_generate(
     layout, width_context, width_follow = _layout(contexts, questions, max_new_tokens, device)
     rows = torch.arange(batch, device=device)
     answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device, keep_first=True)
+    press.prepare_contexts(model, contexts)
     with press(model):
         passes, _, logits, count = _prefill(
             model, layout, press, contexts, questions, width_context, width_follow, decoding, cuda_graphs, clock
@@ -164,6 +165,7 @@ def compress_once_nll(
     press = press if press is not None else StreamingThresholdPress.mask_only()
     # The continuation's pass reads its own tokens; the logits of its last token predict nothing.
     layout, width_context, width_follow = _layout(contexts, continuations, 0, device)
+    press.prepare_contexts(model, contexts)
     with press(model):
         _, context_last, follow, _ = _prefill(
             model, layout, press, contexts, continuations, width_context, width_follow, False, cuda_graphs, clock

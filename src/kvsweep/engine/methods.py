@@ -14,6 +14,7 @@ from kvsweep.engine.scorers import (
     H2OScorer,
     KnormScorer,
     KVzapScorer,
+    KVzipScorer,
     RandomScorer,
     SnapKVScorer,
     StreamingLLMScorer,
@@ -62,6 +63,14 @@ def snapkv(threshold: float, window_size: int, kernel_size: int):
     return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=0, sinks=0)
 
 
+def kvzip(threshold: float, sinks: int, layerwise: bool, kvzip_plus: bool, repeat_chunk: int):
+    # KVzipPress protects its own sinks and decides from its own passes (KVzipScorer): nothing here.
+    scorer = KVzipScorer(
+        layerwise=layerwise, n_sink=sinks, kvzip_plus_normalization=kvzip_plus, chunk_size=repeat_chunk
+    )
+    return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=0, sinks=0)
+
+
 # Method family -> builder of its press (the baseline has none: no compression).
 BUILDERS = {
     "kvzap": kvzap,
@@ -71,6 +80,7 @@ BUILDERS = {
     "expected_attention": expected_attention,
     "knorm": knorm,
     "snapkv": snapkv,
+    "kvzip": kvzip,
 }
 
 

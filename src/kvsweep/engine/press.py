@@ -79,6 +79,12 @@ class StreamingThresholdPress(DMSPress):
         if self.press is not None:
             self.press.post_init_from_model(model)
 
+    def prepare_contexts(self, model: nn.Module, contexts: list[list[int]]) -> None:
+        """Before the context's pass in kvpress's protocol, outside the press's hooks: a scorer that
+        selects at a fixed ratio from passes of its own over each context (KVzip) runs them."""
+        if self.press is not None and self.fixed_ratio is not None:
+            self.press.prepare_contexts(model, contexts, self.fixed_ratio)
+
     @property
     def scores_on_entry(self) -> bool:
         return self.press is not None and self.press.scores_on_entry
@@ -169,6 +175,13 @@ class StreamingThresholdPress(DMSPress):
             return output
         position = layout.position[:, lo:hi]
         evicted = state.evicted[:, :, lo:hi]
+        if self.fixed_ratio is not None and self.press.selects_at_ratio:
+            # The scorer chose the entries itself (KVzip: one budget over every layer and head).
+            evicted |= _deciding(position, layout, self.sinks, window)[:, None, :] & self.press.selected(
+                module, position
+            )
+            state.decided_once = True
+            return output
         if self.scores_on_entry:
             scores = state.entry_scores[:, :, lo:hi]
         elif self.accumulates_attention:
@@ -206,11 +219,7 @@ class StreamingThresholdPress(DMSPress):
                 evicted, scores, position, layout.tokens_before, layout.tokens_after, self.sinks, window, self.threshold
             )
             return output
-        deciding = (
-            (position >= self.sinks)
-            & (position >= (layout.tokens_before - window)[:, None])
-            & (position < (layout.tokens_after - window)[:, None])
-        )
+        deciding = _deciding(position, layout, self.sinks, window)
         if self.fixed_ratio is None:
             evicted |= deciding[:, None, :] & (scores < self.threshold)
         else:
@@ -295,6 +304,16 @@ def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str,
         "kv_total_compressible": compressible.sum(1) * n_entries,
         "kv_kept_compressible": compressible.sum(1) * n_entries - (evicted * compressible).sum(1),
     }
+
+
+def _deciding(position: torch.Tensor, layout: BatchLayout, sinks: int, window: int) -> torch.Tensor:
+    """(batch, slots): the positions this pass decides, tokens_before - W <= p < tokens_after - W,
+    the sinks excepted."""
+    return (
+        (position >= sinks)
+        & (position >= (layout.tokens_before - window)[:, None])
+        & (position < (layout.tokens_after - window)[:, None])
+    )
 
 
 def _attention_modules(model):

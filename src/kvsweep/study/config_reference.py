@@ -18,11 +18,14 @@ METHOD_ENTRY_KEYS = (
     ("methods.<name>.target_densities", "", "compressible KV densities (0 < d < 1) to reach; each gets a calibrated "
      "threshold (methods that sweep a threshold; docs/configuration.md, \"Stating a study in target densities\")"),
     ("methods.<name>.compression_ratios", "", "kvpress's budgets (0 <= r < 1: the share of the context evicted, per "
-     "KV head, lowest scores first, as kvpress's `ScorerPress`), for methods with a score; evaluated by the tasks in "
-     "kvpress's protocol only, each in `<task>/<name>/ratio_<r>/` (docs/methods.md, \"Two protocols\")"),
+     "KV head, lowest scores first, as kvpress's `ScorerPress`), for methods with a score and `streaming_llm` (its "
+     "sinks and the most recent positions, as kvpress's `StreamingLLMPress`); `kvzip` shares one budget over every "
+     "layer and head, as kvpress's `KVzipPress`. Evaluated by the tasks in kvpress's protocol only, each in "
+     "`<task>/<name>/ratio_<r>/` (docs/methods.md, \"Two protocols\")"),
     ("methods.<name>.adaptive", "`false`", "with `compression_ratios`: AdaKV's budget (kvpress `AdaKVPress`): a layer's "
      "heads share it, the lowest scores over all of them evicted; an entry of its own beside the per-head one "
-     "(`knorm_ada: {type: knorm, adaptive: true, ...}`)"),
+     "(`knorm_ada: {type: knorm, adaptive: true, ...}`); not for `streaming_llm` and `kvzip`, whose budgets are "
+     "their own"),
     ("methods.<name>.adaptive_safeguard", "0.2", "with `adaptive: true`: the share of its budget each head keeps at "
      "least (AdaKV's alpha)"),
     ("methods.<name>.<setting>", "the method's", "any setting of the entry's method (the methods table); "

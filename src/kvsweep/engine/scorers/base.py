@@ -17,6 +17,10 @@ and from what the press takes the score:
   Attention's running query statistics).
 - `reads_cache`: a scorer on entry reads the pass's keys and values (False: the hidden states
   only, and the press gathers none).
+- `selects_at_ratio`: at a fixed ratio the scorer chooses the evicted entries itself, from passes
+  of its own over each context that `prepare_contexts(model, contexts, ratio)` runs before the
+  context's pass (KVzip: one budget over every layer and head); `selected(module, position)`
+  gives them.
 
 `allocate(module, layout)` returns what the scorer keeps per layer for a batch (passed back as
 `kwargs["scorer_state"]`), or None. `score_into` and `decides_in_kernel` let the engine run a
@@ -40,6 +44,10 @@ class StreamingScorer:
     accumulates_attention: ClassVar[bool] = False
     observes_queries: ClassVar[bool] = False
     reads_cache: ClassVar[bool] = True
+    selects_at_ratio: ClassVar[bool] = False
+
+    def prepare_contexts(self, model: nn.Module, contexts: list[list[int]], ratio: float) -> None:
+        """Before the context's pass at a fixed ratio, outside the press's hooks (`selects_at_ratio`)."""
 
     def allocate(self, module: nn.Module, layout) -> object | None:
         """What the scorer keeps for one layer over a batch laid out as `layout` (None: nothing)."""
@@ -70,9 +78,15 @@ class PressScorer(StreamingScorer):
 
     def __init__(self, press: ScorerPress):
         self.press = press
-        for trait in ("scores_on_entry", "accumulates_attention", "observes_queries", "reads_cache"):
+        for trait in (
+            "scores_on_entry",
+            "accumulates_attention",
+            "observes_queries",
+            "reads_cache",
+            "selects_at_ratio",
+        ):
             setattr(self, trait, getattr(press, trait, getattr(StreamingScorer, trait)))
-        for hook in ("allocate", "observe", "score_into", "decides_in_kernel"):
+        for hook in ("allocate", "observe", "score_into", "decides_in_kernel", "prepare_contexts", "selected"):
             if callable(getattr(press, hook, None)):
                 setattr(self, hook, getattr(press, hook))
 

@@ -14,6 +14,7 @@ FILES = (
     "expected_attention",
     "knorm",
     "snapkv",
+    "kvzip",
 )
 
 METHODS: dict[str, Method] = {}

@@ -1,0 +1,67 @@
+"""KVzip in kvpress's protocol: kvpress's own `KVzipPress` decides, for each document of a batch."""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from kvpress import KVzipPress
+from transformers import DynamicCache
+
+from kvsweep.engine.scorers.base import StreamingScorer
+
+
+@dataclass
+class KVzipScorer(StreamingScorer, KVzipPress):
+    """KVzip (Kim et al. 2025, https://arxiv.org/abs/2505.23416): an entry matters as much as the
+    model attends to it while it reconstructs its context. With `kvzip_plus_normalization`, KVzip+
+    (KVzap, arXiv 2601.07891): the attention divided by the norm of the query's hidden state and
+    multiplied by ||W_o v||, the score a KVzap surrogate learns to predict.
+
+    Run as kvpress runs it, on each context of a batch alone (`prepare_contexts`): kvpress's
+    `KVzipPress` prefills the context into a cache of its own, replays it `chunk_size` tokens at a
+    time after a request to repeat it, scores each entry by the most attention a replayed query of
+    its KV group pays it, and masks the lowest at `compression_ratio` over every layer and head at
+    once (per layer with `layerwise`), the first `n_sink` never. kvsweep then masks the same entries
+    in its own cache on the context's pass (`selects_at_ratio`). The cost: one prefill more than
+    kvpress's pipeline (kvsweep's own), besides KVzip's replay (about twice a prefill)."""
+
+    scores_on_entry: ClassVar[bool] = False
+    selects_at_ratio: ClassVar[bool] = True
+    # Per document of the batch being prepared: (layers, KV heads, context length), True where
+    # kvpress's KVzipPress masks the entry.
+    _masked: list = field(default_factory=list, init=False, repr=False)
+
+    def prepare_contexts(self, model, contexts: list[list[int]], ratio: float) -> None:
+        self.compression_ratio = ratio
+        layers = model.model.layers
+        heads = model.config.get_text_config().num_key_value_heads
+        self._masked = []
+        for ids in contexts:
+            masked = torch.zeros(len(layers), heads, len(ids), dtype=torch.bool, device=model.device)
+            try:
+                with torch.inference_mode(), self(model):
+                    # (keyword arguments: KVzipPress reads them to find the context and its cache)
+                    model.model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
+                for i, layer in enumerate(layers):
+                    indices = getattr(layer.self_attn, "masked_key_indices", None)
+                    if indices is not None:
+                        masked[i, indices[1].to(masked.device), indices[2].to(masked.device)] = True
+            finally:
+                for layer in layers:  # what kvpress's attention would read on the next pass
+                    layer.self_attn.masked_key_indices = None
+            self._masked.append(masked)
+
+    def selected(self, module, position: torch.Tensor) -> torch.Tensor:
+        """(batch, KV heads, slots): the entries KVzipPress masked, at the slots' `position`s."""
+        if len(self._masked) != position.shape[0]:
+            raise ValueError("KVzip decides from kvpress's passes over each context: prepare_contexts first")
+        chosen = torch.zeros(position.shape[0], self._masked[0].shape[1], position.shape[1], dtype=torch.bool)
+        chosen = chosen.to(position.device)
+        for b, masked in enumerate(self._masked):
+            layer = masked[module.layer_idx].to(position.device)
+            inside = (position[b] >= 0) & (position[b] < layer.shape[-1])
+            chosen[b] = layer[:, position[b].clamp(0, layer.shape[-1] - 1)] & inside
+        return chosen
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        raise ValueError("KVzip has no score of its own here: it selects at a compression ratio (selected)")
