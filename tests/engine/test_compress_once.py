@@ -528,6 +528,23 @@ def test_kvzip_continuations_loss_is_kvpress_kvzip_masked_cache(demo):
         assert result["nll_sum"] == pytest.approx(float(reference), rel=1e-5)
 
 
+def test_kvzip_loads_the_tokenizer_once_for_a_batch(demo, monkeypatch):
+    """KVzipPress loads the model's tokenizer on each call; a kvzip press loads it once, and leaves
+    kvpress's module as it found it."""
+    import kvpress.presses.kvzip_press as kvzip_module
+    from transformers import AutoTokenizer as loader
+
+    model, _, pipe = demo
+    loads = []
+    load = loader.from_pretrained
+    monkeypatch.setattr(loader, "from_pretrained", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
+    ids = [pipeline_ids(pipe, context, QUESTION) for context in contexts_of([40, 60, 80])]
+    press = ratio_press(model, "kvzip", {}, 0.5)
+    results = compress_once_generate(model, [c for c, _ in ids], [q for _, q in ids], 2, press)
+    assert len(loads) == 1 and all(sum(r["evicted_per_layer"]) > 0 for r in results)
+    assert kvzip_module.AutoTokenizer is loader
+
+
 def test_kvzip_decides_at_a_compression_ratio_only_and_from_its_own_passes(demo):
     from kvsweep.engine.methods import build_press
     from kvsweep.study.methods import get_method

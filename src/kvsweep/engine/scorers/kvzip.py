@@ -1,8 +1,10 @@
 """KVzip in kvpress's protocol: kvpress's own `KVzipPress` decides, for each document of a batch."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import kvpress.presses.kvzip_press as kvzip_press
 import torch
 from kvpress import KVzipPress
 from transformers import DynamicCache
@@ -30,26 +32,54 @@ class KVzipScorer(StreamingScorer, KVzipPress):
     # Per document of the batch being prepared: (layers, KV heads, context length), True where
     # kvpress's KVzipPress masks the entry.
     _masked: list = field(default_factory=list, init=False, repr=False)
+    # The tokenizers KVzipPress asked for, by name (it loads the model's on every call).
+    _tokenizers: dict = field(default_factory=dict, init=False, repr=False)
 
     def prepare_contexts(self, model, contexts: list[list[int]], ratio: float) -> None:
         self.compression_ratio = ratio
         layers = model.model.layers
         heads = model.config.get_text_config().num_key_value_heads
         self._masked = []
-        for ids in contexts:
-            masked = torch.zeros(len(layers), heads, len(ids), dtype=torch.bool, device=model.device)
-            try:
-                with torch.inference_mode(), self(model):
-                    # (keyword arguments: KVzipPress reads them to find the context and its cache)
-                    model.model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
-                for i, layer in enumerate(layers):
-                    indices = getattr(layer.self_attn, "masked_key_indices", None)
-                    if indices is not None:
-                        masked[i, indices[1].to(masked.device), indices[2].to(masked.device)] = True
-            finally:
-                for layer in layers:  # what kvpress's attention would read on the next pass
-                    layer.self_attn.masked_key_indices = None
-            self._masked.append(masked)
+        with self._tokenizer_loaded_once():
+            for ids in contexts:
+                self._masked.append(self._kvpress_masks(model, ids, layers, heads))
+
+    def _kvpress_masks(self, model, ids: list[int], layers, heads: int) -> torch.Tensor:
+        """(layers, KV heads, len(ids)): the entries kvpress's KVzipPress masks in the context `ids`."""
+        masked = torch.zeros(len(layers), heads, len(ids), dtype=torch.bool, device=model.device)
+        try:
+            with torch.inference_mode(), self(model):
+                # (keyword arguments: KVzipPress reads them to find the context and its cache)
+                model.model(input_ids=torch.tensor([ids], device=model.device), past_key_values=DynamicCache())
+            for i, layer in enumerate(layers):
+                indices = getattr(layer.self_attn, "masked_key_indices", None)
+                if indices is not None:
+                    masked[i, indices[1].to(masked.device), indices[2].to(masked.device)] = True
+        finally:
+            for layer in layers:  # what kvpress's attention would read on the next pass
+                layer.self_attn.masked_key_indices = None
+        return masked
+
+    @contextmanager
+    def _tokenizer_loaded_once(self):
+        """KVzipPress reads and parses the model's tokenizer files on each call, once per context
+        here: for the duration, its module's `AutoTokenizer` hands out the one this scorer loaded
+        first."""
+        loader = kvzip_press.AutoTokenizer
+        loaded = self._tokenizers
+
+        class LoadedOnce:
+            @staticmethod
+            def from_pretrained(name, *args, **kwargs):
+                if name not in loaded:
+                    loaded[name] = loader.from_pretrained(name, *args, **kwargs)
+                return loaded[name]
+
+        kvzip_press.AutoTokenizer = LoadedOnce
+        try:
+            yield
+        finally:
+            kvzip_press.AutoTokenizer = loader
 
     def selected(self, module, position: torch.Tensor) -> torch.Tensor:
         """(batch, KV heads, slots): the entries KVzipPress masked, at the slots' `position`s."""
