@@ -546,6 +546,7 @@ def test_kvzip_loads_the_tokenizer_once_for_a_batch(demo, monkeypatch):
 
 
 def test_kvzip_decides_at_a_compression_ratio_only_and_from_its_own_passes(demo):
+    from kvsweep.core.errors import KvsweepError
     from kvsweep.engine.methods import build_press
     from kvsweep.study.methods import get_method
 
@@ -557,6 +558,8 @@ def test_kvzip_decides_at_a_compression_ratio_only_and_from_its_own_passes(demo)
         build_press(method, None, method.resolve(0.0, {}), compression_ratio=0.5, adaptive_safeguard=0.2)
     press = ratio_press(model, "kvzip", {}, 0.5)
     context, question = pipeline_ids(pipe, contexts_of([40])[0], QUESTION)
+    with pytest.raises(KvsweepError, match="kvpress's KVzipPress does not run on Linear"):
+        press.press.prepare_contexts(torch.nn.Linear(2, 2), [context], 0.5)
     press.prepare_contexts = lambda model, contexts: None  # as if nothing ran KVzip's passes
     with pytest.raises(ValueError, match="prepare_contexts first"):
         compress_once_generate(model, [context], [question], NEW_TOKENS, press)

@@ -7,8 +7,9 @@ from typing import ClassVar
 import kvpress.presses.kvzip_press as kvzip_press
 import torch
 from kvpress import KVzipPress
-from transformers import DynamicCache
+from transformers import DynamicCache, Gemma3PreTrainedModel
 
+from kvsweep.core.errors import KvsweepError
 from kvsweep.engine.scorers.base import StreamingScorer
 
 
@@ -36,6 +37,11 @@ class KVzipScorer(StreamingScorer, KVzipPress):
     _tokenizers: dict = field(default_factory=dict, init=False, repr=False)
 
     def prepare_contexts(self, model, contexts: list[list[int]], ratio: float) -> None:
+        if not hasattr(getattr(model, "model", None), "layers") or isinstance(model, Gemma3PreTrainedModel):
+            raise KvsweepError(
+                f"kvzip: kvpress's KVzipPress does not run on {type(model).__name__} (it replays the context "
+                "through `model.model`, and refuses Gemma 3)"
+            )
         self.compression_ratio = ratio
         layers = model.model.layers
         heads = model.config.get_text_config().num_key_value_heads
