@@ -150,7 +150,8 @@ def test_a_compression_ratio_job_answers_as_kvpress_press_on_the_recorded_string
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
     out = tmp_path / "out.jsonl"
-    kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--chunk-size", "16", "--task",
+    # (no --chunk-size: kvpress's protocol reads each context in one pass)
+    kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--task",
             "summarization_kvpress", "--max-new-tokens", "16", "--method", method, "--compression-ratio", "0.6",
             *flags, "--batch-size", "3", "--output", out,
             *(["--adaptive-safeguard", str(safeguard)] if safeguard is not None else []))  # fmt: skip
@@ -191,3 +192,12 @@ def test_a_compression_ratio_where_it_means_nothing_is_one_message(shard, tmp_pa
                 *ratio, *flags, "--output", tmp_path / "o.jsonl")  # fmt: skip
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_streaming_task_without_a_chunk_size_is_one_message(shard, tmp_path, capsys):
+    data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
+    with pytest.raises(SystemExit):
+        kvsweep("evaluate", "--model", MODEL, "--data", data, "--max-length", "200", "--task", "perplexity",
+                "--method", "baseline", "--output", tmp_path / "o.jsonl")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--chunk-size is needed: task perplexity streams its input in chunks" in err and "Traceback" not in err

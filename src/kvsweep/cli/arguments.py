@@ -42,9 +42,10 @@ def number(low: float, high: float, low_open: bool = True, high_open: bool = Tru
     return parse
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, threshold: bool = True) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, threshold: bool = True, chunk_required: bool = True) -> None:
     """The model, the data and the method of a job that runs the model (evaluate, calibrate,
-    eviction_map): `kvsweep.stages.model_jobs.EngineOptions`."""
+    eviction_map): `kvsweep.stages.model_jobs.EngineOptions`. Without `chunk_required` the command
+    gives the chunk size itself where --chunk-size is left out."""
     parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
     parser.add_argument("--data", required=True, help="shard: JSONL of {id, input_ids}")
     parser.add_argument("--method", required=True, help="a method of `kvsweep methods`")
@@ -56,7 +57,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threshold: bool = True
     # One flag per method setting, from the methods' declarations; a method refuses settings it lacks.
     for setting in all_settings().values():
         parser.add_argument(setting.flag, type=setting.parse, help=f"{setting.help} (default: the method's)")
-    parser.add_argument("--chunk-size", type=whole(1), required=True)
+    parser.add_argument(
+        "--chunk-size", type=whole(1), required=chunk_required,
+        help="tokens a pass streams into the cache" + ("" if chunk_required else
+             " (a task in kvpress's protocol reads its context in one pass: not needed there)"),
+    )  # fmt: skip
     parser.add_argument(
         "--max-length", type=whole(2), required=True, help="documents are truncated to this many tokens"
     )

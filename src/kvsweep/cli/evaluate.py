@@ -1,6 +1,7 @@
 """`kvsweep evaluate`: one shard under one method and its swept value (`kvsweep.stages.evaluate`)."""
 
 from kvsweep.cli.arguments import add_engine_arguments, engine_options, number
+from kvsweep.core.errors import KvsweepError
 from kvsweep.study.tasks import all_tasks, get_task, task_settings
 
 HELP = (
@@ -11,7 +12,7 @@ JOB = True
 
 
 def add_arguments(parser) -> None:
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, chunk_required=False)
     parser.add_argument("--task", default="perplexity", choices=list(all_tasks()))
     for setting in task_settings().values():  # each task's own settings, from its declaration
         parser.add_argument(setting.flag, type=setting.parse, default=setting.default, help=setting.help)
@@ -32,7 +33,12 @@ def options_of(args):
     """The `EvaluateOptions` of parsed arguments."""
     from kvsweep.stages.evaluate import EvaluateOptions
 
-    task_values = {s.name: getattr(args, s.name) for s in get_task(args.task).settings}
+    task = get_task(args.task)
+    task_values = {s.name: getattr(args, s.name) for s in task.settings}
+    if args.chunk_size is None:
+        if task.protocol != "kvpress":
+            raise KvsweepError(f"--chunk-size is needed: task {task.name} streams its input in chunks")
+        args.chunk_size = args.max_length  # one pass for the context, as the workflow's jobs give it
     return EvaluateOptions(**engine_options(args), output=args.output, task=args.task, task_settings=task_values,
                            compression_ratio=args.compression_ratio,
                            adaptive_safeguard=args.adaptive_safeguard)  # fmt: skip
