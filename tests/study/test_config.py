@@ -369,11 +369,22 @@ def test_compression_ratios_without_a_kvpress_protocol_task_are_named_as_unused(
     assert unused_compression_ratios(validate_config(config)) == ["h2o"]
 
 
-def test_compression_ratios_refuse_compressing_while_decoding():
+def test_a_task_compressing_while_decoding_evaluates_no_compression_ratio():
+    """A compression ratio compresses the context once: summarization_kvpress with decoding: true
+    leaves the ratios to perplexity_kvpress, or to no task at all (both said when planning)."""
+    from kvsweep.study.config import ratio_tasks, tasks_without_ratios, unused_compression_ratios
+
     config = with_kvpress_task(knorm={"compression_ratios": [0.5]})
     config["summarization_kvpress"] = {"decoding": True}
-    with pytest.raises(KvsweepError, match="summarization_kvpress.decoding is true"):
-        validate_config(config)
+    alone = validate_config(copy.deepcopy(config))
+    assert ratio_tasks(alone) == [] and unused_compression_ratios(alone) == ["knorm"]
+    assert tasks_without_ratios(alone) == ["summarization_kvpress"]
+    config["tasks"].append("perplexity_kvpress")
+    beside = validate_config(config)
+    assert ratio_tasks(beside) == ["perplexity_kvpress"] and unused_compression_ratios(beside) == []
+    assert tasks_without_ratios(beside) == ["summarization_kvpress"]
+    without = validate_config(with_kvpress_task(knorm={"thresholds": [-3]}, kvzap={"thresholds": [-5]}))
+    assert tasks_without_ratios(without) == [] and ratio_tasks(without) == ["summarization_kvpress"]
 
 
 @pytest.mark.parametrize(

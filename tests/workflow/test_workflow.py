@@ -283,6 +283,19 @@ def test_streaming_llm_at_compression_ratios_plans_kvpress_protocol_jobs_without
     assert all("--compression-ratio=0.5" in c and "--sinks=4" in c and "--sliding-window" not in c for c in commands)
 
 
+def test_decoding_compression_leaves_the_compression_ratios_to_perplexity_kvpress(demo_run):
+    """summarization_kvpress with decoding: true evicts while it writes: its thresholds' jobs run
+    again, its ratio jobs are not planned (nor read by its summary), and the plan says why."""
+    workdir, config = demo_run
+    edited = copy.deepcopy(config)
+    edited["summarization_kvpress"]["decoding"] = True
+    path = write_config(workdir, edited, "decoding.yaml")
+    evaluations = {(w["task"], w["value"]) for rule, w in planned_jobs(workdir, path) if rule == "evaluate"}
+    assert {task for task, _ in evaluations} == {"summarization_kvpress"}
+    assert evaluations and not any(value.startswith("ratio_") for _, value in evaluations)
+    assert "summarization_kvpress evaluates no compression ratio" in snakemake(workdir, path, "-n").stderr
+
+
 def test_adding_a_target_runs_only_its_calibration_and_its_evaluations(demo_run, tmp_path):
     """The plan holds the new target's calibration (its evaluations are planned once it has run:
     their threshold is not known before); the run then evaluates that one threshold only."""

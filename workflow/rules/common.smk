@@ -37,7 +37,9 @@ from kvsweep.study.config import (  # noqa: E402
     adaptive_safeguard,
     method_of,
     method_settings,
+    ratio_tasks,
     surrogate_to_train,
+    tasks_without_ratios,
     trained_surrogate_path,
     unused_compression_ratios,
     validate_config,
@@ -120,7 +122,14 @@ _unused = unused_compression_ratios(config)
 if _unused and workflow.is_main_process:
     print(
         f"kvsweep: the compression_ratios of {', '.join(_unused)} are not evaluated: they are kvpress's budgets, "
-        f"for the tasks in kvpress's protocol ({', '.join(kvpress_protocol_tasks())}), and tasks lists none.",
+        f"for the tasks in kvpress's protocol ({', '.join(kvpress_protocol_tasks())}) that compress the context "
+        "once (decoding: false), and tasks lists none.",
+        file=sys.stderr,
+    )
+for _task in tasks_without_ratios(config) if workflow.is_main_process else []:
+    print(
+        f"kvsweep: {_task} evaluates no compression ratio: {_task}.decoding is true (eviction goes on while it "
+        "writes), and a compression ratio compresses the context once.",
         file=sys.stderr,
     )
 
@@ -206,7 +215,7 @@ def configurations():
 
 def ratio_configurations(task):
     """(method, ratio_<r>) for each compression ratio: kvpress's budgets, in kvpress's protocol only."""
-    if get_task(task).protocol != "kvpress":
+    if task not in ratio_tasks(config):
         return []
     return [(m, ratio_folder(r)) for m in COMPRESSED for r in config["methods"][m].get("canonical_ratios", [])]
 

@@ -157,25 +157,38 @@ def adaptive_safeguard(config: dict, name: str) -> float | None:
     return float(block.get("adaptive_safeguard", ADAKV_SAFEGUARD)) if block.get("adaptive") else None
 
 
-def unused_compression_ratios(config: dict) -> list[str]:
-    """The entries whose compression ratios no task evaluates: kvpress's budgets are evaluated by
-    the tasks in kvpress's protocol only (the workflow says so when it plans; a study may drop
-    those tasks for a while without editing its methods)."""
-    if set(kvpress_protocol_tasks()) & set(config["tasks"]):
-        return []
+def ratio_tasks(config: dict) -> list[str]:
+    """The study's tasks that evaluate compression ratios: those in kvpress's protocol that compress
+    the context once (not `summarization_kvpress` with `decoding: true`, which keeps evicting while
+    it writes, where a fixed ratio decides once)."""
+    kvpress = kvpress_protocol_tasks()
+    return [task for task in config["tasks"] if task in kvpress and not (config.get(task) or {}).get("decoding")]
+
+
+def with_compression_ratios(config: dict) -> list[str]:
     return [name for name, block in config["methods"].items() if block.get("canonical_ratios")]
 
 
+def unused_compression_ratios(config: dict) -> list[str]:
+    """The entries whose compression ratios no task evaluates: kvpress's budgets are evaluated by
+    the `ratio_tasks` only (the workflow says so when it plans; a study may drop those tasks for a
+    while without editing its methods)."""
+    return [] if ratio_tasks(config) else with_compression_ratios(config)
+
+
+def tasks_without_ratios(config: dict) -> list[str]:
+    """The study's tasks in kvpress's protocol that evaluate no compression ratio though entries
+    have some (`decoding: true`; the workflow says so when it plans)."""
+    if not with_compression_ratios(config):
+        return []
+    kvpress = kvpress_protocol_tasks()
+    return [task for task in config["tasks"] if task in kvpress and task not in ratio_tasks(config)]
+
+
 def _check_compression_ratios(config: dict) -> None:
-    """A compression ratio compresses each context once; SnapKV's window fits every context."""
-    with_ratios = [name for name, block in config["methods"].items() if block.get("canonical_ratios")]
-    if not with_ratios:
+    """SnapKV's window fits every context its compression ratios are evaluated on."""
+    if not with_compression_ratios(config):
         return
-    if "summarization_kvpress" in config["tasks"] and config["summarization_kvpress"]["decoding"]:
-        raise KvsweepError(
-            f"methods.{with_ratios[0]}.compression_ratios: a compression ratio compresses the context once, but "
-            "summarization_kvpress.decoding is true (a threshold decides while decoding); use thresholds there"
-        )
     # SnapKV scores with the context's last window_size queries: every context must be longer.
     shortest = config["dataset"]["min_length"]
     if "perplexity_kvpress" in config["tasks"]:
