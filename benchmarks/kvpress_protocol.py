@@ -17,8 +17,9 @@ With `--ratios`: kvpress's fixed budgets at batch 1, no decoding compression: `K
 `snapkv`, `expected_attention` and `streaming_llm` at the same ratio (no window; 4 sinks where
 kvpress's press keeps them), each side's entries kept per layer (kvpress: its cache's length after
 the run; kvsweep: its counts), and how many of the greedy tokens the two share from the start.
-(`KVzipPress` needs the model's tokenizer, which random weights do not have: the CPU tests hold
-kvsweep's `kvzip` to it.)
+`KVzipPress` (KVzip+, one budget over the layers) beside kvsweep's `kvzip`: KVzipPress loads the
+model's tokenizer for its repeat prompt, and random weights have none, so the bundled demo
+model's tokenizer stands in (its ids lie within the vocabulary; the prompt's text is the same).
 """
 
 import argparse
@@ -43,6 +44,7 @@ def main():
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--ratios", action="store_true", help="also kvpress's fixed budgets (scorer presses at 0.5)")
     parser.add_argument("--ratios-only", action="store_true", help="only kvpress's fixed budgets")
+    parser.add_argument("--ratio-rows", default=None, help="with --ratios: only these rows (e.g. kvzip,knorm)")
     args = parser.parse_args()
 
     report = new_report(args.arch)
@@ -111,11 +113,14 @@ def main():
 
 def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
     """kvpress's ScorerPress budgets beside kvsweep's fixed ratio, batch 1, one context."""
-    from kvpress import AdaKVPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
+    from kvpress import AdaKVPress, ExpectedAttentionPress, KnormPress, KVzipPress, SnapKVPress, StreamingLLMPress
     from transformers import DynamicCache
 
+    from kvsweep.demo import BUNDLED_MODEL
     from kvsweep.engine.methods import build_press
     from kvsweep.study.methods import get_method
+
+    model.config.name_or_path = str(BUNDLED_MODEL)  # KVzipPress's tokenizer (see the module's docstring)
 
     ids = torch.randint(0, vocab, (1, args.context + args.question), generator=generator)
     context, question = ids[:, : args.context].cuda(), ids[:, args.context :].cuda()
@@ -132,7 +137,10 @@ def ratio_runs(model, vocab, args, generator, save, report, ratio=0.5):
             ExpectedAttentionPress(compression_ratio=ratio),
         ),
         ("streaming_llm", {"sinks": 4}, None, StreamingLLMPress(compression_ratio=ratio)),
+        ("kvzip", {}, None, KVzipPress(compression_ratio=ratio, kvzip_plus_normalization=True)),
     ):
+        if args.ratio_rows and name not in args.ratio_rows.split(","):
+            continue
         method = get_method(name)
         resolved = method.resolve(0.0 if method.takes_threshold else None, settings)
         press = build_press(method, None, resolved, ratio, adaptive_safeguard=safeguard)

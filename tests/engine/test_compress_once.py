@@ -545,6 +545,36 @@ def test_kvzip_loads_the_tokenizer_once_for_a_batch(demo, monkeypatch):
     assert kvzip_module.AutoTokenizer is loader
 
 
+def test_kvzip_with_a_chat_template_keeps_what_kvpress_keeps_and_refuses_a_context_without_it(demo, tmp_path):
+    """KVzipPress takes every context to start with the chat template's prefix, which it never
+    replays (kvpress's pipeline builds contexts so): with a tokenizer that has a template, kvzip
+    gives the pipeline's tokens and counts on the pipeline's contexts, and refuses a context that
+    lacks the prefix (a bare report) rather than evicting the prefix's positions first."""
+    import shutil
+
+    from kvpress import KVzipPress
+
+    from kvsweep.core.errors import KvsweepError
+
+    folder = tmp_path / "templated"
+    shutil.copytree(BUNDLED_MODEL, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    templated = (model, tokenizer, pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu"))
+    press = ratio_press(model, "kvzip", {}, 0.4)
+    upstream = lambda: KVzipPress(compression_ratio=0.4, kvzip_plus_normalization=True)  # noqa: E731
+    for _, _, result, text, answer, masked in beside_kvpress_pipeline(templated, press, upstream):
+        assert text == answer and result["evicted_per_layer"] == masked and sum(masked) > 0
+    bare = tokenizer.encode(contexts_of([60])[0])
+    with pytest.raises(KvsweepError, match="does not start with the chat template's prefix"):
+        compress_once_nll(model, [bare[:-5]], [bare[-5:]], press)
+
+
 def test_kvzip_decides_at_a_compression_ratio_only_and_from_its_own_passes(demo):
     from kvsweep.core.errors import KvsweepError
     from kvsweep.engine.methods import build_press
@@ -560,7 +590,9 @@ def test_kvzip_decides_at_a_compression_ratio_only_and_from_its_own_passes(demo)
     context, question = pipeline_ids(pipe, contexts_of([40])[0], QUESTION)
     with pytest.raises(KvsweepError, match="kvpress's KVzipPress does not run on Linear"):
         press.press.prepare_contexts(torch.nn.Linear(2, 2), [context], 0.5)
-    press.prepare_contexts = lambda model, contexts: None  # as if nothing ran KVzip's passes
+    compress_once_generate(model, [context], [question], NEW_TOKENS, press)
+    # A batch whose passes nothing ran does not reuse the last batch's choice.
+    press.prepare_contexts = lambda model, contexts: None
     with pytest.raises(ValueError, match="prepare_contexts first"):
         compress_once_generate(model, [context], [question], NEW_TOKENS, press)
 

@@ -141,7 +141,7 @@ def kvpress_ratio_press(method: str, ratio: float, safeguard: float | None):
 @pytest.mark.parametrize(
     ("method", "flags", "safeguard"),
     [("knorm", ["--sliding-window", "0", "--sinks", "0"], None), ("knorm", ["--sliding-window", "0", "--sinks", "0"], 0.3),
-     ("streaming_llm", ["--sinks", "4"], None), ("kvzip", [], None)],
+     ("streaming_llm", ["--sinks", "4", "--sliding-window", "0"], None), ("kvzip", [], None)],
     ids=["per_head", "adakv", "streaming_llm", "kvzip"],
 )  # fmt: skip
 def test_a_compression_ratio_job_answers_as_kvpress_press_on_the_recorded_strings(

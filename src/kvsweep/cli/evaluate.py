@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--compression-ratio", type=number(0, 1, low_open=False),
         help="kvpress's budget instead of --threshold (tasks in kvpress's protocol): the share of the context "
-        "evicted, per KV head, lowest scores first, as kvpress's ScorerPress",
+        "evicted, as the method's kvpress press evicts it (a scorer's: per KV head, lowest scores first; "
+        "streaming_llm: the oldest after the sinks; kvzip: over every layer and head at once)",
     )  # fmt: skip
     parser.add_argument(
         "--adaptive-safeguard", type=number(0, 1, low_open=False, high_open=False),

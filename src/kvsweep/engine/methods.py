@@ -64,11 +64,12 @@ def snapkv(threshold: float, window_size: int, kernel_size: int):
 
 
 def kvzip(threshold: float, sinks: int, layerwise: bool, kvzip_plus: bool, repeat_chunk: int):
-    # KVzipPress protects its own sinks and decides from its own passes (KVzipScorer): nothing here.
+    # KVzipPress decides from its own passes (KVzipScorer), never evicting its sinks; the press's
+    # sinks leave them out of the compressible region, as for the other methods that keep them.
     scorer = KVzipScorer(
         layerwise=layerwise, n_sink=sinks, kvzip_plus_normalization=kvzip_plus, chunk_size=repeat_chunk
     )
-    return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=0, sinks=0)
+    return StreamingThresholdPress(scorer, threshold=threshold, sliding_window_size=0, sinks=sinks)
 
 
 # Method family -> builder of its press (the baseline has none: no compression).

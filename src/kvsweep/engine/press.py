@@ -133,6 +133,8 @@ class StreamingThresholdPress(DMSPress):
                 if hasattr(module, STATE_ATTRIBUTE):
                     delattr(module, STATE_ATTRIBUTE)
             self.layers.clear()
+            if self.press is not None:
+                self.press.forget_contexts()
 
     def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
         if self.press is None:  # masking only (padding), nothing is evicted

@@ -146,7 +146,7 @@ def check_compression_ratio(options: "EvaluateOptions", task) -> float | None:
         raise KvsweepError(
             f"--adaptive-safeguard: method '{method.name}' shares its budget at a ratio its own way, not as AdaKV"
         )
-    if method.ranks_at_ratio and options.settings.get(method.sweep) is not None:
+    if method.ranks_at_ratio and options.settings.get(method.sweep) not in (None, 0):
         flag = "--" + method.sweep.replace("_", "-")
         raise KvsweepError(
             f"{flag}: at a compression ratio, method '{method.name}' keeps its sinks and the most recent positions "

@@ -20,7 +20,7 @@ and from what the press takes the score:
 - `selects_at_ratio`: at a fixed ratio the scorer chooses the evicted entries itself, from passes
   of its own over each context that `prepare_contexts(model, contexts, ratio)` runs before the
   context's pass (KVzip: one budget over every layer and head); `selected(module, position)`
-  gives them.
+  gives them, and `forget_contexts()` drops them when the batch is done.
 
 `allocate(module, layout)` returns what the scorer keeps per layer for a batch (passed back as
 `kwargs["scorer_state"]`), or None. `score_into` and `decides_in_kernel` let the engine run a
@@ -48,6 +48,9 @@ class StreamingScorer:
 
     def prepare_contexts(self, model: nn.Module, contexts: list[list[int]], ratio: float) -> None:
         """Before the context's pass at a fixed ratio, outside the press's hooks (`selects_at_ratio`)."""
+
+    def forget_contexts(self) -> None:
+        """Drop what `prepare_contexts` kept: its batch is done (the press's hooks are removed)."""
 
     def allocate(self, module: nn.Module, layout) -> object | None:
         """What the scorer keeps for one layer over a batch laid out as `layout` (None: nothing)."""
@@ -86,7 +89,15 @@ class PressScorer(StreamingScorer):
             "selects_at_ratio",
         ):
             setattr(self, trait, getattr(press, trait, getattr(StreamingScorer, trait)))
-        for hook in ("allocate", "observe", "score_into", "decides_in_kernel", "prepare_contexts", "selected"):
+        for hook in (
+            "allocate",
+            "observe",
+            "score_into",
+            "decides_in_kernel",
+            "prepare_contexts",
+            "selected",
+            "forget_contexts",
+        ):
             if callable(getattr(press, hook, None)):
                 setattr(self, hook, getattr(press, hook))
 

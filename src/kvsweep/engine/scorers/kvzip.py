@@ -45,10 +45,24 @@ class KVzipScorer(StreamingScorer, KVzipPress):
         self.compression_ratio = ratio
         layers = model.model.layers
         heads = model.config.get_text_config().num_key_value_heads
+        if ratio == 0:  # KVzipPress masks nothing: no passes to make
+            self._masked = [torch.zeros(len(layers), heads, len(ids), dtype=torch.bool) for ids in contexts]
+            return
         self._masked = []
-        with self._tokenizer_loaded_once():
+        with self._tokenizer_loaded_once() as tokenizer:
+            prefix = template_prefix(tokenizer(model.config.name_or_path))
             for ids in contexts:
+                if ids[: len(prefix)] != prefix:
+                    raise KvsweepError(
+                        "kvzip: the context does not start with the chat template's prefix, which kvpress's "
+                        f"KVzipPress takes every context to start with and never replays ({len(prefix)} tokens; "
+                        "kvpress's pipeline builds contexts so, as summarization_kvpress does): a bare text's first "
+                        "positions would be evicted first"
+                    )
                 self._masked.append(self._kvpress_masks(model, ids, layers, heads))
+
+    def forget_contexts(self) -> None:
+        self._masked = []
 
     def _kvpress_masks(self, model, ids: list[int], layers, heads: int) -> torch.Tensor:
         """(layers, KV heads, len(ids)): the entries kvpress's KVzipPress masks in the context `ids`."""
@@ -70,7 +84,7 @@ class KVzipScorer(StreamingScorer, KVzipPress):
     def _tokenizer_loaded_once(self):
         """KVzipPress reads and parses the model's tokenizer files on each call, once per context
         here: for the duration, its module's `AutoTokenizer` hands out the one this scorer loaded
-        first."""
+        first (once per job). Yields that loader."""
         loader = kvzip_press.AutoTokenizer
         loaded = self._tokenizers
 
@@ -83,7 +97,7 @@ class KVzipScorer(StreamingScorer, KVzipPress):
 
         kvzip_press.AutoTokenizer = LoadedOnce
         try:
-            yield
+            yield LoadedOnce.from_pretrained
         finally:
             kvzip_press.AutoTokenizer = loader
 
@@ -101,3 +115,18 @@ class KVzipScorer(StreamingScorer, KVzipPress):
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         raise ValueError("KVzip has no score of its own here: it selects at a compression ratio (selected)")
+
+
+def template_prefix(tokenizer) -> list[int]:
+    """The tokens KVzipPress takes every context to start with and never replays (kvpress 0.5.5,
+    `KVzipPress.__call__`): the chat template's text before the user's message, none without a
+    template."""
+    if tokenizer.chat_template is None:
+        return []
+    dummy = "dummy context"
+    separator = "\n" + "#" * len(dummy)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": dummy + separator}], add_generation_prompt=True, tokenize=False,
+        enable_thinking=False,
+    )  # fmt: skip
+    return tokenizer.encode(text.split(separator)[0].split(dummy)[0], add_special_tokens=False)
