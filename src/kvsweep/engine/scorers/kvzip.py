@@ -26,7 +26,7 @@ class KVzipScorer(StreamingScorer, KVzipPress):
     its KV group pays it, and masks the lowest at `compression_ratio` over every layer and head at
     once (per layer with `layerwise`), the first `n_sink` never. kvsweep then masks the same entries
     in its own cache on the context's pass (`selects_at_ratio`). The cost: one prefill more than
-    kvpress's pipeline (kvsweep's own), besides KVzip's replay (about twice a prefill)."""
+    kvpress's pipeline (kvsweep's own), besides KVzip's replay (2 to 3 prefills, as kvpress warns)."""
 
     scores_on_entry: ClassVar[bool] = False
     selects_at_ratio: ClassVar[bool] = True
