@@ -388,21 +388,31 @@ def test_a_task_compressing_while_decoding_evaluates_no_compression_ratio():
 
 
 @pytest.mark.parametrize(
-    ("block", "message"),
+    ("method", "block", "message"),
     [
-        ({"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: adaptive, adaptive_safeguard, compression_ratios, kernel_size, type, window_size)"),
-        ({"target_densities": [0.5], "compression_ratios": [0.5]}, "('target_densities' was unexpected)"),
-        ({"window_size": 8}, "'snapkv' needs compression_ratios (its score exists in kvpress's protocol only)"),
-        ({"compression_ratios": [0.5], "kernel_size": 4}, "methods.snapkv.kernel_size"),
-        ({"compression_ratios": [0.5], "window_size": 1024}, "methods.snapkv.window_size (1024): the shortest context"),
+        ("snapkv", {"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: adaptive, adaptive_safeguard, compression_ratios, kernel_size, type, window_size)"),
+        ("snapkv", {"target_densities": [0.5], "compression_ratios": [0.5]}, "('target_densities' was unexpected)"),
+        ("snapkv", {"window_size": 8}, "'snapkv' needs compression_ratios (its score exists in kvpress's protocol only)"),
+        ("snapkv", {"compression_ratios": [0.5], "kernel_size": 4}, "methods.snapkv.kernel_size"),
+        ("snapkv", {"compression_ratios": [0.5], "window_size": 1024}, "methods.snapkv.window_size (1024): the shortest context"),
+        ("kvzip", {"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: compression_ratios, kvzip_plus, layerwise, repeat_chunk, sinks, type)"),
+        ("kvzip", {"compression_ratios": [0.5], "adaptive": True}, "('adaptive' was unexpected)"),
+        ("kvzip", {"layerwise": True}, "'kvzip' needs compression_ratios (its score exists in kvpress's protocol only)"),
+        ("kvzip", {"compression_ratios": [0.5], "repeat_chunk": 0}, "methods.kvzip.repeat_chunk"),
     ],
 )  # fmt: skip
-def test_snapkv_takes_compression_ratios_only(block, message):
+def test_methods_at_compression_ratios_only_refuse_anything_else(method, block, message):
     with pytest.raises(KvsweepError) as err:
-        validate_config(with_kvpress_task(snapkv=block))
+        validate_config(with_kvpress_task(**{method: block}))
     assert message in str(err.value)
-    fine = validate_config(with_kvpress_task(snapkv={"compression_ratios": [0.5]}))["methods"]["snapkv"]
-    assert fine["canonical_ratios"] == ["0.5"] and fine["window_size"] == 64
+
+
+def test_methods_at_compression_ratios_only_take_them_with_their_settings():
+    snapkv = validate_config(with_kvpress_task(snapkv={"compression_ratios": [0.5]}))["methods"]["snapkv"]
+    assert snapkv["canonical_ratios"] == ["0.5"] and snapkv["window_size"] == 64
+    kvzip = validate_config(with_kvpress_task(kvzip={"compression_ratios": [0.5], "layerwise": True}))["methods"]
+    assert kvzip["kvzip"]["canonical_ratios"] == ["0.5"] and kvzip["kvzip"]["layerwise"] is True
+    assert kvzip["kvzip"]["kvzip_plus"] is True
 
 
 def test_streaming_llm_takes_compression_ratios_beside_or_instead_of_its_windows():
@@ -412,25 +422,6 @@ def test_streaming_llm_takes_compression_ratios_beside_or_instead_of_its_windows
     both = {"sliding_windows": [64], "compression_ratios": ["5e-1", 0.75]}
     block = validate_config(with_kvpress_task(streaming_llm=both))["methods"]["streaming_llm"]
     assert block["canonical_ratios"] == ["0.5", "0.75"] and block["canonical_values"] == ["64"]
-
-
-@pytest.mark.parametrize(
-    ("block", "message"),
-    [
-        ({"thresholds": [0.1]}, "('thresholds' was unexpected) (allowed keys: compression_ratios, kvzip_plus, layerwise, repeat_chunk, sinks, type)"),
-        ({"compression_ratios": [0.5], "adaptive": True}, "('adaptive' was unexpected)"),
-        ({"layerwise": True}, "'kvzip' needs compression_ratios (its score exists in kvpress's protocol only)"),
-        ({"compression_ratios": [0.5], "repeat_chunk": 0}, "methods.kvzip.repeat_chunk"),
-    ],
-)  # fmt: skip
-def test_kvzip_takes_compression_ratios_only(block, message):
-    with pytest.raises(KvsweepError) as err:
-        validate_config(with_kvpress_task(kvzip=block))
-    assert message in str(err.value)
-    fine = validate_config(with_kvpress_task(kvzip={"compression_ratios": [0.5], "layerwise": True}))["methods"][
-        "kvzip"
-    ]
-    assert fine["canonical_ratios"] == ["0.5"] and fine["layerwise"] is True and fine["kvzip_plus"] is True
 
 
 def test_adaptive_budgets_are_adakv_at_the_compression_ratios():

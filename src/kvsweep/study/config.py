@@ -181,8 +181,8 @@ def tasks_without_ratios(config: dict) -> list[str]:
     have some (`decoding: true`; the workflow says so when it plans)."""
     if not with_compression_ratios(config):
         return []
-    kvpress = kvpress_protocol_tasks()
-    return [task for task in config["tasks"] if task in kvpress and task not in ratio_tasks(config)]
+    kvpress, evaluating = kvpress_protocol_tasks(), ratio_tasks(config)
+    return [task for task in config["tasks"] if task in kvpress and task not in evaluating]
 
 
 def _check_compression_ratios(config: dict) -> None:

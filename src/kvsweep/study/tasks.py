@@ -118,7 +118,8 @@ def all_tasks() -> dict[str, Task]:
 
 
 def kvpress_protocol_tasks() -> list[str]:
-    """The tasks in kvpress's protocol: those that evaluate compression ratios."""
+    """The tasks in kvpress's protocol, where compression ratios are evaluated (unless the task keeps
+    evicting while it decodes: `kvsweep.study.config.ratio_tasks`)."""
     return [name for name, task in TASKS.items() if task.protocol == "kvpress"]
 
 

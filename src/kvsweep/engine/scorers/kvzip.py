@@ -46,7 +46,9 @@ class KVzipScorer(StreamingScorer, KVzipPress):
         layers = model.model.layers
         heads = model.config.get_text_config().num_key_value_heads
         if ratio == 0:  # KVzipPress masks nothing: no passes to make
-            self._masked = [torch.zeros(len(layers), heads, len(ids), dtype=torch.bool) for ids in contexts]
+            self._masked = [
+                torch.zeros(len(layers), heads, len(ids), dtype=torch.bool, device=model.device) for ids in contexts
+            ]
             return
         self._masked = []
         with self._tokenizer_loaded_once() as tokenizer:
@@ -105,8 +107,8 @@ class KVzipScorer(StreamingScorer, KVzipPress):
         """(batch, KV heads, slots): the entries KVzipPress masked, at the slots' `position`s."""
         if len(self._masked) != position.shape[0]:
             raise ValueError("KVzip decides from kvpress's passes over each context: prepare_contexts first")
-        chosen = torch.zeros(position.shape[0], self._masked[0].shape[1], position.shape[1], dtype=torch.bool)
-        chosen = chosen.to(position.device)
+        heads = self._masked[0].shape[1]
+        chosen = torch.zeros(position.shape[0], heads, position.shape[1], dtype=torch.bool, device=position.device)
         for b, masked in enumerate(self._masked):
             layer = masked[module.layer_idx].to(position.device)
             inside = (position[b] >= 0) & (position[b] < layer.shape[-1])
