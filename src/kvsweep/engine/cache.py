@@ -8,7 +8,24 @@ from kvsweep.kernels import cache_writes
 
 class PassCacheLayer(StaticLayer):
     """transformers' static cache layer, whose update writes keys and values in one kernel where
-    `cache_writes.supports` holds (the same values to the same slots: a copy rounds nothing)."""
+    `cache_writes.supports` holds (the same values to the same slots: a copy rounds nothing).
+    With `storage` (keys, values), those tensors are the cache, as filled (a compacted context):
+    none is allocated."""
+
+    def __init__(self, max_cache_len: int, storage=None):
+        super().__init__(max_cache_len)
+        self.storage = storage
+
+    def lazy_initialization(self, key_states, value_states):
+        if self.storage is None:
+            return super().lazy_initialization(key_states, value_states)
+        keys, values = self.storage
+        self.storage = None
+        self.dtype, self.device = keys.dtype, keys.device
+        self.max_batch_size, self.num_heads = keys.shape[:2]
+        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+        self.keys, self.values = keys, values
+        self.is_initialized = True
 
     def update(self, key_states, value_states, cache_kwargs=None):
         slots = None if cache_kwargs is None else cache_kwargs.get("cache_position")

@@ -15,21 +15,31 @@ every question at the same slots after the longest context, then one slot per ne
 token with its own position id, so the batch never changes a document's result.
 """
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from kvsweep.engine.compaction import CompactedContext, KeptContexts
 from kvsweep.engine.generate import GreedyAnswers
 from kvsweep.engine.layout import BatchLayout
 from kvsweep.engine.passes import StaticPasses
 from kvsweep.engine.placement import decoder_of
 from kvsweep.engine.press import StreamingThresholdPress
+from kvsweep.engine.random_scores import document_key
 from kvsweep.engine.stream_nll import right_padded_ids
 
 
-def _layout(contexts, follow_ups, extra_slots: int, device) -> tuple[BatchLayout, int, int]:
+def _layout(contexts, follow_ups, extra_slots: int, device, compact: bool) -> BatchLayout:
     """The batch's layout: contexts in slots [0, Wc), each follow-up (question or continuation) in
-    [Wc, Wc + Wf) at positions n_context + k, and `extra_slots` more for generated tokens."""
+    [Wc, Wc + Wf) at positions n_context + k, and `extra_slots` more for generated tokens; with
+    `compact`, the contexts' slots only (the rest goes in the compacted cache)."""
     width_context = max(len(c) for c in contexts)
+    if compact:
+        layout = BatchLayout.right_padded(contexts, width_context, device)
+        layout.max_gap = width_context - min(len(c) for c in contexts)
+        return layout
     width_follow = max(len(f) for f in follow_ups)
     layout = BatchLayout.right_padded(contexts, width_context + width_follow + extra_slots, device)
     for row, (context, follow) in enumerate(zip(contexts, follow_ups, strict=True)):
@@ -38,22 +48,44 @@ def _layout(contexts, follow_ups, extra_slots: int, device) -> tuple[BatchLayout
     layout.max_gap = max(
         width_context - len(c) + width_follow - len(f) for c, f in zip(contexts, follow_ups, strict=True)
     )
-    return layout, width_context, width_follow
+    return layout
 
 
-def _prefill(model, layout, press, contexts, follow_ups, width_context, width_follow, decoding, cuda_graphs, clock):
-    """Open the passes, run the context's pass and the follow-up's pass. Returns the passes, the
-    logits at each context's last token (batch, vocab), the follow-up's logits (batch, Wf, vocab),
-    and each document's token count after the follow-up."""
+@dataclass
+class Prefilled:
+    """After the context's and the follow-up's passes: the passes and layout the answer continues
+    in (the compacted ones with `compacted`), the logits at each context's last token (batch,
+    vocab), the follow-up's (batch, Wf, vocab), each document's token count, and the first slot
+    after the follow-up."""
+
+    passes: StaticPasses
+    layout: BatchLayout
+    context_last: torch.Tensor
+    follow: torch.Tensor
+    count: torch.Tensor
+    answer_slot: int
+    compacted: CompactedContext | None
+
+    def kv_counts(self, press: StreamingThresholdPress, model, count: torch.Tensor, n_context: torch.Tensor):
+        """Per document, the KV counts at the end (`count` tokens each) and the entries evicted per layer."""
+        if self.compacted is None:
+            return press.kv_counts_per_document(), evicted_per_layer(press)
+        config = model.config.get_text_config()
+        entries = config.num_hidden_layers * config.num_key_value_heads
+        return self.compacted.kv_counts(count, n_context, entries), self.compacted.evicted_per_layer
+
+
+def _context_pass(model, press, contexts, layout, cuda_graphs, clock) -> tuple[StaticPasses, torch.Tensor]:
+    """`press.begin`, then the contexts' one pass (inside the press's context). Returns the passes
+    and the logits at each context's last token (batch, vocab)."""
     device = model.device
+    width_context = max(len(c) for c in contexts)
     n_context = torch.tensor([len(c) for c in contexts], device=device)
-    n_follow = torch.tensor([len(f) for f in follow_ups], device=device)
     press.begin(model, layout)
-    # One key bucket over the whole cache: the context is a single pass of Wc queries.
+    # One key bucket over the whole cache: the context is a single pass of Wc queries. It runs
+    # once: eagerly (capturing a graph to replay it once would cost more); decoding replays its own.
     passes = StaticPasses(model, layout, width_context, layout.position.shape[1], cuda_graphs, clock)
-    # The context's and the follow-up's passes run once each: eagerly (capturing a graph to replay
-    # it once would cost more); the decoding steps replay theirs.
-    graphs, passes.cuda_graphs = passes.cuda_graphs, False
+    passes.cuda_graphs = False
     layout.read(torch.zeros_like(n_context), n_context)
     positions = torch.arange(width_context, device=device).expand(len(contexts), -1)
     # Only the logits at each context's last token (the continuation's first prediction): the
@@ -61,14 +93,71 @@ def _prefill(model, layout, press, contexts, follow_ups, width_context, width_fo
     last, which = torch.unique(n_context - 1, return_inverse=True)
     logits = passes.run(right_padded_ids(contexts, width_context, device), positions, 0, logits_at=last)
     rows = torch.arange(len(contexts), device=logits.device)
-    context_last = logits[rows, which.to(logits.device)].float().to(device)
+    return passes, logits[rows, which.to(logits.device)].float().to(device)
+
+
+@contextmanager
+def _prefilled(model, press, contexts, follow_ups, extra_slots, decoding, compact, prefill_batch, cuda_graphs, clock):
+    """The context's pass (with `compact`: per group of `prefill_batch` documents, each compacted
+    before the next), then the follow-up's; yields the `Prefilled` answer state while the press's
+    context is active."""
+    device = model.device
+    width_follow = max(len(f) for f in follow_ups)
+    cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    n_context = torch.tensor([len(c) for c in contexts], device=device)
+    n_follow = torch.tensor([len(f) for f in follow_ups], device=device)
+    follow_positions = n_context[:, None] + torch.arange(width_follow, device=device)[None, :]
+    if not compact:
+        layout = _layout(contexts, follow_ups, extra_slots, device, False)
+        press.prepare_contexts(model, contexts)
+        with press(model):
+            passes, context_last = _context_pass(model, press, contexts, layout, cuda_graphs, clock)
+            follow_slot = max(len(c) for c in contexts)
+            yield _follow_up(passes, layout, context_last, follow_ups, follow_positions, follow_slot, None,
+                             n_context, n_follow, decoding, cuda_graphs)  # fmt: skip
+        return
+    kept = KeptContexts(len(contexts), width_follow + extra_slots)
+    context_last = []
+    group = prefill_batch or len(contexts)
+    for start in range(0, len(contexts), group):
+        rows = slice(start, start + group)
+        # A scorer that selects from passes of its own (KVzip) runs them outside the press's hooks.
+        press.prepare_contexts(model, contexts[rows])
+        with press(model):
+            layout = _layout(contexts[rows], follow_ups[rows], 0, device, True)
+            passes, last = _context_pass(model, press, contexts[rows], layout, cuda_graphs, clock)
+            kept.add(press, passes, rows, press.kv_counts_per_document(), evicted_per_layer(press))
+            context_last.append(last)
+            del passes
+    with press(model):
+        padded = torch.where(follow_positions < (n_context + n_follow)[:, None], follow_positions, -1)
+        keys = torch.tensor([document_key(c) for c in contexts], dtype=torch.long, device=device)
+        compacted = kept.open(model, press, padded, keys, cuda_graphs, clock)
+        yield _follow_up(compacted.passes, compacted.layout, torch.cat(context_last), follow_ups, follow_positions,
+                         compacted.width, compacted, n_context, n_follow, decoding, cuda_graphs)  # fmt: skip
+
+
+def _follow_up(passes, layout, context_last, follow_ups, follow_positions, follow_slot, compacted, n_context,
+               n_follow, decoding, cuda_graphs) -> Prefilled:  # fmt: skip
+    """The follow-up's pass (eager, as the context's), after the context's."""
     # Without `decoding`, no later pass decides anything: no position enters [before - W, after - W).
     after = n_context + n_follow if decoding else n_context
     layout.read(n_context, after)
-    follow_positions = n_context[:, None] + torch.arange(width_follow, device=device)[None, :]
-    follow = passes.run(right_padded_ids(follow_ups, width_follow, device), follow_positions, width_context)
-    passes.cuda_graphs = graphs
-    return passes, context_last, follow.float().to(device), n_context + n_follow
+    passes.cuda_graphs = False
+    width_follow = follow_positions.shape[1]
+    follow = passes.run(right_padded_ids(follow_ups, width_follow, n_context.device), follow_positions, follow_slot)
+    passes.cuda_graphs = cuda_graphs
+    return Prefilled(
+        passes, layout, context_last, follow.float().to(n_context.device), n_context + n_follow,
+        follow_slot + width_follow, compacted,
+    )  # fmt: skip
+
+
+def _compacts(compact: bool | None, decoding: bool) -> bool:
+    """Compaction where it applies: the press decides once, after the context (not while decoding)."""
+    if compact and decoding:
+        raise ValueError("compaction frees what the context's one decision evicts: not with decoding")
+    return not decoding if compact is None else compact
 
 
 def evicted_per_layer(press: StreamingThresholdPress) -> list[list[int]]:
@@ -101,6 +190,8 @@ def compress_once_generate(
     eos_token_ids: set[int] | None = None,
     cuda_graphs: bool | None = None,
     clock=None,
+    compact: bool | None = None,
+    prefill_batch: int | None = None,
 ) -> list[dict]:
     """Greedy answers to `questions` after their `contexts`, compressed once (kvpress's protocol).
 
@@ -108,7 +199,13 @@ def compress_once_generate(
     kept even if it ends the sequence, as kvpress keeps it; a later end-of-sequence token ends the
     answer and is not kept), `n_generated`, the KV counts at the end (`kv_kept`,
     `kv_total` over context, question and answer; the compressible ones over [sinks, n - W) of
-    what was decided) and `evicted_per_layer`."""
+    what was decided) and `evicted_per_layer`.
+
+    `compact` (default: unless `decoding`): the evicted entries are freed after the context's
+    decision (`kvsweep.engine.compaction`), so the question and the answer read only what is kept;
+    the same results as the masked cache up to float rounding. `prefill_batch` (with `compact`):
+    the contexts' passes run for so many documents at a time, each group compacted before the
+    next, so that one group's whole cache is the most held at once."""
     if any(len(q) == 0 for q in questions) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and every question needs at least one token")
     if decoding and press is not None and press.fixed_ratio is not None:
@@ -116,29 +213,27 @@ def compress_once_generate(
     device = model.device
     batch = len(contexts)
     press = press if press is not None else StreamingThresholdPress.mask_only()
-    layout, width_context, width_follow = _layout(contexts, questions, max_new_tokens, device)
     rows = torch.arange(batch, device=device)
     answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device, keep_first=True)
-    press.prepare_contexts(model, contexts)
-    with press(model):
-        passes, _, logits, count = _prefill(
-            model, layout, press, contexts, questions, width_context, width_follow, decoding, cuda_graphs, clock
-        )
+    compact = _compacts(compact, decoding)
+    with _prefilled(
+        model, press, contexts, questions, max_new_tokens, decoding, compact, prefill_batch, cuda_graphs, clock
+    ) as prefilled:
+        passes, layout, count = prefilled.passes, prefilled.layout, prefilled.count
         last = torch.tensor([len(q) - 1 for q in questions], device=device)
-        next_logits = logits[rows, last]
+        next_logits = prefilled.follow[rows, last]
         n_context = torch.tensor([len(c) for c in contexts], device=device)
         for step in range(max_new_tokens):
             token, writing, done = answers.take(next_logits, step)
             if done:
                 break
-            slot = width_context + width_follow + step
+            slot = prefilled.answer_slot + step
             layout.position[:, slot] = torch.where(writing, count, -1)
             after = torch.where(writing, count + 1, count)
             layout.read(count if decoding else n_context, after if decoding else n_context)
             next_logits = passes.run(token[:, None], count[:, None], slot)[:, 0].float().to(device)
             count = after
-        counts = press.kv_counts_per_document()
-        per_layer = evicted_per_layer(press)
+        counts, per_layer = prefilled.kv_counts(press, model, count, n_context)
     return [
         {**answer, **counts[row], "evicted_per_layer": per_layer[row]} for row, answer in enumerate(answers.results())
     ]
@@ -152,26 +247,28 @@ def compress_once_nll(
     press: StreamingThresholdPress | None = None,
     cuda_graphs: bool | None = None,
     clock=None,
+    compact: bool | None = None,
+    prefill_batch: int | None = None,
 ) -> list[dict]:
     """The loss of each continuation after its context, compressed once: one pass over the
     context, the press decides, then one pass over the continuation (nothing more evicted).
     The first continuation token is predicted from the context's last position.
 
     Per document: `n_tokens` (context and continuation), `nll_sum` over the continuation's tokens,
-    `n_predicted` (its length), the KV counts and `evicted_per_layer` (as `compress_once_generate`'s)."""
+    `n_predicted` (its length), the KV counts and `evicted_per_layer`. `compact` and
+    `prefill_batch` as `compress_once_generate`'s."""
     if any(len(c) == 0 for c in continuations) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and every continuation needs at least one token")
     device = model.device
     press = press if press is not None else StreamingThresholdPress.mask_only()
     # The continuation's pass reads its own tokens; the logits of its last token predict nothing.
-    layout, width_context, width_follow = _layout(contexts, continuations, 0, device)
-    press.prepare_contexts(model, contexts)
-    with press(model):
-        _, context_last, follow, _ = _prefill(
-            model, layout, press, contexts, continuations, width_context, width_follow, False, cuda_graphs, clock
-        )
-        counts = press.kv_counts_per_document()
-        per_layer = evicted_per_layer(press)
+    compact = _compacts(compact, False)
+    with _prefilled(
+        model, press, contexts, continuations, 0, False, compact, prefill_batch, cuda_graphs, clock
+    ) as prefilled:
+        n_context = torch.tensor([len(c) for c in contexts], device=device)
+        counts, per_layer = prefilled.kv_counts(press, model, prefilled.count, n_context)
+    context_last, follow = prefilled.context_last, prefilled.follow
     nll = []
     for row, continuation in enumerate(continuations):
         # Token k of the continuation is predicted at the position before it: the context's last

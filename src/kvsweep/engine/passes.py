@@ -57,7 +57,8 @@ class StaticPasses:
     capture and replay (default: on for a model on a CUDA device). Neither changes the results.
     `clock` (a `kvsweep.core.timing.StageClock`): the captures are billed to its `graph_capture` stage.
     `keep_graphs`: keep every bucket's graph for later batches (`ReusablePasses`), rather than freeing
-    a bucket's graph once the passes have moved past it.
+    a bucket's graph once the passes have moved past it. `storage`: per layer, the (keys, values)
+    tensors to use as the cache, already filled (`kvsweep.engine.compaction`), instead of zeros.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class StaticPasses:
         cuda_graphs: bool | None = None,
         clock=None,
         keep_graphs: bool = False,
+        storage: list | None = None,
     ):
         cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if cuda_graphs and model.device.type != "cuda":
@@ -78,7 +80,8 @@ class StaticPasses:
         self.model, self.layout, self.cuda_graphs = model, layout, cuda_graphs
         self.bucket = key_bucket or default_bucket(chunk_size)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache = Cache(layers=[PassCacheLayer(self.capacity) for _ in range(config.num_hidden_layers)])
+        storage = storage or [None] * config.num_hidden_layers
+        self.cache = Cache(layers=[PassCacheLayer(self.capacity, kept) for kept in storage])
         for cache_layer, layer in zip(self.cache.layers, decoder_of(model).layers, strict=True):
             # Each layer's cache on its layer's device (a split model's are on several GPUs).
             empty = torch.zeros((batch, config.num_key_value_heads, 0, head_dim), dtype=model.dtype,

@@ -140,7 +140,7 @@ class StreamingThresholdPress(DMSPress):
         if self.press is None:  # masking only (padding), nothing is evicted
             return output
         state = self.layers[module.layer_idx]
-        if self.fixed_ratio is not None and state.decided_once:  # its one decision is made
+        if state.decided_once:  # its one decision is made (a fixed ratio's, a compacted context's)
             return output
         layout = state.layout
         hidden_states = kwargs["hidden_states"]

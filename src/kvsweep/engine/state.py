@@ -33,7 +33,8 @@ class LayerEviction:
     # With accumulated attention: positions below tokens_before - decision_window were decided
     # before the pass, so their sums are not needed any more (None: every key keeps receiving).
     decision_window: int | None = None
-    # A fixed ratio (`StreamingThresholdPress.fixed_ratio`) decides once per batch, at its first pass.
+    # A fixed ratio (`StreamingThresholdPress.fixed_ratio`) decides once per batch, at its first
+    # pass; a compacted context (`kvsweep.engine.compaction`) has been decided for good.
     decided_once: bool = False
 
     @classmethod
