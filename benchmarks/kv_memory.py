@@ -72,8 +72,7 @@ def watched_call(call, *args):
         start = time.perf_counter()
         with prefilled(*inner, **kwargs) as state:
             torch.cuda.synchronize()
-            cache = state.passes.cache.layers
-            seen.append((sum(layer.keys.nbytes + layer.values.nbytes for layer in cache), time.perf_counter() - start))
+            seen.append((state.passes.kv_bytes(), time.perf_counter() - start))
             yield state
 
     compress_once._prefilled = watched

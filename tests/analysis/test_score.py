@@ -146,3 +146,45 @@ def test_tables_say_which_protocol_measured_them(tmp_path, task, protocol):
     assert list(summary.protocol) == [protocol, protocol] and "protocol" in out["s.md"].read_text().splitlines()[0]
     provenance = pd.read_csv(out["p.csv"])
     assert list(provenance.protocol) == [protocol, protocol] and list(provenance.device) == ["cpu", "cpu"]
+
+
+def test_memory_and_decoding_speed_against_the_baselines_on_the_same_documents(tmp_path):
+    """kv_memory_GiB: the mean of the documents' shares of their batches' caches; its ratio and the
+    decoding speed's to the baseline's. Lines written before kvsweep recorded them give NaN."""
+    gib = 2**30
+    base = [{**doc(i, 10.0, 9, 100), "kv_cache_bytes": gib, "decode_tok_s": 100.0} for i in range(3)]
+    kept = [{**doc(i, 11.0, 9, 30), "kv_cache_bytes": share * gib, "decode_tok_s": 150.0 + i}
+            for i, share in enumerate([0.25, 0.5, 0.75])]  # fmt: skip
+    older = [doc(i, 11.0, 9, 50) for i in range(3)]
+    paths = [write(tmp_path, "baseline", "none", base), write(tmp_path, "h2o", "0.1", kept),
+             write(tmp_path, "h2o", "0.2", older)]  # fmt: skip
+    table = summarize(load_results(paths), n_resamples=100).set_index("value")
+    assert table.loc["", "kv_memory_GiB"] == 1 and table.loc["", "kv_memory_vs_baseline"] == 1
+    assert table.loc["0.1", "kv_memory_GiB"] == pytest.approx(0.5)
+    assert table.loc["0.1", "kv_memory_vs_baseline"] == pytest.approx(0.5)
+    assert math.isnan(table.loc["0.2", "kv_memory_GiB"]) and math.isnan(table.loc["0.2", "kv_memory_vs_baseline"])
+
+    from kvsweep.analysis.results import costs
+
+    rows = load_results(paths)
+    speeds = costs(rows[rows.value == "0.1"], rows[rows.method == "baseline"], decoding=True)
+    assert speeds["decode_tok_s"] == pytest.approx(151.0) and speeds["decode_vs_baseline"] == pytest.approx(1.51)
+
+
+def test_the_figure_puts_quality_loss_against_memory_and_speed_where_the_summary_has_them():
+    import pandas as pd
+
+    from kvsweep.analysis.figures import plot_quality_vs_density
+
+    rows = [{"method": "baseline", "value": "", "delta_nll": 0.0, "ppl": 10.0, "kv_density_compressible": 1.0,
+             "kv_memory_vs_baseline": 1.0, "decode_vs_baseline": 1.0},
+            {"method": "h2o", "value": "0.1", "delta_nll": 0.01, "ppl": 10.1, "kv_density_compressible": 0.45,
+             "kv_memory_vs_baseline": 0.5, "decode_vs_baseline": 1.4}]  # fmt: skip
+    table = pd.DataFrame(rows).assign(delta_nll_ci_low=0.0, delta_nll_ci_high=0.02)
+    titles = [axis.get_title() for axis in plot_quality_vs_density(table, "t").axes]
+    assert titles[2:] == ["Quality loss against memory", "Quality loss against speed"]
+    older = table.drop(columns=["kv_memory_vs_baseline", "decode_vs_baseline"])
+    assert len(plot_quality_vs_density(older, "t").axes) == 2
+    memory = plot_quality_vs_density(table.assign(decode_vs_baseline=float("nan")), "t").axes[2]
+    (line,) = [line for line in memory.get_lines() if line.get_label() == "h2o"]
+    assert list(line.get_xdata()) == [0.5] and list(line.get_ydata()) == [0.01]

@@ -133,7 +133,7 @@ def test_the_compacted_cache_holds_the_widest_heads_kept_entries_only(demo):
     # keys and values, float32, per layer: batch x KV heads x slots x head dim
     config = model.config
     per_slot = 2 * 4 * len(contexts) * config.num_key_value_heads * config.head_dim * config.num_hidden_layers
-    assert compacted.kv_bytes() == (max(kept) + width_follow + NEW_TOKENS) * per_slot
+    assert compacted.passes.kv_bytes() == (max(kept) + width_follow + NEW_TOKENS) * per_slot
 
 
 def test_minus_inf_compacts_nothing_and_is_the_uncompressed_model(demo):

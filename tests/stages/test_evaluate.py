@@ -28,6 +28,7 @@ FIELDS = {
     "kv_total",
     "kv_kept_compressible",
     "kv_total_compressible",
+    "kv_cache_bytes",
     "provenance",
 }
 

@@ -204,3 +204,27 @@ def test_a_streaming_task_without_a_chunk_size_is_one_message(shard, tmp_path, c
                 "--method", "baseline", "--output", tmp_path / "o.jsonl")  # fmt: skip
     err = capsys.readouterr().err
     assert "--chunk-size is needed: task perplexity streams its input in chunks" in err and "Traceback" not in err
+
+
+def test_a_job_records_each_documents_share_of_the_compacted_cache_and_its_decoding_speed(shard, tmp_path):
+    """kvpress's protocol compacts the cache after the context's decision: at ratio 0.75 a batch's
+    cache holds the widest document's kept quarter of its context (per KV head), the questions and
+    the answers' slots, where the baseline's holds the longest context whole."""
+    from kvsweep.stages.evaluate import planned_batches
+
+    data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
+    common = ["--model", MODEL, "--data", data, "--max-length", "200", "--task", "summarization_kvpress",
+              "--max-new-tokens", "8", "--batch-size", "3"]  # fmt: skip
+    kvsweep("evaluate", *common, "--method", "baseline", "--output", tmp_path / "baseline.jsonl")
+    kvsweep("evaluate", *common, "--method", "knorm", "--compression-ratio", "0.75", "--sliding-window", "0",
+            "--sinks", "0", "--output", tmp_path / "knorm.jsonl")  # fmt: skip
+    config = AutoModelForCausalLM.from_pretrained(MODEL).config
+    per_slot = 2 * 4 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers  # float32 K and V
+    baseline, knorm = ({r["id"]: r for r in lines(tmp_path / f"{name}.jsonl")} for name in ("baseline", "knorm"))
+    for batch in planned_batches(lines(data), 3):
+        contexts = [d["context_length"] for d in batch]
+        tail = max(len(d["input_ids"]) - d["context_length"] for d in batch) + 8  # questions, answers
+        for doc in batch:
+            assert baseline[doc["id"]]["kv_cache_bytes"] == (max(contexts) + tail) * per_slot
+            assert knorm[doc["id"]]["kv_cache_bytes"] == (max(int(n * 0.25) for n in contexts) + tail) * per_slot
+            assert baseline[doc["id"]]["decode_tok_s"] > 0 and knorm[doc["id"]]["decode_tok_s"] > 0

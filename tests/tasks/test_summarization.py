@@ -301,7 +301,8 @@ def test_summarization_command_line_and_scores(model, surrogate_dir, word_tokeni
     lines = [json.loads(x) for x in base_out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["d0", "d1", "d2"]
     assert set(lines[0]) == {"id", "generated", "references", "n_generated", "n_prompt_tokens", "provenance",
-                             "kv_kept", "kv_total", "kv_kept_compressible", "kv_total_compressible"}  # fmt: skip
+                             "kv_kept", "kv_total", "kv_kept_compressible", "kv_total_compressible",
+                             "kv_cache_bytes", "decode_tok_s"}  # fmt: skip
     expected = stream_generate(model, [docs[0]["input_ids"]], 8, 6)[0]["generated_ids"]
     assert lines[0]["generated"] == word_tokenizer.decode(expected, skip_special_tokens=True).strip()
 

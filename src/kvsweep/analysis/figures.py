@@ -4,7 +4,8 @@ figure), and where each method evicts (an eviction map).
 Quality against density. Left: the quality difference to the baseline (NLL per token, or ROUGE-L points; with its
 bootstrap CI) against the KV density; middle: perplexity or ROUGE-L against the same; right (with
 a comparison table): the difference between each pair of methods at common densities, with its paired
-CI. Points are labelled with their swept values (thresholds, or windows); the baseline is the point at density 1 and a
+CI; then, where the summary records them, the quality difference against the KV memory and against
+the decoding speed, each as a share of the baseline's (what the compression buys). Points are labelled with their swept values (thresholds, or windows); the baseline is the point at density 1 and a
 dashed line.
 """
 
@@ -28,6 +29,17 @@ DENSITY_LABELS = {
 }
 
 
+# What a configuration buys, as a share of the baseline's (summary.csv, `kvsweep.analysis.results.costs`).
+COST_LABELS = {
+    "kv_memory_vs_baseline": "KV cache memory (share of the baseline's)",
+    "decode_vs_baseline": "decoding speed (tokens/s, share of the baseline's)",
+}
+COST_TITLES = {
+    "kv_memory_vs_baseline": "Quality loss against memory",
+    "decode_vs_baseline": "Quality loss against speed",
+}
+
+
 def plot_quality_vs_density(
     table: pd.DataFrame,
     title: str,
@@ -42,8 +54,16 @@ def plot_quality_vs_density(
     baseline = table[table.method == "baseline"]
     if baseline.empty:
         raise KvsweepError("the summary has no baseline row")
-    panels = 3 if comparison is not None and not comparison.empty else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), constrained_layout=True)
+    pairwise = comparison is not None and not comparison.empty
+    costs = [column for column in COST_LABELS if column in table and table[column].notna().any()]
+    panels = 2 + pairwise + len(costs)
+    columns = min(panels, 3)
+    rows = -(-panels // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(6 * columns, 4.8 * rows), constrained_layout=True, squeeze=False)
+    axes = list(grid.flat)
+    for unused in axes[panels:]:
+        unused.remove()
+    axes = axes[:panels]
     left, right = axes[0], axes[1]
     for method, rows in table[table.method != "baseline"].groupby("method"):
         rows = rows.sort_values(density)
@@ -62,13 +82,27 @@ def plot_quality_vs_density(
     right.plot([1.0], [reference], marker="*", markersize=12, color="black", linestyle="none", label="baseline")
     left.set(xlabel=DENSITY_LABELS[density], ylabel=label, title="Quality loss")
     right.set(xlabel=DENSITY_LABELS[density], ylabel=absolute_label, title=absolute_label.split(" (")[0])
-    if panels == 3:
+    if pairwise:
         plot_pairwise_differences(axes[2], comparison, task, density)
+    for axis, column in zip(axes[2 + pairwise :], costs, strict=True):
+        plot_loss_against_cost(axis, table, column, quality, label)
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle(title)
     return fig
+
+
+def plot_loss_against_cost(axis, table: pd.DataFrame, cost: str, quality: str, label: str) -> None:
+    """Each method's quality loss against what it costs beside the baseline (its KV memory, or its
+    decoding speed, as a share of the baseline's): the baseline at 1, loss 0."""
+    for method, rows in table[table.method != "baseline"].groupby("method"):
+        rows = rows.dropna(subset=[cost]).sort_values(cost)
+        if not rows.empty:
+            axis.plot(rows[cost], rows[quality], marker="o", label=method)
+    axis.axhline(0, color="black", linestyle="--", linewidth=1)
+    axis.plot([1.0], [0.0], marker="*", markersize=12, color="black", linestyle="none", label="baseline")
+    axis.set(xlabel=COST_LABELS[cost], ylabel=label, title=COST_TITLES[cost])
 
 
 def plot_pairwise_differences(axis, comparison: pd.DataFrame, task: str, density: str) -> None:

@@ -160,6 +160,27 @@ def densities(group: "pd.DataFrame") -> dict:  # noqa: F821
     }
 
 
+def costs(group: "pd.DataFrame", base: "pd.DataFrame", decoding: bool = False) -> dict:  # noqa: F821
+    """What a configuration's documents cost beside the baseline's (the same documents):
+    `kv_memory_GiB`, the mean of each document's share of its batch's KV cache (the masked engine
+    holds every position; the compacting one what is kept), and its ratio to the baseline's; with
+    `decoding`, `decode_tok_s`, the mean of the batches' decoding speeds, and its ratio. NaN where
+    the result lines do not record them (written before kvsweep did)."""
+
+    def mean(rows, column):
+        return rows[column].astype(float).mean() if column in rows else math.nan
+
+    memory, base_memory = mean(group, "kv_cache_bytes"), mean(base, "kv_cache_bytes")
+    found = {
+        "kv_memory_GiB": memory / 2**30,
+        "kv_memory_vs_baseline": memory / base_memory if base_memory else math.nan,
+    }
+    if decoding:
+        speed, base_speed = mean(group, "decode_tok_s"), mean(base, "decode_tok_s")
+        found.update(decode_tok_s=speed, decode_vs_baseline=speed / base_speed if base_speed else math.nan)
+    return found
+
+
 # A method's compression ratios (kvpress's fixed budgets) are another policy than its thresholds:
 # comparisons and figures draw them as a curve of their own, `<method>@ratio`.
 RATIO_CURVE = "{}@ratio"

@@ -53,10 +53,6 @@ class CompactedContext:
             for counts, n in zip(self.counts, added, strict=True)
         ]
 
-    def kv_bytes(self) -> int:
-        """Bytes of keys and values this cache holds, over every layer."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.passes.cache.layers)
-
 
 class KeptContexts:
     """The kept entries of a batch's contexts, gathered group after group of documents (each

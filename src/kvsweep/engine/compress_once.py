@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsweep.engine.compaction import CompactedContext, KeptContexts
-from kvsweep.engine.generate import GreedyAnswers
+from kvsweep.engine.generate import DecodeTiming, GreedyAnswers
 from kvsweep.engine.layout import BatchLayout
 from kvsweep.engine.passes import StaticPasses
 from kvsweep.engine.placement import decoder_of
@@ -192,6 +192,7 @@ def compress_once_generate(
     clock=None,
     compact: bool | None = None,
     prefill_batch: int | None = None,
+    stats: dict | None = None,
 ) -> list[dict]:
     """Greedy answers to `questions` after their `contexts`, compressed once (kvpress's protocol).
 
@@ -205,7 +206,9 @@ def compress_once_generate(
     decision (`kvsweep.engine.compaction`), so the question and the answer read only what is kept;
     the same results as the masked cache up to float rounding. `prefill_batch` (with `compact`):
     the contexts' passes run for so many documents at a time, each group compacted before the
-    next, so that one group's whole cache is the most held at once."""
+    next, so that one group's whole cache is the most held at once. `stats` (a dict) gets the bytes
+    of the cache the answer is decoded over (`kv_cache_bytes`) and the decoding's `decode_seconds`
+    and `decode_tokens` (`kvsweep.engine.generate.DecodeTiming`)."""
     if any(len(q) == 0 for q in questions) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and every question needs at least one token")
     if decoding and press is not None and press.fixed_ratio is not None:
@@ -215,6 +218,7 @@ def compress_once_generate(
     press = press if press is not None else StreamingThresholdPress.mask_only()
     rows = torch.arange(batch, device=device)
     answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device, keep_first=True)
+    timing = DecodeTiming(device)
     compact = _compacts(compact, decoding)
     with _prefilled(
         model, press, contexts, questions, max_new_tokens, decoding, compact, prefill_batch, cuda_graphs, clock
@@ -233,7 +237,12 @@ def compress_once_generate(
             layout.read(count if decoding else n_context, after if decoding else n_context)
             next_logits = passes.run(token[:, None], count[:, None], slot)[:, 0].float().to(device)
             count = after
+            if step == 0:
+                timing.first_step_done(answers)
         counts, per_layer = prefilled.kv_counts(press, model, count, n_context)
+        timing.into(stats, answers)
+        if stats is not None:
+            stats["kv_cache_bytes"] = passes.kv_bytes()
     return [
         {**answer, **counts[row], "evicted_per_layer": per_layer[row]} for row, answer in enumerate(answers.results())
     ]
@@ -249,6 +258,7 @@ def compress_once_nll(
     clock=None,
     compact: bool | None = None,
     prefill_batch: int | None = None,
+    stats: dict | None = None,
 ) -> list[dict]:
     """The loss of each continuation after its context, compressed once: one pass over the
     context, the press decides, then one pass over the continuation (nothing more evicted).
@@ -256,7 +266,8 @@ def compress_once_nll(
 
     Per document: `n_tokens` (context and continuation), `nll_sum` over the continuation's tokens,
     `n_predicted` (its length), the KV counts and `evicted_per_layer`. `compact` and
-    `prefill_batch` as `compress_once_generate`'s."""
+    `prefill_batch` as `compress_once_generate`'s; `stats` gets `kv_cache_bytes`, the bytes of the
+    cache the continuation is scored over."""
     if any(len(c) == 0 for c in continuations) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and every continuation needs at least one token")
     device = model.device
@@ -268,6 +279,8 @@ def compress_once_nll(
     ) as prefilled:
         n_context = torch.tensor([len(c) for c in contexts], device=device)
         counts, per_layer = prefilled.kv_counts(press, model, prefilled.count, n_context)
+        if stats is not None:
+            stats["kv_cache_bytes"] = prefilled.passes.kv_bytes()
     context_last, follow = prefilled.context_last, prefilled.follow
     nll = []
     for row, continuation in enumerate(continuations):

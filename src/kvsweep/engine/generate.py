@@ -10,6 +10,8 @@ document that has produced an end-of-sequence token stops: its later slots are p
 cache is no longer decided on, so the batch never changes a document's output.
 """
 
+import time
+
 import torch
 
 from kvsweep.engine.layout import BatchLayout
@@ -30,10 +32,13 @@ def stream_generate(
     key_bucket: int | None = None,
     clock=None,
     reuse=None,
+    stats: dict | None = None,
 ) -> list[dict]:
     """Return per prompt: `generated_ids` (without the end-of-sequence token), `n_generated`, and
     the KV counts at the end of generation (`kv_kept`, `kv_total`, and the compressible ones).
-    `cuda_graphs`, `key_bucket`, `clock` and `reuse` as in `stream_nll`: speed only."""
+    `cuda_graphs`, `key_bucket`, `clock` and `reuse` as in `stream_nll`: speed only. `stats` (a
+    dict) gets the batch's `kv_cache_bytes` and its decoding's `decode_seconds` and `decode_tokens`
+    (`DecodeTiming`)."""
     device = model.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -48,6 +53,7 @@ def stream_generate(
     rows = torch.arange(batch, device=device)
     next_logits = torch.zeros((batch, model.config.get_text_config().vocab_size), device=device)
     answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device)
+    timing = DecodeTiming(device)
 
     with press(model):
         passes = open_passes(model, layout, press, chunk_size, key_bucket, cuda_graphs, clock, reuse)
@@ -71,10 +77,36 @@ def stream_generate(
             layout.position[:, slot] = torch.where(writing, count - 1, -1)
             layout.read(torch.where(writing, count - 1, count), count)
             next_logits = passes.run(token[:, None], (count - 1)[:, None], slot)[:, 0].float().to(device)
+            if step == 0:
+                timing.first_step_done(answers)
 
         counts = press.kv_counts_per_document()
+        timing.into(stats, answers)
+        if stats is not None:
+            stats["kv_cache_bytes"] = passes.kv_bytes()
 
     return [{**answer, **counts[row]} for row, answer in enumerate(answers.results())]
+
+
+class DecodeTiming:
+    """The wall seconds of a batch's decoding steps after the first (whose pass may capture its
+    CUDA graph) and the tokens those steps wrote, for `stats` (`decode_seconds`, `decode_tokens`).
+    Two host syncs a batch, at the first step's end and at the last's."""
+
+    def __init__(self, device):
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.start, self.first_written = None, 0
+
+    def first_step_done(self, answers: "GreedyAnswers") -> None:
+        self.synchronize()
+        self.start, self.first_written = time.perf_counter(), int(answers.n_generated.sum())
+
+    def into(self, stats: dict | None, answers: "GreedyAnswers") -> None:
+        if stats is None:
+            return
+        self.synchronize()
+        seconds = time.perf_counter() - self.start if self.start is not None else 0.0
+        stats.update(decode_seconds=seconds, decode_tokens=int(answers.n_generated.sum()) - self.first_written)
 
 
 class GreedyAnswers:

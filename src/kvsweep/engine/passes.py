@@ -167,6 +167,10 @@ class StaticPasses:
         self._graphs[(q, index)] = (graph, captured)
         return logits
 
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values the cache holds, over every layer."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+
     def reset_cache(self) -> None:
         """Zero the cache for a new batch (the masks hide unwritten slots; zeros keep them finite)."""
         self.cache.reset()

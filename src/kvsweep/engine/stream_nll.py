@@ -29,6 +29,7 @@ def stream_nll(
     key_bucket: int | None = None,
     clock=None,
     reuse: ReusablePasses | None = None,
+    stats: dict | None = None,
 ) -> list[dict]:
     """Stream one batch of tokenized documents; return per-document NLL sums and KV counts.
 
@@ -43,7 +44,8 @@ def stream_nll(
     `key_bucket` sets the key-length grid of `StaticPasses` (default: `default_bucket`). Neither
     changes the result. `clock` (`kvsweep.core.timing.StageClock`) is billed the graph captures.
     `reuse` (`ReusablePasses`, one per job) reuses the previous batch's passes and graphs when this batch
-    has the same shape: same results, fewer captures.
+    has the same shape: same results, fewer captures. `stats` (a dict) gets `kv_cache_bytes`, the
+    bytes of the batch's KV cache (the masked engine holds every position).
     """
     device = model.device
     batch = len(documents)
@@ -69,6 +71,8 @@ def stream_nll(
             nll += (token_nll.view(predicts.shape) * predicts).sum(1, dtype=torch.float64)
 
         counts = press.kv_counts_per_document()
+        if stats is not None:
+            stats["kv_cache_bytes"] = passes.kv_bytes()
         if return_evicted:
             evicted = torch.stack([press.layers[i].evicted.cpu() for i in sorted(press.layers)]).numpy()
         if return_decision_scores:

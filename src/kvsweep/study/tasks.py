@@ -57,7 +57,8 @@ PERPLEXITY = Task(
     quality_label="perplexity",
     loss_unit="nats per token",
     summary_columns=("method", "swept", "value", "target_density", "ppl", "nll", "delta_nll", "delta_nll_ci_low",
-                     "delta_nll_ci_high", "kv_density", "kv_density_compressible", "n_docs", "n_tokens"),
+                     "delta_nll_ci_high", "kv_density", "kv_density_compressible", "kv_memory_GiB",
+                     "kv_memory_vs_baseline", "n_docs", "n_tokens"),
 )  # fmt: skip
 
 SUMMARIZATION = Task(
@@ -73,7 +74,8 @@ SUMMARIZATION = Task(
     loss_unit="ROUGE-L points",
     summary_columns=("method", "swept", "value", "target_density", "rougeL", "rouge1", "rouge2", "rougeLsum",
                      "delta_rougeL", "delta_rougeL_ci_low", "delta_rougeL_ci_high", "kv_density",
-                     "kv_density_compressible", "n_docs", "mean_generated_tokens"),
+                     "kv_density_compressible", "kv_memory_GiB", "kv_memory_vs_baseline", "decode_tok_s",
+                     "decode_vs_baseline", "n_docs", "mean_generated_tokens"),
     settings=(Setting("max_new_tokens", 512, "tokens generated at most per summary", minimum=1),),
     reads_summary_field=True,
 )  # fmt: skip

@@ -51,6 +51,18 @@ class TaskWork:
     report: Callable = lambda stats, preparation: None
 
 
+def with_costs(lines: list[dict], stats: dict) -> list[dict]:
+    """A batch's result lines with what its documents cost: each document's share of the batch's KV
+    cache (`kv_cache_bytes`: the cache's bytes over the batch's documents) and, for generation, the
+    batch's decoding speed (`decode_tok_s`: the tokens its decoding steps after the first wrote, per
+    second; None where they wrote none). `stats` is the engine's (its `stats` argument)."""
+    costs = {"kv_cache_bytes": stats["kv_cache_bytes"] / len(lines)}
+    if "decode_seconds" in stats:  # None where no step after the first wrote a token
+        measured = stats["decode_seconds"] > 0 and stats["decode_tokens"] > 0
+        costs["decode_tok_s"] = stats["decode_tokens"] / stats["decode_seconds"] if measured else None
+    return [{**line, **costs} for line in lines]
+
+
 def work_of(name: str) -> TaskWork:
     from kvsweep.tasks.registry import WORK
 

@@ -6,7 +6,7 @@ it pays for torch, and the time of the imports is billed to their stage.)"""
 import math
 
 from kvsweep.study import tasks
-from kvsweep.tasks import TaskWork
+from kvsweep.tasks import TaskWork, with_costs
 
 
 def prepare_document(doc, record, text, tokenizer, preparation, stats, index) -> None:
@@ -26,10 +26,16 @@ def evaluator(evaluation, model, press, clock=None):
     from kvsweep.engine.stream_nll import stream_nll
 
     reuse = ReusablePasses()  # batches of one shape share their passes
-    return lambda batch: stream_nll(
-        model, [d["input_ids"] for d in batch], evaluation.chunk_size, press, cuda_graphs=evaluation.cuda_graphs,
-        clock=clock, reuse=reuse,
-    )  # fmt: skip
+
+    def score_batch(batch):
+        stats = {}
+        results = stream_nll(
+            model, [d["input_ids"] for d in batch], evaluation.chunk_size, press, cuda_graphs=evaluation.cuda_graphs,
+            clock=clock, reuse=reuse, stats=stats,
+        )  # fmt: skip
+        return with_costs(results, stats)
+
+    return score_batch
 
 
 def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0):
@@ -38,7 +44,7 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
     import pandas as pd
 
     from kvsweep.analysis.bootstrap import paired_delta
-    from kvsweep.analysis.results import configurations, densities, ordered
+    from kvsweep.analysis.results import configurations, costs, densities, ordered
 
     rows = []
     for method, value, group, base in configurations(results):
@@ -48,7 +54,7 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
         rows.append({
             "method": method, "swept": group.swept.iloc[0], "value": value, "ppl": math.exp(nll), "nll": nll,
             "delta_nll": delta, "delta_nll_ci_low": low, "delta_nll_ci_high": high,
-            **densities(group), "n_docs": len(group), "n_tokens": int(group.n_predicted.sum()),
+            **densities(group), **costs(group, base), "n_docs": len(group), "n_tokens": int(group.n_predicted.sum()),
         })  # fmt: skip
     return ordered(pd.DataFrame(rows, columns=list(tasks.PERPLEXITY.summary_columns)))
 

@@ -5,7 +5,7 @@ perplexity's; the split is made when the job runs, from the task's setting."""
 
 from kvsweep.core.errors import KvsweepError
 from kvsweep.study import tasks
-from kvsweep.tasks import TaskWork, perplexity
+from kvsweep.tasks import TaskWork, perplexity, with_costs
 
 
 def evaluator(evaluation, model, press, clock=None):
@@ -21,10 +21,12 @@ def evaluator(evaluation, model, press, clock=None):
                     f"{keep} (perplexity_kvpress.continuation_tokens) after the rest, so every document needs more; "
                     "raise dataset.min_length above continuation_tokens"
                 )
-        return compress_once_nll(
+        stats = {}
+        results = compress_once_nll(
             model, [d["input_ids"][:-keep] for d in batch], [d["input_ids"][-keep:] for d in batch], press,
-            cuda_graphs=evaluation.cuda_graphs, clock=clock,
+            cuda_graphs=evaluation.cuda_graphs, clock=clock, stats=stats,
         )  # fmt: skip
+        return with_costs(results, stats)
 
     return score_batch
 

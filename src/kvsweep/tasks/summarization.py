@@ -7,7 +7,7 @@ greedy generation; ROUGE against the reference summaries.
 from kvsweep.core.errors import KvsweepError
 from kvsweep.core.io import checked_text
 from kvsweep.study import tasks
-from kvsweep.tasks import TaskWork
+from kvsweep.tasks import TaskWork, with_costs
 
 
 def prepare_document(doc, record, text, tokenizer, preparation, stats, index) -> None:
@@ -68,6 +68,7 @@ def evaluator(evaluation, model, press, clock=None):
     eos = eos_token_ids(model, tokenizer)
 
     def summarize_batch(batch):
+        stats = {}
         results = stream_generate(
             model,
             [d["input_ids"] for d in batch],
@@ -78,8 +79,9 @@ def evaluator(evaluation, model, press, clock=None):
             evaluation.cuda_graphs,
             clock=clock,
             reuse=reuse,
+            stats=stats,
         )
-        return result_lines(batch, results, tokenizer)
+        return with_costs(result_lines(batch, results, tokenizer), stats)
 
     return summarize_batch
 
@@ -125,7 +127,7 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
     import pandas as pd
 
     from kvsweep.analysis.bootstrap import paired_mean_difference
-    from kvsweep.analysis.results import configurations, densities, ordered
+    from kvsweep.analysis.results import configurations, costs, densities, ordered
 
     results = add_rouge(results)
     rows = []
@@ -137,7 +139,8 @@ def summarize(results, n_resamples: int = 2000, confidence: float = 0.95, seed: 
             "method": method, "swept": group.swept.iloc[0], "value": value,
             **{key: group[key].mean() for key in ("rougeL", "rouge1", "rouge2", "rougeLsum")},
             "delta_rougeL": delta, "delta_rougeL_ci_low": low, "delta_rougeL_ci_high": high,
-            **densities(group), "n_docs": len(group), "mean_generated_tokens": group.n_generated.mean(),
+            **densities(group), **costs(group, base, decoding=True), "n_docs": len(group),
+            "mean_generated_tokens": group.n_generated.mean(),
         })  # fmt: skip
     return ordered(pd.DataFrame(rows, columns=list(tasks.SUMMARIZATION.summary_columns)))
 

@@ -9,7 +9,7 @@ exactly the same input."""
 
 from kvsweep.core.errors import KvsweepError
 from kvsweep.study import tasks
-from kvsweep.tasks import TaskWork, summarization
+from kvsweep.tasks import TaskWork, summarization, with_costs
 
 
 def prepare_document(doc, record, text, tokenizer, preparation, stats, index) -> None:
@@ -51,6 +51,7 @@ def evaluator(evaluation, model, press, clock=None):
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def summarize_batch(batch):
+        stats = {}
         results = compress_once_generate(
             model,
             [d["input_ids"][: d["context_length"]] for d in batch],
@@ -61,8 +62,9 @@ def evaluator(evaluation, model, press, clock=None):
             eos_token_ids=eos,
             cuda_graphs=evaluation.cuda_graphs,
             clock=clock,
+            stats=stats,
         )
-        return summarization.result_lines(batch, results, tokenizer)
+        return with_costs(summarization.result_lines(batch, results, tokenizer), stats)
 
     return summarize_batch
 
