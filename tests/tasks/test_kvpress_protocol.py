@@ -228,3 +228,18 @@ def test_a_job_records_each_documents_share_of_the_compacted_cache_and_its_decod
             assert baseline[doc["id"]]["kv_cache_bytes"] == (max(contexts) + tail) * per_slot
             assert knorm[doc["id"]]["kv_cache_bytes"] == (max(int(n * 0.25) for n in contexts) + tail) * per_slot
             assert baseline[doc["id"]]["decode_tok_s"] > 0 and knorm[doc["id"]]["decode_tok_s"] > 0
+
+
+def test_contexts_prefilled_one_at_a_time_give_what_the_whole_batch_gives(shard, tmp_path):
+    """--prefill-batch-size 1: each context's pass alone, compacted before the next; the answers
+    still decode together, the same as with the batch prefilled at once (speed and memory only)."""
+    data = shard / "data" / "summarization_kvpress" / "shard000.jsonl"
+    common = ["--model", MODEL, "--data", data, "--max-length", "200", "--task", "summarization_kvpress",
+              "--max-new-tokens", "8", "--batch-size", "3", "--method", "knorm", "--compression-ratio", "0.6",
+              "--sliding-window", "0", "--sinks", "0"]  # fmt: skip
+    kvsweep("evaluate", *common, "--output", tmp_path / "batch.jsonl")
+    kvsweep("evaluate", *common, "--prefill-batch-size", "1", "--output", tmp_path / "one.jsonl")
+    timing = ("provenance", "decode_tok_s")
+    together, alone = ([{k: v for k, v in r.items() if k not in timing} for r in lines(tmp_path / f"{name}.jsonl")]
+                       for name in ("batch", "one"))  # fmt: skip
+    assert together == alone and any(r["kv_kept"] < r["kv_total"] for r in alone)

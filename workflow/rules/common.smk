@@ -390,7 +390,8 @@ def model_job_resources(speed=True):
     if config["gpus_per_job"] > 0:
         found.update(gpu=config["gpus_per_job"], nodes=1)
     if speed:
-        found.update(batch_size=config["batch_size"], cuda_graphs="auto" if config["cuda_graphs"] else "off")
+        found.update(batch_size=config["batch_size"], cuda_graphs="auto" if config["cuda_graphs"] else "off",
+                     prefill_batch_size=config["prefill_batch_size"] or 0)
     return found
 
 
@@ -442,9 +443,9 @@ def calibration_search_arguments(target):
 def reported_config():
     """The config as the report shows it: defaults filled in, thresholds and targets in their
     canonical spelling, without the settings that change only speed (batch_size, cuda_graphs,
-    gpus_per_job). As the params of its rule, it changes (and reruns the rule) exactly when a result
+    gpus_per_job, prefill_batch_size). As the params of its rule, it changes (and reruns the rule) exactly when a result
     may change."""
-    speed_only = ("batch_size", "cuda_graphs", "gpus_per_job")
+    speed_only = ("batch_size", "cuda_graphs", "gpus_per_job", "prefill_batch_size")
     shown = {key: value for key, value in config.items() if key not in speed_only}
     shown["methods"] = {}
     for name, settings in config["methods"].items():

@@ -25,5 +25,6 @@ rule evaluate:
         "../../envs/kvsweep.yaml"
     shell:
         "python -m kvsweep evaluate {params.engine:q} --batch-size={resources.batch_size:q} "
-        "--cuda-graphs={resources.cuda_graphs:q} {params.task:q} --data={input.shard:q} "
+        "--cuda-graphs={resources.cuda_graphs:q} --prefill-batch-size={resources.prefill_batch_size:q} "
+        "{params.task:q} --data={input.shard:q} "
         "--method={wildcards.method:q} {params.method:q} --output={output:q} 2> {log:q}"

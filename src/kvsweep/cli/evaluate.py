@@ -1,6 +1,6 @@
 """`kvsweep evaluate`: one shard under one method and its swept value (`kvsweep.stages.evaluate`)."""
 
-from kvsweep.cli.arguments import add_engine_arguments, engine_options, number
+from kvsweep.cli.arguments import add_engine_arguments, engine_options, number, whole
 from kvsweep.core.errors import KvsweepError
 from kvsweep.study.tasks import all_tasks, get_task, task_settings
 
@@ -27,6 +27,12 @@ def add_arguments(parser) -> None:
         help="with --compression-ratio: AdaKV's budget (kvpress AdaKVPress), shared by a layer's heads, each keeping "
         "at least this share of its own (kvpress's default: 0.2)",
     )  # fmt: skip
+    parser.add_argument(
+        "--prefill-batch-size", type=whole(0), default=0,
+        help="kvpress's protocol, compacting: contexts prefilled at a time, each group compacted before the next, so "
+        "the answers of a larger --batch-size decode together in the memory one group's whole cache takes "
+        "(0: the whole batch; same results)",
+    )  # fmt: skip
     parser.add_argument("--output", required=True)
 
 
@@ -42,7 +48,8 @@ def options_of(args):
         args.chunk_size = args.max_length  # one pass for the context, as the workflow's jobs give it
     return EvaluateOptions(**engine_options(args), output=args.output, task=args.task, task_settings=task_values,
                            compression_ratio=args.compression_ratio,
-                           adaptive_safeguard=args.adaptive_safeguard)  # fmt: skip
+                           adaptive_safeguard=args.adaptive_safeguard,
+                           prefill_batch_size=args.prefill_batch_size)  # fmt: skip
 
 
 def run(args, clock) -> None:

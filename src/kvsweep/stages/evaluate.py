@@ -50,6 +50,7 @@ class EvaluateOptions(EngineOptions):
     # kvpress's budget instead of a threshold (kvpress's protocol): the share of the context evicted
     compression_ratio: float | None = None
     adaptive_safeguard: float | None = None  # with it, AdaKV's budget: a layer's heads share the ratio's
+    prefill_batch_size: int = 0  # kvpress's protocol: contexts prefilled (and compacted) at a time; 0: the batch
 
 
 def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
@@ -93,7 +94,9 @@ def run(options: EvaluateOptions, clock: StageClock | None = None) -> None:
     press = build_press(
         method, options.threshold, settings, model, clock, options.compression_ratio, options.adaptive_safeguard
     )
-    evaluation = Evaluation(options.model, options.chunk_size, options.graphs, options.task_settings)
+    evaluation = Evaluation(
+        options.model, options.chunk_size, options.graphs, options.task_settings, options.prefill_batch_size or None
+    )
     with clock.stage("surrogate_load"):  # and the task's own setup (summarization's tokenizer)
         evaluate_batch = work_of(options.task).evaluator(evaluation, model, press, clock)
 

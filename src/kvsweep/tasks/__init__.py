@@ -24,12 +24,14 @@ class Preparation:
 @dataclass(frozen=True)
 class Evaluation:
     """What evaluate tells a task of the run: the model's name (for its tokenizer), the chunk, CUDA
-    graphs (None: on a GPU) and the task's own settings (its `<task>:` block)."""
+    graphs (None: on a GPU), the task's own settings (its `<task>:` block), and in kvpress's
+    protocol the contexts prefilled at a time (None: the whole batch; speed and memory only)."""
 
     model_name: str
     chunk_size: int
     cuda_graphs: bool | None
     settings: dict
+    prefill_batch: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def evaluator(evaluation, model, press, clock=None):
         stats = {}
         results = compress_once_nll(
             model, [d["input_ids"][:-keep] for d in batch], [d["input_ids"][-keep:] for d in batch], press,
-            cuda_graphs=evaluation.cuda_graphs, clock=clock, stats=stats,
+            cuda_graphs=evaluation.cuda_graphs, clock=clock, prefill_batch=evaluation.prefill_batch, stats=stats,
         )  # fmt: skip
         return with_costs(results, stats)
 

@@ -62,6 +62,7 @@ def evaluator(evaluation, model, press, clock=None):
             eos_token_ids=eos,
             cuda_graphs=evaluation.cuda_graphs,
             clock=clock,
+            prefill_batch=evaluation.prefill_batch,
             stats=stats,
         )
         return with_costs(summarization.result_lines(batch, results, tokenizer), stats)
