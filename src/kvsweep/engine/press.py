@@ -4,7 +4,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from kvpress import DMSPress
+from kvpress.presses.dms_press import DMSPress
 from torch import nn
 
 from kvsweep.engine.attention import ATTENTION_NAME, STATE_ATTRIBUTE

@@ -33,7 +33,7 @@ the pass's keys and values, unless the press declares the traits above itself.
 from typing import ClassVar
 
 import torch
-from kvpress import ScorerPress
+from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 

@@ -5,7 +5,8 @@ the key norm (kvpress's `KnormPress`)."""
 from dataclasses import dataclass
 
 import torch
-from kvpress import KnormPress, ScorerPress
+from kvpress.presses.knorm_press import KnormPress
+from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 from kvsweep.engine.random_scores import random_uniform

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from kvpress import ExpectedAttentionPress
+from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.utils import get_prerope_query_states
 from torch import nn
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from kvpress import ScorerPress
+from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 
 from kvsweep.engine.scorers.base import StreamingScorer, own_method

@@ -3,8 +3,7 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvpress import KVzapPress
-from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel
+from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from transformers import PretrainedConfig
 
 from kvsweep.core.errors import KvsweepError

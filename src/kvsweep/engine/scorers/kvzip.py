@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import kvpress.presses.kvzip_press as kvzip_press
 import torch
-from kvpress import KVzipPress
+from kvpress.presses.kvzip_press import KVzipPress
 from transformers import DynamicCache, Gemma3PreTrainedModel
 
 from kvsweep.core.errors import KvsweepError

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from kvpress import SnapKVPress
+from kvpress.presses.snapkv_press import SnapKVPress
 from torch import nn
 
 from kvsweep.core.errors import KvsweepError
