@@ -24,6 +24,9 @@ with the compacting cache. Per row:
   same press on the masked engine (the cache kept whole), the cost of compacting;
 - `peak_GiB`: the most memory allocated during the call (weights included): the context's pass
   holds the whole context's cache before it is compacted, so this is the prefill's peak;
+- `largest_batch_estimate` (with `--prefill-batch 1`): the most documents of this length the GPU
+  holds at this point, from this run's memory: the weights, one context's pass (the peak less the
+  weights and the compacted caches) and one compacted cache per document;
 - rows that do not fit say `"error": "out of memory"`.
 
 Rows are written after each measurement, so a run cut short keeps what it measured.
@@ -112,6 +115,8 @@ def main():
     model, surrogate = build_model(args.arch)
     weights_GiB = torch.cuda.memory_allocated() / 2**30
     report["weights_GiB"] = weights_GiB
+    gpu_GiB = torch.cuda.mem_get_info()[1] / 2**30
+    report["gpu_GiB"] = gpu_GiB
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
 
@@ -182,6 +187,12 @@ def main():
             )  # fmt: skip
             if "masked_prefill_s" in row:
                 row["prefill_vs_masked"] = row["masked_prefill_s"] / prefill_s
+            if args.prefill_batch == 1:
+                # What fits on this GPU: the weights, one context's pass (its whole cache and
+                # activations: the peak less the compacted caches) and B compacted caches.
+                per_document = kv_bytes / batch / 2**30
+                one_pass = peak - report["weights_GiB"] - kv_bytes / 2**30
+                row["largest_batch_estimate"] = int((gpu_GiB - report["weights_GiB"] - one_pass) // per_document)
             if method == "baseline":
                 baseline = row
             if baseline is not None:

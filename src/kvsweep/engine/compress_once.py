@@ -7,12 +7,16 @@ which every query sees every context key; then the press decides once, for every
 context with j < n_context - W, by the same rule as streaming (`StreamingThresholdPress`); then the
 question is one uncompressed pass, and greedy decoding follows. With `decoding`, the press keeps
 deciding after the question's pass and after each new token, as `DMSPress(decoding=True)` does.
-The evicted entries are masked, as in streaming; kvpress replaces their keys with a "fake key"
-per pass, which reaches the same attention up to float rounding.
+Without `decoding`, the evicted entries are freed once decided: the kept ones are gathered into a
+smaller cache (`kvsweep.engine.compaction`) that the question and the answer read. With it (or
+`compact=False`), they are masked, as in streaming. kvpress replaces their keys with a "fake key"
+per pass (or, for a scorer press, removes them), which reaches the same attention up to float
+rounding.
 
 Documents share cache slots as in `stream_generate`: contexts from slot 0 (padding on the right),
-every question at the same slots after the longest context, then one slot per new token, each
-token with its own position id, so the batch never changes a document's result.
+every question at the same slots after the longest context (after the compacted context's slots
+when compacting), then one slot per new token, each token with its own position id, so the batch
+never changes a document's result.
 """
 
 from contextlib import contextmanager
