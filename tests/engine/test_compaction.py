@@ -94,18 +94,23 @@ def test_compacting_gives_what_masking_gives(demo, name, threshold, settings, ra
         assert ours == reference
 
 
-@pytest.mark.parametrize("name,threshold,settings,ratio", [
-    ("h2o", None, {"local_window": 0, "sinks": 0}, 0.6),
-    ("knorm", -3.0, {"sliding_window": 8, "sinks": 0}, None),
+@pytest.mark.parametrize("name,threshold,settings,ratio,decoding", [
+    ("h2o", None, {"local_window": 0, "sinks": 0}, 0.6, False),
+    ("knorm", -3.0, {"sliding_window": 8, "sinks": 0}, None, False),
+    ("h2o", 0.03, {"local_window": 8, "sinks": 2}, None, True),
+    ("kvzap", 0.0, {"sliding_window": 8, "sinks": 4}, None, True),
 ])  # fmt: skip
-def test_compacting_gives_what_masking_gives_through_the_kernels(demo, monkeypatch, name, threshold, settings, ratio):
-    """Every pass through the Triton kernels (the GPU's path, under the interpreter), keys split."""
+def test_compacting_gives_what_masking_gives_through_the_kernels(
+    demo, monkeypatch, name, threshold, settings, ratio, decoding
+):
+    """Every pass through the Triton kernels (the GPU's path, under the interpreter: the attention,
+    H2O's sums and the decisions in their kernels), keys split."""
     every_pass_through_split_kernels(monkeypatch)
     model, tokenizer, _ = demo
     contexts, questions = documents(tokenizer, [30, 70], seed=2)
     press = press_for(demo, name, threshold, settings, ratio)
-    masked = compress_once_generate(model, contexts, questions, 6, press, compact=False)
-    assert compress_once_generate(model, contexts, questions, 6, press, compact=True) == masked
+    masked = compress_once_generate(model, contexts, questions, 6, press, decoding=decoding, compact=False)
+    assert compress_once_generate(model, contexts, questions, 6, press, decoding=decoding, compact=True) == masked
     masked = compress_once_nll(model, contexts, questions, press, compact=False)
     for ours, reference in zip(compress_once_nll(model, contexts, questions, press, compact=True), masked, strict=True):
         assert ours["nll_sum"] == pytest.approx(reference["nll_sum"], rel=1e-5)
@@ -149,12 +154,31 @@ def test_minus_inf_compacts_nothing_and_is_the_uncompressed_model(demo):
         assert ours["kv_kept"] == ours["kv_total"] == reference["kv_total"]
 
 
-def test_compaction_is_refused_while_decoding_compresses(demo):
+DECODING = [case for case in CASES if case[3] is None]  # thresholds: kvpress's DMSPress(decoding=True)
+
+
+@pytest.mark.parametrize(
+    "name,threshold,settings,ratio,safeguard", DECODING, ids=[f"{c[0]}-decoding" for c in DECODING]
+)
+def test_compacting_gives_what_masking_gives_while_decoding_compresses(
+    demo, name, threshold, settings, ratio, safeguard
+):
+    """With eviction while decoding, the window's entries (at the same slots in every head, with
+    their own positions) and the question's and answer's are decided as the masked engine decides
+    them; only what the context's decision evicted is freed."""
     model, tokenizer, _ = demo
-    contexts, questions = documents(tokenizer, [40])
-    press = press_for(demo, "knorm", -3.0, {"sliding_window": 8, "sinks": 0})
-    with pytest.raises(ValueError, match="not with decoding"):
-        compress_once_generate(model, contexts, questions, 4, press, decoding=True, compact=True)
-    # By default the cache compacts where the press decides once, and stays masked while decoding.
-    masked = compress_once_generate(model, contexts, questions, 4, press, decoding=True, compact=False)
-    assert compress_once_generate(model, contexts, questions, 4, press, decoding=True) == masked
+    contexts, questions = documents(tokenizer, [40, 120, 75])
+    press = press_for(demo, name, threshold, settings)
+    eos = {model.generation_config.eos_token_id}
+    masked = compress_once_generate(
+        model, contexts, questions, NEW_TOKENS, press, decoding=True, eos_token_ids=eos, compact=False
+    )
+    later = [sum(r["evicted_per_layer"]) for r in masked]
+    before = compress_once_generate(model, contexts, questions, NEW_TOKENS, press, decoding=False, compact=False)
+    assert later != [sum(r["evicted_per_layer"]) for r in before], "nothing evicted while decoding: proves little"
+    for prefill_batch in (None, 1):
+        compacted = compress_once_generate(
+            model, contexts, questions, NEW_TOKENS, press, decoding=True, eos_token_ids=eos, compact=True,
+            prefill_batch=prefill_batch,
+        )  # fmt: skip
+        assert compacted == masked

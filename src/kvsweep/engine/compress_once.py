@@ -7,11 +7,11 @@ which every query sees every context key; then the press decides once, for every
 context with j < n_context - W, by the same rule as streaming (`StreamingThresholdPress`); then the
 question is one uncompressed pass, and greedy decoding follows. With `decoding`, the press keeps
 deciding after the question's pass and after each new token, as `DMSPress(decoding=True)` does.
-Without `decoding`, the evicted entries are freed once decided: the kept ones are gathered into a
-smaller cache (`kvsweep.engine.compaction`) that the question and the answer read. With it (or
-`compact=False`), they are masked, as in streaming. kvpress replaces their keys with a "fake key"
-per pass (or, for a scorer press, removes them), which reaches the same attention up to float
-rounding.
+The entries the context's decision evicts are freed: the kept ones are gathered into a smaller
+cache (`kvsweep.engine.compaction`) that the question and the answer read; those evicted while
+decoding are masked there. With `compact=False` every eviction is masked in the whole cache, as in
+streaming (the reference). kvpress replaces masked keys with a "fake key" per pass (or, for a
+scorer press, removes them), which reaches the same attention up to float rounding.
 
 Documents share cache slots as in `stream_generate`: contexts from slot 0 (padding on the right),
 every question at the same slots after the longest context (after the compacted context's slots
@@ -35,13 +35,14 @@ from kvsweep.engine.random_scores import document_key
 from kvsweep.engine.stream_nll import right_padded_ids
 
 
-def _layout(contexts, follow_ups, extra_slots: int, device, compact: bool) -> BatchLayout:
+def _layout(contexts, follow_ups, extra_slots: int, device, compact: bool, capacity: int | None = None) -> BatchLayout:
     """The batch's layout: contexts in slots [0, Wc), each follow-up (question or continuation) in
     [Wc, Wc + Wf) at positions n_context + k, and `extra_slots` more for generated tokens; with
-    `compact`, the contexts' slots only (the rest goes in the compacted cache)."""
+    `compact`, the contexts' slots only (the rest goes in the compacted cache), or `capacity` slots
+    (a scorer's state by position covers every position the answer will reach)."""
     width_context = max(len(c) for c in contexts)
     if compact:
-        layout = BatchLayout.right_padded(contexts, width_context, device)
+        layout = BatchLayout.right_padded(contexts, capacity or width_context, device)
         layout.max_gap = width_context - min(len(c) for c in contexts)
         return layout
     width_follow = max(len(f) for f in follow_ups)
@@ -70,13 +71,11 @@ class Prefilled:
     answer_slot: int
     compacted: CompactedContext | None
 
-    def kv_counts(self, press: StreamingThresholdPress, model, count: torch.Tensor, n_context: torch.Tensor):
-        """Per document, the KV counts at the end (`count` tokens each) and the entries evicted per layer."""
+    def kv_counts(self, press: StreamingThresholdPress):
+        """Per document, the KV counts at the end and the entries evicted per layer."""
         if self.compacted is None:
             return press.kv_counts_per_document(), evicted_per_layer(press)
-        config = model.config.get_text_config()
-        entries = config.num_hidden_layers * config.num_key_value_heads
-        return self.compacted.kv_counts(count, n_context, entries), self.compacted.evicted_per_layer
+        return self.compacted.kv_counts(press)
 
 
 def _context_pass(model, press, contexts, layout, cuda_graphs, clock) -> tuple[StaticPasses, torch.Tensor]:
@@ -120,7 +119,9 @@ def _prefilled(model, press, contexts, follow_ups, extra_slots, decoding, compac
             yield _follow_up(passes, layout, context_last, follow_ups, follow_positions, follow_slot, None,
                              n_context, n_follow, decoding, cuda_graphs)  # fmt: skip
         return
-    kept = KeptContexts(len(contexts), width_follow + extra_slots)
+    kept = KeptContexts(len(contexts), press.sliding_window_size, width_follow + extra_slots, decoding)
+    # While decoding, a scorer's state by position (random's) must reach the answer's positions.
+    capacity = max(len(c) for c in contexts) + width_follow + extra_slots if decoding else None
     context_last = []
     group = prefill_batch or len(contexts)
     for start in range(0, len(contexts), group):
@@ -128,7 +129,7 @@ def _prefilled(model, press, contexts, follow_ups, extra_slots, decoding, compac
         # A scorer that selects from passes of its own (KVzip) runs them outside the press's hooks.
         press.prepare_contexts(model, contexts[rows])
         with press(model):
-            layout = _layout(contexts[rows], follow_ups[rows], 0, device, True)
+            layout = _layout(contexts[rows], follow_ups[rows], 0, device, True, capacity)
             passes, last = _context_pass(model, press, contexts[rows], layout, cuda_graphs, clock)
             kept.add(press, passes, rows, press.kv_counts_per_document(), evicted_per_layer(press))
             context_last.append(last)
@@ -138,7 +139,7 @@ def _prefilled(model, press, contexts, follow_ups, extra_slots, decoding, compac
         keys = torch.tensor([document_key(c) for c in contexts], dtype=torch.long, device=device)
         compacted = kept.open(model, press, padded, keys, cuda_graphs, clock)
         yield _follow_up(compacted.passes, compacted.layout, torch.cat(context_last), follow_ups, follow_positions,
-                         compacted.width, compacted, n_context, n_follow, decoding, cuda_graphs)  # fmt: skip
+                         compacted.follow_slot, compacted, n_context, n_follow, decoding, cuda_graphs)  # fmt: skip
 
 
 def _follow_up(passes, layout, context_last, follow_ups, follow_positions, follow_slot, compacted, n_context,
@@ -157,11 +158,9 @@ def _follow_up(passes, layout, context_last, follow_ups, follow_positions, follo
     )  # fmt: skip
 
 
-def _compacts(compact: bool | None, decoding: bool) -> bool:
-    """Compaction where it applies: the press decides once, after the context (not while decoding)."""
-    if compact and decoding:
-        raise ValueError("compaction frees what the context's one decision evicts: not with decoding")
-    return not decoding if compact is None else compact
+def _compacts(compact: bool | None) -> bool:
+    """Compaction unless asked not to (the masked engine, the reference)."""
+    return True if compact is None else compact
 
 
 def evicted_per_layer(press: StreamingThresholdPress) -> list[list[int]]:
@@ -206,9 +205,9 @@ def compress_once_generate(
     `kv_total` over context, question and answer; the compressible ones over [sinks, n - W) of
     what was decided) and `evicted_per_layer`.
 
-    `compact` (default: unless `decoding`): the evicted entries are freed after the context's
-    decision (`kvsweep.engine.compaction`), so the question and the answer read only what is kept;
-    the same results as the masked cache up to float rounding. `prefill_batch` (with `compact`):
+    `compact` (default: True): what the context's decision evicts is freed
+    (`kvsweep.engine.compaction`), so the question and the answer read only what is kept; the same
+    results as the masked cache (`compact=False`) up to float rounding. `prefill_batch` (with `compact`):
     the contexts' passes run for so many documents at a time, each group compacted before the
     next, so that one group's whole cache is the most held at once. `stats` (a dict) gets the bytes
     of the cache the answer is decoded over (`kv_cache_bytes`) and the decoding's `decode_seconds`
@@ -223,7 +222,7 @@ def compress_once_generate(
     rows = torch.arange(batch, device=device)
     answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device, keep_first=True)
     timing = DecodeTiming(device)
-    compact = _compacts(compact, decoding)
+    compact = _compacts(compact)
     with _prefilled(
         model, press, contexts, questions, max_new_tokens, decoding, compact, prefill_batch, cuda_graphs, clock
     ) as prefilled:
@@ -243,7 +242,7 @@ def compress_once_generate(
             count = after
             if step == 0:
                 timing.first_step_done(answers)
-        counts, per_layer = prefilled.kv_counts(press, model, count, n_context)
+        counts, per_layer = prefilled.kv_counts(press)
         timing.into(stats, answers)
         if stats is not None:
             stats["kv_cache_bytes"] = passes.kv_bytes()
@@ -277,12 +276,11 @@ def compress_once_nll(
     device = model.device
     press = press if press is not None else StreamingThresholdPress.mask_only()
     # The continuation's pass reads its own tokens; the logits of its last token predict nothing.
-    compact = _compacts(compact, False)
+    compact = _compacts(compact)
     with _prefilled(
         model, press, contexts, continuations, 0, False, compact, prefill_batch, cuda_graphs, clock
     ) as prefilled:
-        n_context = torch.tensor([len(c) for c in contexts], device=device)
-        counts, per_layer = prefilled.kv_counts(press, model, prefilled.count, n_context)
+        counts, per_layer = prefilled.kv_counts(press)
         if stats is not None:
             stats["kv_cache_bytes"] = prefilled.passes.kv_bytes()
     context_last, follow = prefilled.context_last, prefilled.follow

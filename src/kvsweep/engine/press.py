@@ -291,14 +291,16 @@ def lowest_scored(
     return evicted
 
 
-def kv_counts(states: list[LayerEviction], sinks: int, window: int) -> dict[str, torch.Tensor]:
+def kv_counts(states: list[LayerEviction], sinks: int, window: int, from_slot: int = 0) -> dict[str, torch.Tensor]:
+    """The counts of `StreamingThresholdPress.kv_counts` over the slots from `from_slot` on (a
+    compacted cache counts its decided block apart: `kvsweep.engine.compaction`)."""
     layout = states[0].layout
-    position = layout.position
+    position = layout.position[:, from_slot:]
     in_doc = position >= 0
     compressible = (position >= sinks) & (position < (layout.tokens_after - window)[:, None])
     kv_heads = states[0].evicted.shape[1]
     # (batch, capacity), summed on each layer's device (a split model's are on several GPUs)
-    evicted = sum(state.evicted.sum(1).to(position.device) for state in states)
+    evicted = sum(state.evicted[:, :, from_slot:].sum(1).to(position.device) for state in states)
     n_entries = len(states) * kv_heads
     return {
         "kv_total": in_doc.sum(1) * n_entries,
