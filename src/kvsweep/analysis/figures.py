@@ -5,8 +5,9 @@ Quality against density. Left: the quality difference to the baseline (NLL per t
 bootstrap CI) against the KV density; middle: perplexity or ROUGE-L against the same; right (with
 a comparison table): the difference between each pair of methods at common densities, with its paired
 CI; then, where the summary records them, the quality difference against the KV memory and against
-the decoding speed, each as a share of the baseline's (what the compression buys). Points are labelled with their swept values (thresholds, or windows); the baseline is the point at density 1 and a
-dashed line.
+the decoding speed, each as a share of the baseline's (what the compression buys). Points are
+labelled with their swept values (thresholds, or windows); the baseline is the point at density 1
+and a dashed line.
 """
 
 import matplotlib
@@ -58,8 +59,8 @@ def plot_quality_vs_density(
     costs = [column for column in COST_LABELS if column in table and table[column].notna().any()]
     panels = 2 + pairwise + len(costs)
     columns = min(panels, 3)
-    rows = -(-panels // columns)
-    fig, grid = plt.subplots(rows, columns, figsize=(6 * columns, 4.8 * rows), constrained_layout=True, squeeze=False)
+    lines = -(-panels // columns)
+    fig, grid = plt.subplots(lines, columns, figsize=(6 * columns, 4.8 * lines), constrained_layout=True, squeeze=False)
     axes = list(grid.flat)
     for unused in axes[panels:]:
         unused.remove()

@@ -34,7 +34,6 @@ from kvsweep.engine.attention import STATE_ATTRIBUTE
 from kvsweep.engine.layout import BatchLayout
 from kvsweep.engine.passes import StaticPasses
 from kvsweep.engine.placement import decoder_of, module_device
-from kvsweep.engine.press import kv_counts
 from kvsweep.engine.state import LayerEviction
 
 
@@ -59,15 +58,14 @@ class CompactedContext:
         """Per document, the KV counts and the entries evicted per layer at the end, as the masked
         engine's press gives them: the decided block's, taken at the decision, and the rest's (the
         window, the follow-up, the answer) from the press's states now."""
-        states = [press.layers[index] for index in sorted(press.layers)]
-        later = kv_counts(states, press.sinks, press.sliding_window_size, from_slot=self.width)
-        later = [dict(zip(later, row, strict=True)) for row in zip(*(v.tolist() for v in later.values()), strict=True)]
+        later = press.kv_counts_per_document(from_slot=self.width)
         counts = [
             {key: decided[key] + now[key] for key in decided} for decided, now in zip(self.counts, later, strict=True)
         ]
-        real = self.layout.position[:, self.width :] >= 0
-        evicted = [(state.evicted[:, :, self.width :] & real.to(state.evicted.device)[:, None]).sum((1, 2)).tolist()
-                   for state in states]  # fmt: skip
+        # (as `compress_once.evicted_per_layer`: padding slots are never decided, so never evicted)
+        evicted = [
+            press.layers[index].evicted[:, :, self.width :].sum((1, 2)).tolist() for index in sorted(press.layers)
+        ]
         per_layer = [[before + now for before, now in zip(row, column, strict=True)]
                      for row, column in zip(self.evicted_per_layer, zip(*evicted, strict=True), strict=True)]  # fmt: skip
         return counts, per_layer
@@ -121,14 +119,14 @@ class KeptContexts:
         window_slots = (starts[:, None] + torch.arange(self.window, device=position.device)).clamp(
             max=position.shape[1] - 1
         )  # fmt: skip
+        window_block = slice(self.width, self.width + self.window)
         for index, (layer, mask) in enumerate(zip(passes.cache.layers, kept, strict=True)):
             # Kept entries first, in slot order (a stable sort of "not kept"), then the first `width`.
             width = min(self.width, mask.shape[-1])
             order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+            window = window_slots.to(layer.keys.device)[:, None].expand(-1, layer.keys.shape[1], -1)
             keys, values = self.storage[index]
-            for block, where in ((slice(0, width), order), (slice(self.width, self.width + self.window), None)):
-                if where is None:
-                    where = window_slots.to(layer.keys.device)[:, None].expand(-1, layer.keys.shape[1], -1)
+            for block, where in ((slice(0, width), order), (window_block, window)):
                 gather = where[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
                 keys[rows, :, block] = layer.keys.gather(2, gather)
                 values[rows, :, block] = layer.values.gather(2, gather)

@@ -158,11 +158,6 @@ def _follow_up(passes, layout, context_last, follow_ups, follow_positions, follo
     )  # fmt: skip
 
 
-def _compacts(compact: bool | None) -> bool:
-    """Compaction unless asked not to (the masked engine, the reference)."""
-    return True if compact is None else compact
-
-
 def evicted_per_layer(press: StreamingThresholdPress) -> list[list[int]]:
     """Per document, per layer: the entries evicted (over KV heads and positions), the count
     kvpress keeps as `len(module.masked_key_indices[0])` for a batch of one."""
@@ -193,7 +188,7 @@ def compress_once_generate(
     eos_token_ids: set[int] | None = None,
     cuda_graphs: bool | None = None,
     clock=None,
-    compact: bool | None = None,
+    compact: bool = True,
     prefill_batch: int | None = None,
     stats: dict | None = None,
 ) -> list[dict]:
@@ -205,7 +200,7 @@ def compress_once_generate(
     `kv_total` over context, question and answer; the compressible ones over [sinks, n - W) of
     what was decided) and `evicted_per_layer`.
 
-    `compact` (default: True): what the context's decision evicts is freed
+    `compact`: what the context's decision evicts is freed
     (`kvsweep.engine.compaction`), so the question and the answer read only what is kept; the same
     results as the masked cache (`compact=False`) up to float rounding. `prefill_batch` (with `compact`):
     the contexts' passes run for so many documents at a time, each group compacted before the
@@ -222,7 +217,6 @@ def compress_once_generate(
     rows = torch.arange(batch, device=device)
     answers = GreedyAnswers(batch, max_new_tokens, eos_token_ids, device, keep_first=True)
     timing = DecodeTiming(device)
-    compact = _compacts(compact)
     with _prefilled(
         model, press, contexts, questions, max_new_tokens, decoding, compact, prefill_batch, cuda_graphs, clock
     ) as prefilled:
@@ -243,9 +237,7 @@ def compress_once_generate(
             if step == 0:
                 timing.first_step_done(answers)
         counts, per_layer = prefilled.kv_counts(press)
-        timing.into(stats, answers)
-        if stats is not None:
-            stats["kv_cache_bytes"] = passes.kv_bytes()
+        timing.into(stats, answers, passes)
     return [
         {**answer, **counts[row], "evicted_per_layer": per_layer[row]} for row, answer in enumerate(answers.results())
     ]
@@ -259,7 +251,7 @@ def compress_once_nll(
     press: StreamingThresholdPress | None = None,
     cuda_graphs: bool | None = None,
     clock=None,
-    compact: bool | None = None,
+    compact: bool = True,
     prefill_batch: int | None = None,
     stats: dict | None = None,
 ) -> list[dict]:
@@ -276,7 +268,6 @@ def compress_once_nll(
     device = model.device
     press = press if press is not None else StreamingThresholdPress.mask_only()
     # The continuation's pass reads its own tokens; the logits of its last token predict nothing.
-    compact = _compacts(compact)
     with _prefilled(
         model, press, contexts, continuations, 0, False, compact, prefill_batch, cuda_graphs, clock
     ) as prefilled:

@@ -81,17 +81,16 @@ def stream_generate(
                 timing.first_step_done(answers)
 
         counts = press.kv_counts_per_document()
-        timing.into(stats, answers)
-        if stats is not None:
-            stats["kv_cache_bytes"] = passes.kv_bytes()
+        timing.into(stats, answers, passes)
 
     return [{**answer, **counts[row]} for row, answer in enumerate(answers.results())]
 
 
 class DecodeTiming:
     """The wall seconds of a batch's decoding steps after the first (whose pass may capture its
-    CUDA graph) and the tokens those steps wrote, for `stats` (`decode_seconds`, `decode_tokens`).
-    Two host syncs a batch, at the first step's end and at the last's."""
+    CUDA graph) and the tokens those steps wrote, for `stats` (`decode_seconds`, `decode_tokens`,
+    with the bytes of the cache decoded over, `kv_cache_bytes`). Two host syncs a batch, at the
+    first step's end and at the last's."""
 
     def __init__(self, device):
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -101,12 +100,13 @@ class DecodeTiming:
         self.synchronize()
         self.start, self.first_written = time.perf_counter(), int(answers.n_generated.sum())
 
-    def into(self, stats: dict | None, answers: "GreedyAnswers") -> None:
+    def into(self, stats: dict | None, answers: "GreedyAnswers", passes) -> None:
         if stats is None:
             return
         self.synchronize()
         seconds = time.perf_counter() - self.start if self.start is not None else 0.0
-        stats.update(decode_seconds=seconds, decode_tokens=int(answers.n_generated.sum()) - self.first_written)
+        stats.update(decode_seconds=seconds, decode_tokens=int(answers.n_generated.sum()) - self.first_written,
+                     kv_cache_bytes=passes.kv_bytes())  # fmt: skip
 
 
 class GreedyAnswers:

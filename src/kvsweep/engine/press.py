@@ -234,16 +234,19 @@ class StreamingThresholdPress(DMSPress):
             recorded.copy_(torch.where(deciding[:, None, :], scores.float(), recorded))
         return output
 
-    def kv_counts(self, sinks: int | None = None, window: int | None = None) -> dict[str, torch.Tensor]:
+    def kv_counts(
+        self, sinks: int | None = None, window: int | None = None, from_slot: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Per document: KV entries kept and total (layers x KV heads x positions) at the end, and
-        the same over the compressible region [sinks, n - window)."""
+        the same over the compressible region [sinks, n - window); over the cache slots from
+        `from_slot` on (a compacted cache counts its decided block apart)."""
         sinks = self.sinks if sinks is None else sinks
         window = self.sliding_window_size if window is None else window
-        return kv_counts(list(self.layers.values()), sinks, window)
+        return kv_counts(list(self.layers.values()), sinks, window, from_slot)
 
-    def kv_counts_per_document(self) -> list[dict[str, int]]:
+    def kv_counts_per_document(self, from_slot: int = 0) -> list[dict[str, int]]:
         """`kv_counts` as one dict of Python ints per document (one transfer from the device)."""
-        counts = {key: value.tolist() for key, value in self.kv_counts().items()}
+        counts = {key: value.tolist() for key, value in self.kv_counts(from_slot=from_slot).items()}
         return [dict(zip(counts, row, strict=True)) for row in zip(*counts.values(), strict=True)]
 
     @property

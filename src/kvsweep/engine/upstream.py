@@ -1,7 +1,7 @@
 """kvpress imported press by press: its package's `__init__` imports every one of its ~50 presses,
-its pipeline (transformers' pipelines) and, through DuoAttention, `datasets`: 1.1-1.2 s of a job's
-imports on a CPU (tests/engine/test_upstream.py measures it), for the handful of presses kvsweep
-extends.
+its pipeline (transformers' pipelines) and, through DuoAttention, `datasets`: about 1 s of a job's
+imports on a CPU (the engine's imports took 5.6-6.6 s without it against 6.4-7.9 s with it, three
+runs each, 2026-12-08), for the handful of presses kvsweep extends.
 
 `without_package_init()` registers kvpress's package module unexecuted, so that `import
 kvpress.presses.dms_press` loads that module and what it imports only, and applies kvpress's
